@@ -1,0 +1,13 @@
+"""cai-kernels: fused CPU (C++ SIMD + OpenMP) and GPU (Triton) kernels for Constitutional AI.
+
+Every op has a reference PyTorch implementation (``cai_kernels.reference``) and compiled backends
+chosen per call by the tensors' device (``backend=`` or env CAI_KERNELS_BACKEND to force one).
+``python -m cai_kernels info`` says which backends are live on this machine and why.
+"""
+
+from ._registry import BACKENDS, OPS, select_backend
+from .ops import token_logprobs
+
+__version__ = "0.1.0"
+
+__all__ = ["BACKENDS", "OPS", "select_backend", "token_logprobs", "__version__"]

@@ -1,0 +1,216 @@
+"""token_logprobs: every compiled backend against the float64 reference."""
+
+import math
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import given, settings
+
+import cai_kernels
+from cai_kernels.reference import token_logprobs as reference
+from tests._backends import LOW_PRECISION, assert_close, compiled_backends, grad_tolerance
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BACKENDS = compiled_backends("token_logprobs", DEVICE)
+
+
+def random_logits(*shape, dtype=torch.float32, scale=3.0):
+    return (torch.randn(*shape, dtype=torch.float64) * scale).to(dtype).to(DEVICE)
+
+
+def reference_f64(logits, targets, **kwargs):
+    """The reference on the very values the kernel saw (rounded to its dtype), in float64."""
+    return reference(logits.detach().double(), targets, **kwargs)
+
+
+def check_forward_backward(logits, targets, backend, *, temperature=1.0, ignore_index=None, entropy_weight=0.37):
+    """Forward (log-probs + entropy) and the gradient of a weighted sum, each against the reference."""
+    kwargs = dict(temperature=temperature, ignore_index=ignore_index, return_entropy=True)
+    leaf = logits.detach().requires_grad_()
+    logp, entropy = cai_kernels.token_logprobs(leaf, targets, backend=backend, **kwargs)
+    assert logp.dtype == entropy.dtype == (torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    assert logp.shape == entropy.shape == targets.shape
+
+    ref_leaf = logits.detach().double().requires_grad_()
+    ref_logp, ref_entropy = reference(ref_leaf, targets, **kwargs)
+    assert_close(logp, ref_logp, msg="log-probs")
+    assert_close(entropy, ref_entropy, msg="entropy")
+
+    weights = torch.rand_like(ref_logp)
+    (logp * weights.to(logp.dtype)).sum().add((entropy * entropy_weight).sum()).backward()
+    (ref_logp * weights).sum().add((ref_entropy * entropy_weight).sum()).backward()
+    assert leaf.grad.dtype == logits.dtype
+    assert_close(leaf.grad, ref_leaf.grad, **grad_tolerance(logits.dtype), msg="gradient")
+    return logp, entropy, leaf.grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_matches_reference_vocab_not_a_block_multiple(backend, dtype):
+    logits = random_logits(3, 49157, dtype=dtype)
+    targets = torch.randint(0, 49157, (3,), device=DEVICE)
+    check_forward_backward(logits, targets, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("vocab", [1, 2, 15, 16, 17, 33, 4095, 4097, 8193])
+def test_odd_vocab_sizes_and_chunk_edges(backend, vocab):
+    logits = random_logits(4, vocab)
+    targets = torch.randint(0, vocab, (4,), device=DEVICE)
+    check_forward_backward(logits, targets, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_temperature_and_ignore_index(backend):
+    logits = random_logits(2, 9, 301)
+    targets = torch.randint(0, 301, (2, 9), device=DEVICE)
+    targets[0, 3] = targets[1, 0] = -100
+    logp, entropy, grad = check_forward_backward(logits, targets, backend, temperature=0.6, ignore_index=-100)
+    assert logp[0, 3] == 0 and entropy[1, 0] == 0
+    assert torch.all(grad[0, 3] == 0) and torch.all(grad[1, 0] == 0), "ignored positions must get zero gradient"
+    assert torch.all(logp[targets != -100] < 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignore_index_may_be_a_valid_class_id(backend):
+    logits = random_logits(6, 50)
+    targets = torch.tensor([0, 3, 7, 3, 9, 3], device=DEVICE)
+    logp = cai_kernels.token_logprobs(logits, targets, ignore_index=3, backend=backend)
+    assert torch.all(logp[targets == 3] == 0) and torch.all(logp[targets != 3] < 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("view", ["time_slice", "transpose", "column_stride", "expanded", "three_strides"])
+def test_non_contiguous_views(backend, view):
+    base = random_logits(3, 8, 517)
+    if view == "time_slice":
+        logits = base[:, :-1]                      # what a causal LM hands over: shift by one
+    elif view == "transpose":
+        logits = base.transpose(0, 1)              # (T, B, V) view of (B, T, V)
+    elif view == "column_stride":
+        logits = random_logits(517, 5).t()         # stride(-1) != 1: the one case that is copied
+    elif view == "expanded":
+        logits = base[:1, :4].expand(3, 4, 517)    # stride 0
+    else:
+        logits = random_logits(2, 3, 4, 6, 517)[:, :, 1:, ::2]  # needs three leading strides
+    targets = torch.randint(0, 517, logits.shape[:-1], device=DEVICE)
+    check_forward_backward(logits, targets, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_minus_inf_logits(backend):
+    logits = random_logits(4, 300)
+    logits[:, :120] = -math.inf                    # a masked-out part of the vocabulary
+    logits[2, 200:] = -math.inf
+    targets = torch.tensor([130, 150, 170, 250], device=DEVICE)
+    logp, entropy, grad = check_forward_backward(logits, targets, backend)
+    assert torch.isfinite(logp).all() and torch.isfinite(entropy).all() and torch.isfinite(grad).all()
+    assert torch.all(grad[:, :120] == 0), "a -inf logit has probability 0 and gets no gradient"
+    masked_target = cai_kernels.token_logprobs(logits, torch.tensor([5, 150, 7, 250], device=DEVICE),
+                                               backend=backend)
+    assert masked_target[0] == -math.inf and masked_target[2] == -math.inf
+    assert torch.isfinite(masked_target[[1, 3]]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_poisons_only_its_row(backend):
+    logits = random_logits(3, 5000)
+    logits[1, 4321] = math.nan
+    targets = torch.tensor([1, 2, 3], device=DEVICE)
+    logp, entropy = cai_kernels.token_logprobs(logits, targets, return_entropy=True, backend=backend)
+    assert torch.isnan(logp[1]) and torch.isnan(entropy[1])
+    assert torch.isfinite(logp[[0, 2]]).all() and torch.isfinite(entropy[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_row_and_scalar_target(backend):
+    logits = random_logits(77)
+    target = torch.tensor(5, device=DEVICE)
+    logp = cai_kernels.token_logprobs(logits, target, backend=backend)
+    assert logp.shape == ()
+    assert_close(logp, reference_f64(logits, target))
+    check_forward_backward(random_logits(1, 1, 77), torch.tensor([[3]], device=DEVICE), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    logits = random_logits(0, 11)
+    logp = cai_kernels.token_logprobs(logits, torch.empty(0, dtype=torch.long, device=DEVICE), backend=backend)
+    assert logp.shape == (0,)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_gradient_at_target_is_rounded_once(backend):
+    # p(target) ~ 0.9958: the gradient there is p - 1 ~ -0.0042. Rounding -p to bf16 first (steps of
+    # 2^-8 near 1) and adding 1 afterwards is 7 % off; one rounding of the fp32 value is within one
+    # bf16 step (0.73 % here; Triton's interpreter truncates instead of rounding to nearest).
+    logits = torch.zeros(2, 256, device=DEVICE)
+    logits[:, 7] = 11.0
+    logits = logits.bfloat16().requires_grad_()
+    targets = torch.tensor([7, 7], device=DEVICE)
+    (-cai_kernels.token_logprobs(logits, targets, backend=backend)).sum().backward()
+    ref_leaf = logits.detach().double().requires_grad_()
+    (-reference(ref_leaf, targets)).sum().backward()
+    expected = ref_leaf.grad[:, 7]
+    assert torch.all((logits.grad[:, 7].double() - expected).abs() <= 0.01 * expected.abs())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_float64(backend):
+    logits = torch.randn(3, 2, 19, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    targets = torch.randint(0, 19, (3, 2), device=DEVICE)
+    targets[1, 1] = -1
+
+    def both_outputs(x):
+        return cai_kernels.token_logprobs(x, targets, temperature=0.7, ignore_index=-1, return_entropy=True,
+                                          backend=backend)
+
+    assert torch.autograd.gradcheck(both_outputs, (logits,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_offsets_beyond_2_pow_31(backend):
+    # Two rows, the second starting 2^31 + 64 elements into a bf16 buffer: 32-bit offsets would wrap.
+    # torch.empty leaves the gap untouched, so only the two rows' pages are ever materialised.
+    vocab, gap = 64, 2**31 + 64
+    storage = torch.empty(gap + vocab, dtype=torch.bfloat16, device=DEVICE)
+    logits = storage.as_strided((2, vocab), (gap, 1))
+    logits.copy_(random_logits(2, vocab, dtype=torch.bfloat16))
+    targets = torch.tensor([3, 60], device=DEVICE)
+    assert_close(cai_kernels.token_logprobs(logits, targets, backend=backend), reference_f64(logits, targets))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    lead=st.lists(st.integers(1, 4), min_size=0, max_size=2),
+    vocab=st.integers(1, 700),
+    dtype=st.sampled_from(LOW_PRECISION + (torch.float64,)),
+    temperature=st.floats(0.05, 5.0),
+    scale=st.floats(0.0, 30.0),
+    use_ignore=st.booleans(),
+    backend=st.sampled_from([p.values[0] for p in BACKENDS]),
+)
+def test_property_matches_reference(lead, vocab, dtype, temperature, scale, use_ignore, backend):
+    logits = random_logits(*lead, vocab, dtype=dtype, scale=scale)
+    targets = torch.randint(0, vocab, tuple(lead), device=DEVICE)
+    ignore_index = None
+    if use_ignore and targets.numel():
+        ignore_index = -100
+        targets.view(-1)[0] = -100
+    logp, entropy = cai_kernels.token_logprobs(logits, targets, temperature=temperature, ignore_index=ignore_index,
+                                               return_entropy=True, backend=backend)
+    ref_logp, ref_entropy = reference_f64(logits, targets, temperature=temperature, ignore_index=ignore_index,
+                                          return_entropy=True)
+    # scores reach |z| ~ 30 / 0.05: fp32 rounding of z is relative to that magnitude
+    tol = 4e-6 * (1 + scale / temperature)
+    assert_close(logp, ref_logp, rtol=tol, atol=tol)
+    assert_close(entropy, ref_entropy, rtol=tol, atol=tol)
+
+
+def test_backends_agree_with_each_other():
+    logits = random_logits(5, 7, 1234, dtype=torch.bfloat16)
+    targets = torch.randint(0, 1234, (5, 7), device=DEVICE)
+    outs = [cai_kernels.token_logprobs(logits, targets, backend=p.values[0]) for p in BACKENDS]
+    for out in outs[1:]:
+        assert_close(out, outs[0], rtol=1e-5, atol=1e-5)
