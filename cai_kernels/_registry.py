@@ -40,6 +40,8 @@ OPS: dict[str, Op] = {op.name: op for op in (
     # Family 1: log-prob scoring
     Op("token_logprobs", "cai_kernels.reference.logprobs:token_logprobs",
        ("token_logprobs_fwd", "token_logprobs_bwd"), "cai_kernels.triton.logprobs"),
+    Op("linear_token_logprobs", "cai_kernels.reference.logprobs:linear_token_logprobs",
+       ("linear_token_logprobs_fwd", "linear_token_logprobs_bwd"), "cai_kernels.triton.linear_logprobs"),
 )}
 
 

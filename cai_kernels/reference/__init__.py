@@ -1,6 +1,6 @@
 """The math of every op in plain PyTorch: ground truth for tests, baseline for benchmarks,
 fallback when no compiled backend is present. One function per op; nobody re-derives them."""
 
-from .logprobs import token_logprobs
+from .logprobs import choice_logprobs, linear_token_logprobs, option_scores, token_logprobs
 
-__all__ = ["token_logprobs"]
+__all__ = ["choice_logprobs", "linear_token_logprobs", "option_scores", "token_logprobs"]
