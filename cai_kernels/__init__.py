@@ -6,8 +6,9 @@ chosen per call by the tensors' device (``backend=`` or env CAI_KERNELS_BACKEND 
 """
 
 from ._registry import BACKENDS, OPS, select_backend
-from .ops import token_logprobs
+from .ops import gae, kl_penalty, masked_whiten, ppo_advantages, ppo_policy_loss, ppo_value_loss, token_logprobs
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "OPS", "select_backend", "token_logprobs", "__version__"]
+__all__ = ["BACKENDS", "OPS", "select_backend", "token_logprobs", "kl_penalty", "gae", "masked_whiten",
+           "ppo_advantages", "ppo_policy_loss", "ppo_value_loss", "__version__"]

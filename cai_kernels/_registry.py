@@ -40,6 +40,17 @@ OPS: dict[str, Op] = {op.name: op for op in (
     # Family 1: log-prob scoring
     Op("token_logprobs", "cai_kernels.reference.logprobs:token_logprobs",
        ("token_logprobs_fwd", "token_logprobs_bwd"), "cai_kernels.triton.logprobs"),
+    # Family 3: PPO advantages, KL and clipped losses
+    Op("kl_penalty", "cai_kernels.reference.ppo:kl_penalty",
+       ("kl_penalty_fwd", "kl_penalty_bwd"), "cai_kernels.triton.ppo"),
+    Op("gae", "cai_kernels.reference.ppo:gae", ("gae_fwd",), "cai_kernels.triton.ppo"),
+    Op("masked_whiten", "cai_kernels.reference.ppo:masked_whiten", ("masked_whiten_fwd",), "cai_kernels.triton.ppo"),
+    Op("ppo_advantages", "cai_kernels.reference.ppo:ppo_advantages", ("ppo_advantages_fwd",),
+       "cai_kernels.triton.ppo"),
+    Op("ppo_policy_loss", "cai_kernels.reference.ppo:ppo_policy_loss",
+       ("ppo_policy_loss_fwd", "ppo_policy_loss_bwd"), "cai_kernels.triton.ppo"),
+    Op("ppo_value_loss", "cai_kernels.reference.ppo:ppo_value_loss",
+       ("ppo_value_loss_fwd", "ppo_value_loss_bwd"), "cai_kernels.triton.ppo"),
 )}
 
 
