@@ -99,7 +99,7 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
     lo, hi = check_bounds("clamp", clamp)
     out_lo, out_hi = check_bounds("output_clamp", output_clamp)
     chosen = _registry.select_backend("kl_penalty", logprobs.device, backend)
-    if chosen == "reference":
+    if chosen == "reference" or logprobs.numel() == 0:  # nothing to compute: keep the autograd graph simple
         return reference.kl_penalty(logprobs, ref_logprobs, estimator, clamp=clamp, output_clamp=output_clamp)
     if estimator == "low_var_kl":
         estimator = "k3"

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from ..reference.ppo import LOG_RATIO_LIMIT
+from . import interpreting
 
 # ---- shared math -------------------------------------------------------------------------------
 
@@ -271,7 +272,7 @@ def ppo_advantages_kernel(
 @triton.jit
 def _row_moments(x_ptr, mask_ptr, stats_ptr, rows, row_ok, T, stride_x, stride_m, BLOCK_T: tl.constexpr):
     """Per row: (count, mean, M2) of x over response tokens, two passes; stats is (B, 3)."""
-    acc_dtype = stats_ptr.dtype.element_ty
+    acc_dtype = stats_ptr.dtype.element_ty  # fp64: a sum of values like 1e4 +- 1 keeps the mean exact
     count = tl.zeros((rows.shape[0],), acc_dtype)
     total = tl.zeros((rows.shape[0],), acc_dtype)
     for start in range(0, T, BLOCK_T):
@@ -304,16 +305,19 @@ def row_moments_kernel(x_ptr, mask_ptr, stats_ptr, B, T, stride_x, stride_m,
 
 @triton.jit
 def whiten_kernel(x_ptr, mask_ptr, out_ptr, map_ptr, T, stride_x, stride_m, col_blocks, BLOCK_T: tl.constexpr):
-    """out = (x - mean) * scale + add_back on response tokens, 0 elsewhere; map = (mean, scale, add_back)."""
+    """out = ((x - mean_hi) - mean_lo) * scale + add_back on response tokens, 0 elsewhere, with map =
+    (mean_hi, mean_lo, scale, add_back): the mean split into its rounding and the rounding error, so
+    that x - mean_hi is exact near the mean (large offsets lose nothing)."""
     pid = tl.program_id(0).to(tl.int64)
     row = pid // col_blocks
     cols = (pid % col_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
     in_row = cols < T
     acc_dtype = out_ptr.dtype.element_ty
-    mean, scale, add_back = tl.load(map_ptr), tl.load(map_ptr + 1), tl.load(map_ptr + 2)
+    mean_hi, mean_lo = tl.load(map_ptr), tl.load(map_ptr + 1)
+    scale, add_back = tl.load(map_ptr + 2), tl.load(map_ptr + 3)
     x = tl.load(x_ptr + row * stride_x + cols, mask=in_row, other=0.0).to(acc_dtype)
     valid = tl.load(mask_ptr + row * stride_m + cols, mask=in_row, other=0) != 0
-    tl.store(out_ptr + row * T + cols, tl.where(valid, (x - mean) * scale + add_back, 0.0), mask=in_row)
+    tl.store(out_ptr + row * T + cols, tl.where(valid, ((x - mean_hi) - mean_lo) * scale + add_back, 0.0), mask=in_row)
 
 
 def _as_kernel_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -329,7 +333,10 @@ SCAN_BLOCK_B, SCAN_BLOCK_T, SCAN_WARPS = 4, 128, 2
 
 
 def _scan_blocks(T: int) -> tuple[int, int]:
-    return SCAN_BLOCK_B, min(SCAN_BLOCK_T, triton.next_power_of_2(max(T, 2)))
+    # The interpreter runs a scan element by element in Python: short tiles there keep the tests
+    # fast and make even small T cross several tiles (the carries between tiles get exercised).
+    block_t = 16 if interpreting() else SCAN_BLOCK_T
+    return SCAN_BLOCK_B, min(block_t, triton.next_power_of_2(max(T, 2)))
 
 
 def gae_fwd(rewards, values, mask, gamma, lam):
@@ -347,7 +354,7 @@ def gae_fwd(rewards, values, mask, gamma, lam):
 
 
 def _whiten_map(stats: torch.Tensor, shift_mean: bool, unbiased: bool, eps: float, dtype) -> torch.Tensor:
-    """Merges per-row (count, mean, M2) in fp64 into (mean, scale, add_back) for whiten_kernel."""
+    """Merges per-row (count, mean, M2) in fp64 into (mean_hi, mean_lo, scale, add_back) for whiten_kernel."""
     count, mean, m2 = stats.double().unbind(1)
     n = count.sum()
     batch_mean = (count * mean).sum() / n.clamp(min=1)
@@ -355,7 +362,8 @@ def _whiten_map(stats: torch.Tensor, shift_mean: bool, unbiased: bool, eps: floa
     denominator = torch.where((n > 1) & unbiased, n - 1, n.clamp(min=1))
     scale = torch.rsqrt(batch_m2 / denominator + eps)
     add_back = torch.zeros_like(batch_mean) if shift_mean else batch_mean
-    return torch.stack([batch_mean, scale, add_back]).to(dtype)
+    mean_hi = batch_mean.to(dtype).double()
+    return torch.stack([mean_hi, batch_mean - mean_hi, scale, add_back]).to(dtype)
 
 
 def _whiten_into(x, mask, out, whiten_map):
@@ -371,7 +379,7 @@ def masked_whiten_fwd(x, mask, shift_mean, unbiased, eps):
     B, T = x.shape
     acc = _acc(x.dtype)
     out = torch.empty(B, T, dtype=acc, device=x.device)
-    stats = torch.zeros(B, 3, dtype=acc, device=x.device)
+    stats = torch.zeros(B, 3, dtype=torch.float64, device=x.device)
     if B and T:
         block_b, block_t = _scan_blocks(T)
         row_moments_kernel[(triton.cdiv(B, block_b),)](x, _as_kernel_mask(mask), stats, B, T, x.stride(0),
@@ -386,7 +394,7 @@ def ppo_advantages_fwd(scores, logprobs, ref_logprobs, values, mask, kl_coef, ga
     B, T = logprobs.shape
     acc = _acc(logprobs.dtype)
     adv, ret, rewards, kl = (torch.empty(B, T, dtype=acc, device=logprobs.device) for _ in range(4))
-    stats = torch.zeros(B, 3, dtype=acc, device=logprobs.device)
+    stats = torch.zeros(B, 3, dtype=torch.float64, device=logprobs.device)
     if B and T:
         block_b, block_t = _scan_blocks(T)
         ppo_advantages_kernel[(triton.cdiv(B, block_b),)](
@@ -652,7 +660,7 @@ def _aot_specs():
             "ppo_advantages_kernel",
             {"scores_ptr": "*fp32", "lp_ptr": f"*{dtype}", "ref_ptr": f"*{dtype}", "values_ptr": f"*{dtype}",
              "mask_ptr": "*u8", "adv_ptr": "*fp32", "ret_ptr": "*fp32", "rewards_ptr": "*fp32", "kl_ptr": "*fp32",
-             "stats_ptr": "*fp32", "B": "i64", "T": "i64", "stride_lp": "i64", "stride_ref": "i64",
+             "stats_ptr": "*fp64", "B": "i64", "T": "i64", "stride_lp": "i64", "stride_ref": "i64",
              "stride_v": "i64", "stride_m": "i64", "neg_kl_coef": "fp32", "gamma": "fp32", "gamma_lambda": "fp32",
              "lo": "fp32", "hi": "fp32", "out_lo": "fp32", "out_hi": "fp32", "ESTIMATOR": "constexpr",
              "WHITEN": "constexpr", "BLOCK_B": "constexpr", "BLOCK_T": "constexpr"},
@@ -690,7 +698,7 @@ def _aot_specs():
             {"HAS_CLIP": True, "BLOCK_T": 1024}, aligned=value_aligned + ("out_ptr",), label=f"{dtype}+clip"))
     specs.append(AotSpec(
         "row_moments_kernel",
-        {"x_ptr": "*fp32", "mask_ptr": "*u8", "stats_ptr": "*fp32", "B": "i64", "T": "i64", "stride_x": "i64",
+        {"x_ptr": "*fp32", "mask_ptr": "*u8", "stats_ptr": "*fp64", "B": "i64", "T": "i64", "stride_x": "i64",
          "stride_m": "i64", "BLOCK_B": "constexpr", "BLOCK_T": "constexpr"},
         scan_flags, aligned=("x_ptr", "mask_ptr", "stats_ptr", "T", "stride_x", "stride_m"), num_warps=SCAN_WARPS,
         label="fp32"))
