@@ -3,6 +3,9 @@
     cai run --config tiny --out runs/demo          every stage in order (finished ones skipped, a killed one resumed)
     cai <stage> --config tiny --out runs/demo      one stage: critique-revise, sft, sample-pairs, label, train-pm,
                                                    ppo, evaluate (reads the previous stage's dataset, or --input)
+    cai label --engine ray [--ray-address A]      a batch stage (critique-revise, sample-pairs, label) on a Ray
+                                                   actor pool, one model per actor; the same rows as --engine local
+    torchrun --nproc_per_node N -m cai.cli sft ... a training stage (sft, train-pm, ppo) data-parallel over N ranks
     cai eval mc --data FILE.jsonl [--model M] [--limit N] [--json]
     cai report --out runs/demo                     rewrite report.md from a run folder
 """
@@ -24,13 +27,38 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+# stages whose batches can run on a Ray actor pool (`--engine ray`, cai.scaleout.ray_engine)
+RAY_STAGES = ("critique_revise", "sample_pairs", "label")
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help=f"run the batches of {', '.join(s.replace('_', '-') for s in RAY_STAGES)} in this process "
+                        "or on a Ray actor pool (one model per actor; identical rows)")
+    p.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, or start a local Ray)")
+    p.add_argument("--actors", type=int, help="Ray actor-pool size (default: what the cluster's GPUs / CPUs allow)")
+    p.add_argument("--cpus-per-actor", type=float, help="CPUs (and torch threads) per actor (default 1)")
+    p.add_argument("--gpus-per-actor", type=float, help="GPUs per actor (default 1 if the cluster has GPUs)")
+
+
+def _engine(args) -> tuple[str, dict]:
+    options = {"address": getattr(args, "ray_address", None), "actors": getattr(args, "actors", None),
+               "cpus_per_actor": getattr(args, "cpus_per_actor", None),
+               "gpus_per_actor": getattr(args, "gpus_per_actor", None)}
+    return getattr(args, "engine", "local"), {k: v for k, v in options.items() if v is not None}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cai", description="The Constitutional AI loop on cai_kernels.")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_run_args(sub.add_parser("run", help="run every stage in order, then write report.md"))
+    run = sub.add_parser("run", help="run every stage in order, then write report.md")
+    _add_run_args(run)
+    _add_engine_args(run)
     for stage in STAGES:
         p = sub.add_parser(stage.replace("_", "-"), help=f"run the {stage} stage in a run folder")
         _add_run_args(p)
+        if stage in RAY_STAGES:
+            _add_engine_args(p)
         if stage != "evaluate":
             p.add_argument("--input", help="read this dataset folder or JSONL file instead of the previous stage's")
     report = sub.add_parser("report", help="rewrite report.md from a run folder")
@@ -90,12 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     from .run import open_run, run_all, run_stage
 
     config = load_config(args.config, args.overrides)
+    engine, engine_options = _engine(args)
     if args.command == "run":
-        report = run_all(config, args.out, progress=not args.no_progress)
+        report = run_all(config, args.out, progress=not args.no_progress, engine=engine, engine_options=engine_options)
         print(f"[cai] report: {report}")
         return 0
     stage = args.command.replace("-", "_")
-    ctx = open_run(config, args.out, progress=not args.no_progress)
+    ctx = open_run(config, args.out, progress=not args.no_progress, engine=engine, engine_options=engine_options)
     run_stage(stage, config, ctx, input_path=getattr(args, "input", None))
     return 0
 

@@ -8,6 +8,7 @@ Data flow (each arrow a dataset in the run folder):
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -16,6 +17,7 @@ from .config import STAGES, RunConfig, config_from_dict, config_to_dict
 from .constitution import load_constitution
 from .data import load_prompts, prompt_rows, read_records
 from .rundir import RunDir, atomic_write_text, load_rows, save_dataset
+from .scaleout.data_parallel import DataParallel
 from .stages.common import Context
 from .stages.critique_revise import critique_revise
 from .stages.evaluate import evaluate
@@ -32,12 +34,26 @@ STAGE_INPUT = {"critique_revise": "prompts", "sft": "critique_revise", "sample_p
                "label": "sample_pairs", "train_pm": "label", "ppo": "prompts"}
 
 
+# stages that run data-parallel under torchrun / accelerate launch (each rank a slice of every batch)
+DATA_PARALLEL_STAGES = ("sft", "train_pm", "ppo")
+
+
+def _quiet(*_args, **_kwargs) -> None:
+    pass
+
+
 class RunConfigMismatch(RuntimeError):
     pass
 
 
-def open_run(config: RunConfig, out: str | Path, *, progress: bool = True) -> Context:
-    """The run folder (created, its config recorded) and the context its stages share."""
+def open_run(config: RunConfig, out: str | Path, *, progress: bool = True, engine: str = "local",
+             engine_options: dict | None = None) -> Context:
+    """The run folder (created, its config recorded) and the context its stages share.
+
+    engine: "local" or "ray" for the batch stages (cai.scaleout.ray_engine). Under torchrun /
+    accelerate launch the context carries the data-parallel ranks (cai.scaleout.data_parallel).
+    """
+    dp = DataParallel.from_env()
     run = RunDir(out)
     saved = run.root / "config.yaml"
     current = config_to_dict(config)
@@ -48,16 +64,20 @@ def open_run(config: RunConfig, out: str | Path, *, progress: bool = True) -> Co
             raise RunConfigMismatch(
                 f"{run.root} was started with a different config (differs in: {', '.join(changed)}); "
                 f"resume it with the same config, or use a new --out folder")
-    else:
+    elif dp.is_main:
         atomic_write_text(saved, yaml.safe_dump(current, sort_keys=False))
     return Context(run=run, constitution=load_constitution(config.constitution), base_model=config.model,
                    seed=config.seed, device=config.device, dtype=config.dtype,
                    allow_download=config.allow_download, trust_remote_code=config.trust_remote_code,
-                   progress=progress)
+                   progress=progress and dp.is_main, engine=engine, engine_options=dict(engine_options or {}), dp=dp)
 
 
 def prompts_of(config: RunConfig, ctx: Context) -> list[dict]:
     path = ctx.run.dataset_path("prompts")
+    if ctx.dp.enabled and not ctx.run.is_done("prompts"):  # rank 0 writes them, the others read them
+        if ctx.dp.is_main:
+            prompts_of(config, replace(ctx, dp=DataParallel()))
+        ctx.dp.barrier()
     if ctx.run.is_done("prompts"):
         return load_rows(path)
     rows = load_prompts(config.prompts, allow_download=config.allow_download)
@@ -84,24 +104,40 @@ def stage_input(name: str, config: RunConfig, ctx: Context, input_path: str | Pa
 
 
 def run_stage(name: str, config: RunConfig, ctx: Context, *, input_path=None, log=print) -> None:
-    """Run one stage (resuming it if it was killed) and record its dataset and DONE marker."""
+    """Run one stage (resuming it if it was killed) and record its dataset and DONE marker.
+
+    Data-parallel launches: the training stages run on every rank; the others on rank 0 while the
+    other ranks wait. Rank 0 alone writes the dataset, metrics and DONE marker.
+    """
+    if ctx.dp.enabled and name not in DATA_PARALLEL_STAGES:
+        if ctx.dp.is_main:
+            run_stage(name, config, replace(ctx, dp=DataParallel()), input_path=input_path, log=log)
+        ctx.dp.barrier()
+        return
+    if not ctx.dp.is_main:
+        log = _quiet
     started = time.perf_counter()
     resumed = any((ctx.run.root / name / sub).exists() for sub in ("shards", "checkpoint"))
     log(f"[cai] {name}: {'resuming' if resumed else 'starting'}")
     rows = STAGE_FUNCTIONS[name](stage_input(name, config, ctx, input_path), getattr(config, name), ctx)
+    if not ctx.dp.is_main:
+        ctx.dp.barrier()  # rank 0 writes the results
+        return
     save_dataset(rows, ctx.run.dataset_path(name))
     seconds = time.perf_counter() - started
     ctx.run.metrics.log("timing", STAGES.index(name), **{f"{name}_seconds": seconds})
     ctx.run.mark_done(name, {"rows": len(rows), "seconds": round(seconds, 2), "resumed": resumed})
     ctx.run.shards(name).clear()
     log(f"[cai] {name}: done, {len(rows)} rows in {seconds:.1f} s")
+    ctx.dp.barrier()
 
 
-def run_all(config: RunConfig, out: str | Path, *, progress: bool = True, log=print) -> Path:
+def run_all(config: RunConfig, out: str | Path, *, progress: bool = True, log=print, engine: str = "local",
+            engine_options: dict | None = None) -> Path:
     """Every configured stage in order, then the report; returns the report's path."""
     from .report import write_report
 
-    ctx = open_run(config, out, progress=progress)
+    ctx = open_run(config, out, progress=progress, engine=engine, engine_options=engine_options)
     for name in STAGES:
         if name not in config.stages:
             continue
@@ -109,4 +145,6 @@ def run_all(config: RunConfig, out: str | Path, *, progress: bool = True, log=pr
             log(f"[cai] {name}: finished earlier, skipped")
             continue
         run_stage(name, config, ctx, log=log)
+    if not ctx.dp.is_main:
+        return ctx.run.root / "report.md"
     return write_report(ctx.run, config)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..constitution import Constitution
+from ..scaleout.data_parallel import DataParallel
 from ..models import load_model
 from ..rundir import RunDir, atomic_write_json
 
@@ -25,6 +26,12 @@ class Context:
     allow_download: bool = False
     trust_remote_code: bool = False
     progress: bool = True
+    # how batch stages run: "local" (this process) or "ray" (an actor pool, cai.scaleout.ray_engine);
+    # engine_options: address, actors, cpus_per_actor, gpus_per_actor (see cai.scaleout.ray_engine)
+    engine: str = "local"
+    engine_options: dict = field(default_factory=dict)
+    # data-parallel ranks under torchrun / accelerate launch (cai.scaleout.data_parallel); one process by default
+    dp: "DataParallel" = field(default_factory=lambda: DataParallel())
     _loaded: dict = field(default_factory=dict, repr=False)
 
     def model_path(self, spec: str | None, default: str) -> str:
@@ -49,13 +56,16 @@ class Context:
         return tqdm(iterable, disable=not self.progress, dynamic_ncols=True, **kwargs)
 
 
-def run_batches(ctx: Context, stage: str, items: list[dict], batch_size: int, process, *, desc: str,
-                fingerprint: dict | None = None) -> list[dict]:
+def run_batches(ctx: Context, stage: str, items: list[dict], batch_size: int, process=None, *, desc: str,
+                fingerprint: dict | None = None, make_process=None) -> list[dict]:
     """Apply `process(batch_index, batch_items) -> rows` batch by batch, one shard per finished batch.
 
     Finished batches (their shard exists) are skipped, so a killed stage resumes where it stopped. The
     shards belong to one plan (the items' ids, the batch size and `fingerprint`, e.g. the stage config);
     if the plan changed they are discarded. `process` must seed itself from the batch, not process state.
+    Instead of `process`, a stage may pass `make_process(ctx) -> process` (picklable: a module-level
+    function, or a functools.partial of one): it is called only if some batch is left, and with
+    ctx.engine == "ray" it runs once per Ray actor, which then processes batches in parallel.
     """
     shards = ctx.run.shards(stage)
     plan = {"ids": hashlib.sha256(json.dumps([r.get("id") for r in items]).encode()).hexdigest(),
@@ -67,13 +77,17 @@ def run_batches(ctx: Context, stage: str, items: list[dict], batch_size: int, pr
     shards.folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(plan_path, plan)
     count = math.ceil(len(items) / batch_size)
-    finished = sum(shards.done(i) for i in range(count))
-    bar = ctx.tqdm(total=count, initial=finished, desc=desc, unit="batch")
-    for i in range(count):
-        if shards.done(i):
-            continue
-        shards.write(i, process(i, items[i * batch_size:(i + 1) * batch_size]))
-        bar.update(1)
+    pending = [i for i in range(count) if not shards.done(i)]
+    bar = ctx.tqdm(total=count, initial=count - len(pending), desc=desc, unit="batch")
+    if pending and ctx.engine == "ray" and make_process is not None:
+        from ..scaleout.ray_engine import run_on_ray
+
+        run_on_ray(ctx, stage, items, batch_size, pending, make_process, shards, bar)
+    elif pending:
+        process = process if process is not None else make_process(ctx)
+        for i in pending:
+            shards.write(i, process(i, items[i * batch_size:(i + 1) * batch_size]))
+            bar.update(1)
     bar.close()
     return shards.read_all(count)
 

@@ -14,6 +14,7 @@ revision, or the response when there are none).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 from ..constitution import Turn
 from ..models import PromptFormat, generate
@@ -45,6 +46,12 @@ def draw_principle(ctx: Context, prompt_id: str, round_index: int):
 
 
 def critique_revise(prompts: list[dict], cfg: CritiqueReviseConfig, ctx: Context) -> list[dict]:
+    return run_batches(ctx, NAME, prompts, cfg.batch_size, make_process=partial(make_critique_revise_process, cfg),
+                       desc=NAME, fingerprint=vars(cfg))
+
+
+def make_critique_revise_process(cfg: CritiqueReviseConfig, ctx: Context):
+    """Load the model; returns process(batch_index, prompts) -> rows with every round's critique and revision."""
     model, tokenizer = ctx.load(cfg.model)
     fmt = PromptFormat(tokenizer, cfg.prompt_format)
     fewshot = critique_fewshot(ctx.constitution, cfg.few_shot)
@@ -84,4 +91,4 @@ def critique_revise(prompts: list[dict], cfg: CritiqueReviseConfig, ctx: Context
                 rows[i]["final"] = revision
         return rows
 
-    return run_batches(ctx, NAME, prompts, cfg.batch_size, process, desc=NAME, fingerprint=vars(cfg))
+    return process

@@ -21,6 +21,7 @@ given to whichever response was shown as (A): 0.5 = no position bias), reasoning
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 from ..constitution import Turn
 from ..models import generate
@@ -54,6 +55,12 @@ def draw_principles(ctx: Context, pair_id: str, count: int) -> list:
 
 
 def label(pairs: list[dict], cfg: LabelConfig, ctx: Context) -> list[dict]:
+    return run_batches(ctx, NAME, pairs, cfg.batch_size, make_process=partial(make_label_process, cfg), desc=NAME,
+                       fingerprint=vars(cfg))
+
+
+def make_label_process(cfg: LabelConfig, ctx: Context):
+    """Load the feedback model; returns process(batch_index, pairs) -> labelled rows (one per pair)."""
     model, tokenizer = ctx.load(cfg.model)
     examples = pick_label_examples(ctx.constitution, len(ctx.constitution.label_examples) if cfg.few_shot is None
                                    else cfg.few_shot, cfg.chain_of_thought)
@@ -115,4 +122,4 @@ def label(pairs: list[dict], cfg: LabelConfig, ctx: Context) -> list[dict]:
                             first_position_prob=sum(r["first_position_prob"] for r in rows) / len(rows))
         return rows
 
-    return run_batches(ctx, NAME, pairs, cfg.batch_size, process, desc=NAME, fingerprint=vars(cfg))
+    return process

@@ -6,6 +6,7 @@ Output rows: id, prompt, kind, response_a, response_b.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 from ..models import PromptFormat, generate
 from ..prompts import seed_for
@@ -25,6 +26,12 @@ class SamplePairsConfig:
 
 
 def sample_pairs(prompts: list[dict], cfg: SamplePairsConfig, ctx: Context) -> list[dict]:
+    return run_batches(ctx, NAME, prompts, cfg.batch_size, make_process=partial(make_sample_pairs_process, cfg),
+                       desc=NAME, fingerprint=vars(cfg))
+
+
+def make_sample_pairs_process(cfg: SamplePairsConfig, ctx: Context):
+    """Load the SL model; returns process(batch_index, prompts) -> rows with two sampled responses each."""
     model, tokenizer = ctx.load(cfg.model, default="sft")
     fmt = PromptFormat(tokenizer, cfg.prompt_format)
 
@@ -36,4 +43,4 @@ def sample_pairs(prompts: list[dict], cfg: SamplePairsConfig, ctx: Context) -> l
         return [{"id": row["id"], "prompt": row["prompt"], "kind": row["kind"],
                  "response_a": samples[2 * i], "response_b": samples[2 * i + 1]} for i, row in enumerate(batch)]
 
-    return run_batches(ctx, NAME, prompts, cfg.batch_size, process, desc=NAME, fingerprint=vars(cfg))
+    return process

@@ -54,33 +54,44 @@ def sft(revisions: list[dict], cfg: SFTConfig, ctx: Context) -> list[dict]:
     total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
     checkpoint = Checkpoint(stage_dir)
     start, log, _ = checkpoint.restore({"model": model}, optimizer)
+    dp = ctx.dp  # data-parallel ranks (cai.scaleout.data_parallel): each takes a slice of every batch
     model.train()
     bar = ctx.tqdm(total=total, initial=start, desc=NAME, unit="step")
     for step in range(start, total):
         epoch, k = divmod(step, steps_per_epoch)
         order = list(range(len(examples)))
         rng_for(ctx.seed, NAME, "epoch", epoch).shuffle(order)  # the same order when a run resumes
-        batch = [examples[i] for i in order[k * cfg.batch_size:(k + 1) * cfg.batch_size]]
-        ids, mask, targets = (t.to(model.device) for t in response_batch(batch, tokenizer.pad_token_id))
-        logprobs = sequence_token_logprobs(model, ids, mask, targets)
-        tokens = (targets != IGNORE).sum()
-        loss = -logprobs.sum() / tokens.clamp(min=1)
-        loss.backward()
+        batch = dp.shard([examples[i] for i in order[k * cfg.batch_size:(k + 1) * cfg.batch_size]])
+        loss_sum, local_tokens = torch.zeros((), device=model.device), 0
+        if batch:
+            ids, mask, targets = (t.to(model.device) for t in response_batch(batch, tokenizer.pad_token_id))
+            loss_sum = -sequence_token_logprobs(model, ids, mask, targets).sum()
+            local_tokens = int((targets != IGNORE).sum())
+        tokens = dp.sum(local_tokens)
+        # the slice's share of the batch's token-mean loss: summed over ranks, the one-process loss
+        loss = loss_sum / tokens.clamp(min=1).to(loss_sum.dtype)
+        if loss.requires_grad:  # a rank whose slice is empty only adds zeros
+            loss.backward()
+        dp.sum_grads(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         for group in optimizer.param_groups:
             group["lr"] = warmup_lr(step, cfg.lr, cfg.warmup_steps)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        record = {"step": step, "epoch": epoch, "loss": loss.item(), "tokens": int(tokens),
+        record = {"step": step, "epoch": epoch, "loss": dp.sum(loss).item(), "tokens": int(tokens),
                   "grad_norm": float(grad_norm)}
         log.append(record)
-        ctx.run.metrics.log(NAME, step, loss=record["loss"], tokens=record["tokens"], grad_norm=record["grad_norm"])
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.3f}")
+        if not dp.is_main:
+            continue
+        ctx.run.metrics.log(NAME, step, loss=record["loss"], tokens=record["tokens"], grad_norm=record["grad_norm"])
         if (step + 1) % cfg.save_every == 0 and step + 1 < total:
             checkpoint.save(step + 1, {"model": model}, optimizer, log)
     bar.close()
     model.eval()
-    save_pretrained(model, tokenizer, stage_dir / "model")
-    checkpoint.clear()
+    if dp.is_main:
+        save_pretrained(model, tokenizer, stage_dir / "model")
+        checkpoint.clear()
+    dp.barrier()
     return log

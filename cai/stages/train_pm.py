@@ -83,6 +83,7 @@ def train_pm(labels: list[dict], cfg: TrainPMConfig, ctx: Context) -> list[dict]
     total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
     checkpoint = Checkpoint(stage_dir)
     start, log, _ = checkpoint.restore({"lm": lm, "head": pm.head}, optimizer)
+    dp = ctx.dp  # data-parallel ranks (cai.scaleout.data_parallel): each takes a slice of every batch
     lm.train()
     bar = ctx.tqdm(total=total, initial=start, desc=NAME, unit="step")
     for step in range(start, total):
@@ -90,20 +91,30 @@ def train_pm(labels: list[dict], cfg: TrainPMConfig, ctx: Context) -> list[dict]
         order = list(range(len(train_rows)))
         rng_for(ctx.seed, NAME, "epoch", epoch).shuffle(order)
         batch = [train_rows[i] for i in order[k * cfg.batch_size:(k + 1) * cfg.batch_size]]
-        loss, rewards_a, rewards_b = pair_loss(pm, batch, cfg.max_length)
-        loss.backward()
+        local = dp.shard(batch)
+        loss, agree, decided = torch.zeros((), device=lm.device), 0, 0
+        if local:
+            local_loss, rewards_a, rewards_b = pair_loss(pm, local, cfg.max_length)
+            # the slice's share of the batch's mean loss: summed over ranks, the one-process loss
+            loss = local_loss * (len(local) / len(batch)) if dp.enabled else local_loss
+            agree, decided = agreement(rewards_a.tolist(), rewards_b.tolist(), local)
+        if loss.requires_grad:
+            loss.backward()
+        dp.sum_grads(params + list(pm.head.parameters()))
         grad_norm = torch.nn.utils.clip_grad_norm_(params + list(pm.head.parameters()), cfg.max_grad_norm)
         optimizer.param_groups[0]["lr"] = warmup_lr(step, cfg.lr, cfg.warmup_steps)
         optimizer.param_groups[1]["lr"] = warmup_lr(step, cfg.head_lr, cfg.warmup_steps)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        agree, decided = agreement(rewards_a.tolist(), rewards_b.tolist(), batch)
-        record = {"step": step, "loss": loss.item(), "train_accuracy": agree / decided if decided else None,
+        agree, decided = int(dp.sum(agree)), int(dp.sum(decided))
+        record = {"step": step, "loss": dp.sum(loss).item(), "train_accuracy": agree / decided if decided else None,
                   "grad_norm": float(grad_norm)}
         log.append(record)
-        ctx.run.metrics.log(NAME, step, **{k: v for k, v in record.items() if k != "step"})
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.3f}")
+        if not dp.is_main:
+            continue
+        ctx.run.metrics.log(NAME, step, **{k: v for k, v in record.items() if k != "step"})
         if (step + 1) % cfg.save_every == 0 and step + 1 < total:
             checkpoint.save(step + 1, {"lm": lm, "head": pm.head}, optimizer, log)
     bar.close()
@@ -111,15 +122,20 @@ def train_pm(labels: list[dict], cfg: TrainPMConfig, ctx: Context) -> list[dict]
     held = []
     with torch.no_grad():
         for start_row in range(0, len(held_rows), cfg.batch_size):
-            batch = held_rows[start_row:start_row + cfg.batch_size]
-            loss, rewards_a, rewards_b = pair_loss(pm, batch, cfg.max_length)
-            for row, a, b in zip(batch, rewards_a.tolist(), rewards_b.tolist()):
-                held.append({"id": row["id"], "prompt": row["prompt"], "response_a": row["response_a"],
-                             "response_b": row["response_b"], "p_a": row["p_a"], "reward_a": a, "reward_b": b,
-                             "agrees": (a > b) == (row["p_a"] > 0.5) if row["p_a"] != 0.5 else None})
+            local = dp.shard(held_rows[start_row:start_row + cfg.batch_size])
+            scored = []
+            if local:
+                loss, rewards_a, rewards_b = pair_loss(pm, local, cfg.max_length)
+                for row, a, b in zip(local, rewards_a.tolist(), rewards_b.tolist()):
+                    scored.append({"id": row["id"], "prompt": row["prompt"], "response_a": row["response_a"],
+                                   "response_b": row["response_b"], "p_a": row["p_a"], "reward_a": a, "reward_b": b,
+                                   "agrees": (a > b) == (row["p_a"] > 0.5) if row["p_a"] != 0.5 else None})
+            held.extend(r for part in dp.gather(scored) for r in part)  # rank order = batch order
     agree, decided = agreement([h["reward_a"] for h in held], [h["reward_b"] for h in held], held)
-    ctx.run.metrics.log(NAME, total, heldout_accuracy=agree / decided if decided else None, heldout_pairs=len(held),
-                        train_pairs=len(train_rows))
-    pm.save(stage_dir / "model")
-    checkpoint.clear()
+    if dp.is_main:
+        ctx.run.metrics.log(NAME, total, heldout_accuracy=agree / decided if decided else None,
+                            heldout_pairs=len(held), train_pairs=len(train_rows))
+        pm.save(stage_dir / "model")
+        checkpoint.clear()
+    dp.barrier()
     return held

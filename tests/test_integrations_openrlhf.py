@@ -1,0 +1,200 @@
+"""cai_kernels.integrations.openrlhf against OpenRLHF's own code (0.11.2 from PyPI, installed --no-deps).
+
+See tests/_stack_modules.py for how OpenRLHF's modules load without DeepSpeed / flash-attn / Ray.
+"""
+
+from __future__ import annotations
+
+import typing
+
+import pytest
+import torch
+
+from _stack_modules import method_from_source, openrlhf_modules
+
+loaded = openrlhf_modules()
+if loaded is None:
+    pytest.skip("openrlhf is not installed (make install installs it with --no-deps)", allow_module_level=True)
+orl_utils, orl_loss, EXPERIENCE_MAKER = loaded
+
+from cai_kernels.integrations import openrlhf as adapter  # noqa: E402
+from cai_kernels.integrations._patching import Unsupported  # noqa: E402
+
+# OpenRLHF's own implementations, captured before any test patches them
+ORL = {name: getattr(orl_utils, name) for name in ("log_probs_from_logits", "compute_approx_kl", "compute_entropy")}
+ORL_LOSS = {name: getattr(orl_loss, name) for name in ("PairWiseLoss", "LogExpLoss", "ValueLoss")}
+_SCOPE = {"torch": torch, "Tuple": typing.Tuple, "List": typing.List, "Optional": typing.Optional}
+ORL_GAE = method_from_source(EXPERIENCE_MAKER, "RemoteExperienceMaker", "get_advantages_and_returns", _SCOPE)
+ORL_RETURNS = method_from_source(EXPERIENCE_MAKER, "RemoteExperienceMaker", "get_cumulative_returns", _SCOPE)
+
+
+def _rand(*shape, seed, scale=1.0, dtype=torch.float32):
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to(dtype)
+
+
+def _mask_with_holes(batch, steps, seed):
+    """Right-padded responses with observation holes inside; one row all masked."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(batch, steps, generator=g) > 0.25
+    lengths = torch.randint(1, steps + 1, (batch,), generator=g)
+    mask &= torch.arange(steps) < lengths[:, None]
+    mask[0] = False
+    mask[1, :3] = True
+    return mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_log_probs_from_logits_matches_and_scales_in_place(dtype, temperature):
+    base = _rand(3, 5, 31, seed=1, scale=4.0, dtype=dtype)
+    labels = torch.randint(0, 31, (3, 5), generator=torch.Generator().manual_seed(2))
+    ours_logits, their_logits = base.clone(), base.clone()
+    ours = adapter.log_probs_from_logits(ours_logits, labels, temperature)
+    theirs = ORL["log_probs_from_logits"](their_logits, labels, temperature)
+    assert ours.dtype == theirs.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(ours.float(), theirs.float(), **tol)
+    torch.testing.assert_close(ours_logits, their_logits)  # the same in-place division by the temperature
+
+
+def test_log_probs_from_logits_gradient():
+    base = _rand(2, 4, 19, seed=3, scale=2.0)
+    labels = torch.randint(0, 19, (2, 4), generator=torch.Generator().manual_seed(4))
+    grads = []
+    for fn in (adapter.log_probs_from_logits, ORL["log_probs_from_logits"]):
+        x = base.clone().requires_grad_(True)
+        (fn(x * 1.0, labels) * torch.linspace(-1, 1, 8).view(2, 4)).sum().backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
+
+def test_compute_entropy_matches():
+    logits = _rand(3, 4, 27, seed=5, scale=3.0)
+    torch.testing.assert_close(adapter.compute_entropy(logits), ORL["compute_entropy"](logits), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compute_approx_kl_matches_with_its_clamps(estimator, dtype):
+    # log-ratios spread over [-15, 15]: both the k3 guard (-10) and the final +-10 clamp are hit
+    logp0 = _rand(4, 9, seed=6, scale=6.0, dtype=dtype)
+    ref0 = _rand(4, 9, seed=7, scale=6.0, dtype=dtype)
+    outs, grads = [], []
+    for fn in (adapter.compute_approx_kl, ORL["compute_approx_kl"]):
+        logp, ref = logp0.clone().requires_grad_(True), ref0.clone().requires_grad_(True)
+        kl = fn(logp, ref, kl_estimator=estimator)
+        (kl * torch.linspace(0.1, 1, 36).view(4, 9)).sum().backward()
+        outs.append(kl)
+        grads.append((logp.grad, ref.grad))
+    assert outs[0].dtype == outs[1].dtype == torch.float32
+    assert outs[1].abs().max() == 10.0  # the clamp is exercised
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_old", [False, True])
+def test_compute_approx_kl_unbiased_gradient(with_old):
+    logp0, ref0, old = _rand(3, 6, seed=8, scale=3.0), _rand(3, 6, seed=9, scale=3.0), _rand(3, 6, seed=10, scale=3.0)
+    outs, grads = [], []
+    for fn in (adapter.compute_approx_kl, ORL["compute_approx_kl"]):
+        logp = logp0.clone().requires_grad_(True)
+        kl = fn(logp, ref0, old if with_old else None, kl_estimator="k3", unbiased_gradient=True)
+        kl.sum().backward()
+        outs.append(kl)
+        grads.append(logp.grad)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
+
+
+def test_compute_approx_kl_unknown_estimator():
+    with pytest.raises(ValueError, match="Unknown kl_estimator: k9"):
+        adapter.compute_approx_kl(torch.zeros(2, 2), torch.zeros(2, 2), kl_estimator="k9")
+
+
+@pytest.mark.parametrize("gamma,lambd", [(1.0, 0.95), (0.9, 0.8), (0.99, 1.0)])
+def test_gae_multiply_by_mask_semantics(gamma, lambd):
+    """OpenRLHF's loop zeroes values/rewards off the mask and runs over every position (holes included)."""
+    mask = _mask_with_holes(5, 12, seed=11)
+    values, rewards = _rand(5, 12, seed=12), _rand(5, 12, seed=13)
+    ours = adapter.get_advantages_and_returns(values, rewards, mask, gamma, lambd)
+    theirs = ORL_GAE(None, values, rewards, mask, gamma, lambd)
+    for a, b in zip(ours, theirs):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # holes really carry signal here (unlike skip-and-carry), so the test discriminates the two rules
+    assert theirs[0][~mask].abs().max() > 1e-3
+    torch.testing.assert_close(adapter.get_advantages_and_returns(values, rewards, None, gamma, lambd)[0],
+                               ORL_GAE(None, values, rewards, None, gamma, lambd)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_cumulative_returns():
+    mask = _mask_with_holes(4, 10, seed=14)
+    rewards = _rand(4, 10, seed=15)
+    for gamma in (1.0, 0.9):
+        torch.testing.assert_close(adapter.get_cumulative_returns(rewards, mask, gamma),
+                                   ORL_RETURNS(None, rewards, mask, gamma), rtol=1e-5, atol=1e-5)
+
+
+def test_gae_discount_outside_unit_interval_is_unsupported():
+    with pytest.raises(Unsupported):
+        adapter.get_advantages_and_returns(torch.zeros(1, 2), torch.zeros(1, 2), None, 1.5, 0.9)
+
+
+@pytest.mark.parametrize("cls", ["PairWiseLoss", "LogExpLoss"])
+@pytest.mark.parametrize("margin", [False, True])
+def test_reward_model_losses(cls, margin):
+    chosen0, reject0 = _rand(16, seed=16, scale=3.0), _rand(16, seed=17, scale=3.0)
+    m = _rand(16, seed=18).abs() if margin else None
+    outs, grads = [], []
+    for loss_cls in (getattr(adapter, cls), ORL_LOSS[cls]):
+        chosen, reject = chosen0.clone().requires_grad_(True), reject0.clone().requires_grad_(True)
+        loss = loss_cls()(chosen, reject, m)
+        loss.backward()
+        outs.append(loss)
+        grads.append((chosen.grad, reject.grad))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_log_exp_loss_stays_finite_where_openrlhf_overflows():
+    chosen, reject = torch.tensor([0.0, 0.0]), torch.tensor([100.0, -100.0])
+    assert torch.isinf(ORL_LOSS["LogExpLoss"]()(chosen, reject))
+    torch.testing.assert_close(adapter.LogExpLoss()(chosen, reject), torch.tensor(50.0))
+
+
+@pytest.mark.parametrize("clip_eps", [None, 0.2])
+@pytest.mark.parametrize("token_level", [True, False])
+@pytest.mark.parametrize("global_counts", [False, True])
+def test_value_loss(clip_eps, token_level, global_counts):
+    mask = _mask_with_holes(6, 8, seed=19)
+    values0, old, returns = _rand(6, 8, seed=20), _rand(6, 8, seed=21), _rand(6, 8, seed=22)
+    kwargs = {}
+    if global_counts:
+        kwargs = {"dp_size": 2, "batch_num_tokens": 2.5 * float(mask.sum()), "global_batch_size": 9.0}
+    outs, grads = [], []
+    for loss_cls in (adapter.ValueLoss, ORL_LOSS["ValueLoss"]):
+        values = values0.clone().requires_grad_(True)
+        loss = loss_cls(clip_eps, token_level)(values, old, returns, mask, **kwargs)
+        loss.backward()
+        outs.append(loss)
+        grads.append(values.grad)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
+
+def test_apply_to_openrlhf_patches_and_undoes():
+    handle = adapter.apply_to_openrlhf()
+    try:
+        assert orl_utils.compute_approx_kl is not ORL["compute_approx_kl"]
+        assert orl_utils.compute_approx_kl.__wrapped__ is adapter.compute_approx_kl
+        assert orl_loss.PairWiseLoss is not ORL_LOSS["PairWiseLoss"]
+        assert issubclass(orl_loss.ValueLoss, ORL_LOSS["ValueLoss"])  # isinstance checks keep working
+        loss = orl_loss.PairWiseLoss()(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 3.0]))
+        torch.testing.assert_close(loss, ORL_LOSS["PairWiseLoss"]()(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 3.0])))
+        assert "openrlhf.models.utils.log_probs_from_logits" in handle.patched
+    finally:
+        handle.undo()
+    assert all(getattr(orl_utils, name) is fn for name, fn in ORL.items())
+    assert all(getattr(orl_loss, name) is cls for name, cls in ORL_LOSS.items())
