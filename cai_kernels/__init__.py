@@ -6,8 +6,8 @@ chosen per call by the tensors' device (``backend=`` or env CAI_KERNELS_BACKEND 
 """
 
 from ._registry import BACKENDS, OPS, select_backend
-from .ops import linear_token_logprobs, token_logprobs
+from .ops import choice_logprobs, linear_token_logprobs, token_logprobs
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "OPS", "select_backend", "linear_token_logprobs", "token_logprobs", "__version__"]
+__all__ = ["BACKENDS", "OPS", "select_backend", "choice_logprobs", "linear_token_logprobs", "token_logprobs", "__version__"]

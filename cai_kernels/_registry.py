@@ -42,6 +42,9 @@ OPS: dict[str, Op] = {op.name: op for op in (
        ("token_logprobs_fwd", "token_logprobs_bwd"), "cai_kernels.triton.logprobs"),
     Op("linear_token_logprobs", "cai_kernels.reference.logprobs:linear_token_logprobs",
        ("linear_token_logprobs_fwd", "linear_token_logprobs_bwd"), "cai_kernels.triton.linear_logprobs"),
+    Op("choice_logprobs", "cai_kernels.reference.logprobs:choice_logprobs",
+       ("token_logprobs_fwd", "token_logprobs_bwd", "linear_token_logprobs_fwd", "linear_token_logprobs_bwd",
+        "option_scores"), "cai_kernels.triton.choice"),
 )}
 
 
