@@ -46,3 +46,33 @@ def fwd_bwd_step(variant: str, tokens: int, hidden_size: int, vocab: int, dtype:
         fn(hidden, weight, targets).sum().backward()
 
     return step
+
+
+def compare(tokens: int = 2048, hidden_size: int = 576, vocab: int = 49152, repeats: int = 5) -> None:
+    """Interleaved timings (min of ``repeats``, so every variant sees the same machine load) and peak
+    extra memory of each variant; ratios against eager and torch.compile of the eager path."""
+    import time
+
+    from benchmarks._memory import peak_extra_bytes
+
+    shape = {"tokens": tokens, "hidden_size": hidden_size, "vocab": vocab}
+    steps = {name: fwd_bwd_step(name, **shape) for name in VARIANTS}
+    for step in steps.values():
+        step()  # warm-up (compiles)
+    best = dict.fromkeys(steps, float("inf"))
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            best[name] = min(best[name], time.perf_counter() - start)
+    print(f"fwd+bwd hidden [{tokens}, {hidden_size}] @ weight [{vocab}, {hidden_size}] fp32, "
+          f"{torch.get_num_threads()} threads, min of {repeats}")
+    for name in steps:
+        extra = peak_extra_bytes("benchmarks._linear_variants:fwd_bwd_step", variant=name, **shape).extra
+        print(f"  {name:<34} {best[name]:7.3f} s  x{best[name] / best['eager_head_log_softmax_gather']:.2f} eager  "
+              f"x{best[name] / best['compiled_head_log_softmax_gather']:.2f} compiled  "
+              f"peak extra {extra / 2**20:7.1f} MB")
+
+
+if __name__ == "__main__":
+    compare()

@@ -186,13 +186,6 @@ class PromptFormat:
         return turns + [Turn("assistant", response)] if response is not None else turns
 
 
-def split_shared_prefix(texts: list[str], prefix: str) -> tuple[str, list[str]]:
-    """(prefix, suffixes) when every text starts with `prefix`, else ("", texts)."""
-    if prefix and all(t.startswith(prefix) for t in texts):
-        return prefix, [t[len(prefix):] for t in texts]
-    return "", list(texts)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Generation
 # ----------------------------------------------------------------------------------------------------------
@@ -211,8 +204,9 @@ class SharedPrefix:
     over real tokens only, so every row sees exactly prefix + its own tokens.
     """
 
-    def __init__(self, model, ids: list[int]):
-        self.ids = list(ids)
+    def __init__(self, model, tokenizer, text: str):
+        self.text = text
+        self.ids = encode(tokenizer, text)
         with torch.no_grad():
             prefix = torch.tensor([self.ids], dtype=torch.long, device=model.device)
             self._cache = returned_cache(model.base_model(input_ids=prefix, use_cache=True))
@@ -225,6 +219,16 @@ class SharedPrefix:
         cache = copy.deepcopy(self._cache)
         cache.batch_repeat_interleave(batch)
         return cache
+
+
+def shared_prefix(model, tokenizer, texts: list[str], prefix) -> tuple[SharedPrefix | None, list[str]]:
+    """(the prefix encoded once, the texts without it) when every text starts with `prefix` (a string or an
+    already encoded SharedPrefix, which is reused as is); (None, texts) otherwise."""
+    text = prefix.text if isinstance(prefix, SharedPrefix) else prefix
+    if not text or not all(t.startswith(text) for t in texts):
+        return None, list(texts)
+    encoded = prefix if isinstance(prefix, SharedPrefix) else SharedPrefix(model, tokenizer, text)
+    return encoded, [t[len(text):] for t in texts]
 
 
 def pad_rows(rows: list[list[int]], pad: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -280,19 +284,19 @@ def encode(tokenizer, text: str, *, special: bool = True) -> list[int]:
     return tokenizer(text, add_special_tokens=special)["input_ids"]
 
 
-def generate(model, tokenizer, prompts: list[str], *, prefix: str = "", max_new_tokens: int = 64,
+def generate(model, tokenizer, prompts: list[str], *, prefix: str | SharedPrefix = "", max_new_tokens: int = 64,
              temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 8, seed: int = 0,
              stop: tuple[str, ...] = ()) -> list[str]:
     """Sample one completion per prompt (text in, text out), `batch_size` prompts at a time.
 
-    `prefix`, when every prompt starts with it, is encoded once and shared (see `generate_ids`).
+    `prefix`, when every prompt starts with it, is encoded once and shared (see SharedPrefix); pass a
+    SharedPrefix to reuse one across calls.
     Completions are cut at the first of `stop` and stripped. Batch i is seeded with `seed + i`.
     """
-    prefix, suffixes = split_shared_prefix(prompts, prefix)
-    shared = SharedPrefix(model, encode(tokenizer, prefix)) if prefix else None
+    shared, suffixes = shared_prefix(model, tokenizer, prompts, prefix)
     completions = []
     for i, start in enumerate(range(0, len(suffixes), batch_size)):
-        chunk = [encode(tokenizer, s, special=not prefix) for s in suffixes[start:start + batch_size]]
+        chunk = [encode(tokenizer, s, special=shared is None) for s in suffixes[start:start + batch_size]]
         ids = generate_ids(model, tokenizer, chunk, prefix=shared, max_new_tokens=max_new_tokens,
                            temperature=temperature, top_p=top_p, seed=seed + i)
         completions.extend(cut_at_stop(tokenizer.decode(row, skip_special_tokens=True), stop) for row in ids)

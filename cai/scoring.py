@@ -20,7 +20,7 @@ import torch
 
 import cai_kernels
 
-from .models import SharedPrefix, cache_kwarg, encode, lm_head, pad_rows, returned_cache, split_shared_prefix
+from .models import SharedPrefix, cache_kwarg, encode, lm_head, pad_rows, returned_cache, shared_prefix
 
 
 @dataclass
@@ -112,7 +112,8 @@ def _score_batch(model, tokenizer, prompt_ids, option_ids, *, prefix: SharedPref
 
 
 def score_options(model, tokenizer, prompts: list[str], options: list[list[str]], *, max_batch_tokens: int = 2048,
-                  temperature: float = 1.0, clamp: tuple[float, float] | None = None, prefix: str = "",
+                  temperature: float = 1.0, clamp: tuple[float, float] | None = None,
+                  prefix: str | SharedPrefix = "",
                   progress: bool = False) -> OptionScores:
     """Log-probs and normalized probabilities of `options[q]` as continuations of `prompts[q]`.
 
@@ -122,9 +123,8 @@ def score_options(model, tokenizer, prompts: list[str], options: list[list[str]]
     """
     if len(prompts) != len(options):
         raise ValueError(f"prompts and options must have the same length; got {len(prompts)} and {len(options)}")
-    prefix, prompts = split_shared_prefix(prompts, prefix)
-    shared = SharedPrefix(model, encode(tokenizer, prefix)) if prefix else None
-    prompt_ids, option_ids = tokenize_questions(tokenizer, prompts, options, special=not prefix)
+    shared, prompts = shared_prefix(model, tokenizer, prompts, prefix)
+    prompt_ids, option_ids = tokenize_questions(tokenizer, prompts, options, special=shared is None)
     logprobs: list[list[float]] = [[] for _ in prompts]
     probs: list[list[float]] = [[] for _ in prompts]
     batches = plan_batches(prompt_ids, option_ids, max_batch_tokens)

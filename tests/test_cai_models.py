@@ -66,7 +66,7 @@ def test_shared_prefix_generation_matches_full_prompts(tiny_model_dir):
                          max_new_tokens=10, temperature=0)[0] for p in prompts]
     assert shared == [tok.decode(ids, skip_special_tokens=True).strip() for ids in full]
     # the shared cache is copied per batch, never consumed
-    cache_prefix = SharedPrefix(model, encode(tok, prefix))
+    cache_prefix = SharedPrefix(model, tok, prefix)
     first = generate_ids(model, tok, [encode(tok, "Hi", special=False)], prefix=cache_prefix, max_new_tokens=5,
                          temperature=0)
     again = generate_ids(model, tok, [encode(tok, "Hi", special=False)], prefix=cache_prefix, max_new_tokens=5,

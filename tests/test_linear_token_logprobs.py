@@ -295,3 +295,12 @@ def test_cpu_results_are_bitwise_the_same_for_any_thread_count(blocks):
         torch.set_num_threads(threads)
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+def test_cpu_token_chunk_shrinks_with_threads(monkeypatch):
+    # one logits block per thread: with many threads the blocks together stay within the budget
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 64)
+    vocab_block, token_chunk = op_module.BLOCKING["cpu"]
+    chunk = op_module._cpu_token_chunk(vocab_block, token_chunk)
+    assert chunk < token_chunk and 64 * 4 * vocab_block * chunk <= op_module.CPU_SCRATCH_BYTES
+    assert op_module._cpu_token_chunk(vocab_block, 3) == 3  # small chunks (tests) are kept

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from ..constitution import Turn
-from ..models import PromptFormat, generate
+from ..models import PromptFormat, SharedPrefix, generate
 from ..prompts import critique_fewshot, critique_request, revision_request, rng_for, seed_for
 from .common import Context, run_batches
 
@@ -55,7 +55,8 @@ def make_critique_revise_process(cfg: CritiqueReviseConfig, ctx: Context):
     model, tokenizer = ctx.load(cfg.model)
     fmt = PromptFormat(tokenizer, cfg.prompt_format)
     fewshot = critique_fewshot(ctx.constitution, cfg.few_shot)
-    prefix = fmt.render(fewshot) if fewshot else ""
+    # the few-shot transcript opens every request: encoded once for the whole stage
+    prefix = SharedPrefix(model, tokenizer, fmt.render(fewshot)) if fewshot else ""
     stop = fmt.stop_strings()
 
     def sample(conversations, next_role, max_new_tokens, batch_index, what):

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from ..constitution import Turn
-from ..models import generate
+from ..models import SharedPrefix, generate
 from ..prompts import (choice_question, cot_answer_cue, cot_cue, label_fewshot, option_strings,
                        pick_label_examples, rng_for, seed_for)
 from ..scoring import score_options
@@ -65,6 +65,9 @@ def make_label_process(cfg: LabelConfig, ctx: Context):
     examples = pick_label_examples(ctx.constitution, len(ctx.constitution.label_examples) if cfg.few_shot is None
                                    else cfg.few_shot, cfg.chain_of_thought)
     fixed_prefix = label_fewshot(examples, ctx.constitution.choice_principles[0].text)
+    if fixed_prefix and not cfg.chain_of_thought:  # the same text opens every question: encode it once
+        fixed_prefix = SharedPrefix(model, tokenizer, fixed_prefix)
+    fixed_text = fixed_prefix.text if isinstance(fixed_prefix, SharedPrefix) else fixed_prefix
     clamp = tuple(cfg.clamp) if cfg.chain_of_thought and cfg.clamp else None
     orders = (False, True) if cfg.both_orders else (False,)
 
@@ -97,7 +100,7 @@ def make_label_process(cfg: LabelConfig, ctx: Context):
                 for n, thought, p in zip(members, thoughts, scored.probs):
                     reasoning[n], probs[n] = thought, p
         else:
-            probs = score_options(model, tokenizer, [fixed_prefix + q["text"] for q in questions],
+            probs = score_options(model, tokenizer, [fixed_text + q["text"] for q in questions],
                                   [option_strings(2)] * len(questions), prefix=fixed_prefix,
                                   max_batch_tokens=cfg.max_batch_tokens).probs
         rows = []

@@ -3,8 +3,8 @@
 ``log p(target)`` (and the entropy) under softmax((hidden @ weight.T + bias) / T). The compiled
 backends walk the vocabulary in blocks with an online log-sum-exp; the backward recomputes each
 logits block from the saved per-row lse and accumulates the gradients of hidden, weight and bias in
-fp32. Peak extra memory is one [token_chunk, vocab_block] fp32 block (plus fp32 copies of 16-bit
-blocks of the inputs and an fp32 grad_hidden accumulator for 16-bit hidden), not tokens x V.
+fp32. Peak extra memory is one [token_chunk, vocab_block] fp32 block per thread (plus fp32 copies of
+16-bit blocks of the inputs and an fp32 grad_hidden accumulator for 16-bit hidden), not tokens x V.
 
 Wrapped as the torch.library custom op ``cai_kernels::linear_token_logprobs`` (fake implementation
 + autograd formula), so torch.compile traces models that call it without a graph break.
@@ -22,10 +22,18 @@ from .._validation import (check_float_tensor, check_optional_int, check_positiv
 from ..reference import logprobs as reference
 from ._layout import rows_view
 
-# (vocab_block, token_chunk) per backend. CPU: a 2048 x 1024 fp32 logits block is 8 MB (it stays in
-# the last-level cache between the GEMM that writes it and the row pass that reads it), and the
-# GEMMs of that size run at the rate of one big GEMM (measured on SmolLM2's head, 576 x 49152).
+# (vocab_block, token_chunk) per backend. CPU: each worker thread holds one [token_chunk, vocab_block]
+# fp32 logits block; 2048 x 1024 (8 MB) runs its single-threaded GEMMs at the rate of one big GEMM
+# (SmolLM2's head, 576 x 49152). With many threads the chunk shrinks so that all the blocks together
+# stay within CPU_SCRATCH_BYTES.
 BLOCKING = {"cpu": (1024, 2048)}
+CPU_SCRATCH_BYTES = 32 * 2**20
+
+
+def _cpu_token_chunk(vocab_block: int, token_chunk: int) -> int:
+    """token_chunk, capped so that one fp32 logits block per thread fits CPU_SCRATCH_BYTES in all."""
+    per_thread = CPU_SCRATCH_BYTES // (4 * vocab_block * torch.get_num_threads())
+    return min(token_chunk, max(64, per_thread))
 
 
 def _blocking(backend: str) -> tuple[int, int]:
@@ -48,7 +56,9 @@ def _linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: Opt
                            targets: torch.Tensor, inv_temperature: float, ignore_index: int, has_ignore: bool,
                            with_entropy: bool, vocab_block: int, token_chunk: int, backend: str
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if backend != "cpu":  # the C++ kernel checks targets itself; Triton needs a host check
+    if backend == "cpu":
+        token_chunk = _cpu_token_chunk(vocab_block, token_chunk)
+    else:  # the C++ kernel checks targets itself; Triton needs a host check
         check_targets_in_range("targets", targets, weight.size(0), ignore_index if has_ignore else None)
     return _kernels(backend).linear_token_logprobs_fwd(hidden, weight, bias, targets, inv_temperature, ignore_index,
                                                        has_ignore, with_entropy, vocab_block, token_chunk)
@@ -69,6 +79,8 @@ def _linear_token_logprobs_backward(grad_logp: torch.Tensor, grad_entropy: torch
                                     ignore_index: int, has_ignore: bool, need_hidden: bool, need_weight: bool,
                                     need_bias: bool, vocab_block: int, token_chunk: int, backend: str
                                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if backend == "cpu":
+        token_chunk = _cpu_token_chunk(vocab_block, token_chunk)
     return _kernels(backend).linear_token_logprobs_bwd(grad_logp, grad_entropy, hidden, weight, bias, targets, lse,
                                                        entropy, inv_temperature, ignore_index, has_ignore,
                                                        need_hidden, need_weight, need_bias, vocab_block,
@@ -146,8 +158,8 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     Returns:
         logprobs (...) fp32 (fp64 for fp64 inputs), and with ``return_entropy`` the entropy (...).
         Differentiable w.r.t. hidden, weight and bias; gradients in their dtypes, accumulated in fp32.
-    Memory: the compiled backends keep one [token_chunk, vocab_block] fp32 logits block (8 MB on CPU),
-    never (..., V); the "reference" backend materializes the logits.
+    Memory: the compiled backends keep one [token_chunk, vocab_block] fp32 logits block per CPU thread
+    (at most 32 MB in all) or on the GPU, never (..., V); the "reference" backend materializes the logits.
     """
     check_linear_operands(hidden, weight, bias)
     check_targets("targets", targets, lead_shape=hidden.shape[:-1], what="one per row of hidden: hidden.shape[:-1]")

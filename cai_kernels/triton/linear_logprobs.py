@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ..reference.logprobs import accumulate_dtype
+from .logprobs import logits_grad, online_lse_step
 
 # Default blocking on a GPU: a 4096 x 4096 fp32 logits block is 64 MB, large enough for cuBLAS to
 # run at full rate and ~1 % of a [65536, 262144] logits tensor.
@@ -54,15 +55,7 @@ def lse_block_update_kernel(
     for start in range(0, block_width, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         z = tl.load(row_ptr + cols, mask=cols < read_end, other=float("-inf")).to(acc_dtype) * inv_temperature
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: avoid -inf - -inf
-        alpha = tl.exp(m - m_ref)
-        e = tl.exp(z - m_ref)
-        if WITH_ENTROPY:
-            w = tl.where(s > 0, alpha * (w + s * (m - m_ref)), 0.0)
-            w += tl.sum(tl.where(e > 0, e * (z - m_ref), 0.0), axis=0)
-        s = s * alpha + tl.sum(e, axis=0)
-        m = m_new
+        m, s, w = online_lse_step(m, s, w, z, WITH_ENTROPY)
     tl.store(max_ptr + row, m)
     tl.store(sum_ptr + row, s)
     if WITH_ENTROPY:
@@ -99,11 +92,7 @@ def logits_grad_block_kernel(
     for start in range(0, block_width, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         z = tl.load(row_ptr + cols, mask=cols < read_end, other=float("-inf")).to(lse.dtype) * inv_temperature
-        p = tl.exp(z - lse)
-        coef = g
-        if WITH_ENTROPY:
-            coef = g + h * tl.where(p > 0, z - mu, 0.0)
-        grad = (tl.where(cols == local_target, g, 0.0) - p * coef) * inv_temperature
+        grad = logits_grad(z, cols == local_target, g, h, lse, mu, inv_temperature, WITH_ENTROPY)
         tl.store(row_ptr + cols, grad.to(block_ptr.dtype.element_ty), mask=cols < block_width)
 
 

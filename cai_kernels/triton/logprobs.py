@@ -19,6 +19,32 @@ from ..reference.logprobs import accumulate_dtype
 
 
 @triton.jit
+def online_lse_step(m, s, w, z, WITH_ENTROPY: tl.constexpr):
+    """Folds a block z of one row into its running (m, s, w) = (max, sum e^(z-m), sum e^(z-m) (z-m))."""
+    m_new = tl.maximum(m, tl.max(z, axis=0))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: avoid -inf - -inf
+    alpha = tl.exp(m - m_ref)
+    e = tl.exp(z - m_ref)
+    if WITH_ENTROPY:
+        # rebase w to m_new: sum e' (z - m') = alpha * (w + s (m - m')); 0 * -inf must stay 0
+        w = tl.where(s > 0, alpha * (w + s * (m - m_ref)), 0.0)
+        w += tl.sum(tl.where(e > 0, e * (z - m_ref), 0.0), axis=0)
+    s = s * alpha + tl.sum(e, axis=0)
+    return m_new, s, w
+
+
+@triton.jit
+def logits_grad(z, is_target, g, h, lse, mu, inv_temperature, WITH_ENTROPY: tl.constexpr):
+    """dL/dx for a block of z = x / T: ([k == t] g - p_k (g + h (z_k - mu))) / T, in fp32: the target's
+    (1 - p) is formed before the one rounding to the output dtype."""
+    p = tl.exp(z - lse)
+    coef = g
+    if WITH_ENTROPY:
+        coef = g + h * tl.where(p > 0, z - mu, 0.0)
+    return (tl.where(is_target, g, 0.0) - p * coef) * inv_temperature
+
+
+@triton.jit
 def token_logprobs_fwd_kernel(
     logits_ptr, targets_ptr, logp_ptr, entropy_ptr, lse_ptr,
     inner, stride_outer, stride_inner, V,
@@ -40,16 +66,7 @@ def token_logprobs_fwd_kernel(
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         z = tl.load(row_ptr + cols, mask=cols < read_end, other=float("-inf")).to(acc_dtype) * inv_temperature
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: avoid -inf - -inf
-        alpha = tl.exp(m - m_ref)
-        e = tl.exp(z - m_ref)
-        if WITH_ENTROPY:
-            # rebase w to m_new: sum e' (z - m') = alpha * (w + s (m - m')); 0 * -inf must stay 0
-            w = tl.where(s > 0, alpha * (w + s * (m - m_ref)), 0.0)
-            w += tl.sum(tl.where(e > 0, e * (z - m_ref), 0.0), axis=0)
-        s = s * alpha + tl.sum(e, axis=0)
-        m = m_new
+        m, s, w = online_lse_step(m, s, w, z, WITH_ENTROPY)
 
     safe_target = tl.where(active, target, 0)
     z_target = tl.load(row_ptr + safe_target, mask=active, other=0.0).to(acc_dtype) * inv_temperature
@@ -86,12 +103,7 @@ def token_logprobs_bwd_kernel(
         cols = start + tl.arange(0, BLOCK_V)
         in_row = cols < V
         z = tl.load(row_ptr + cols, mask=cols < read_end, other=float("-inf")).to(lse.dtype) * inv_temperature
-        p = tl.exp(z - lse)
-        coef = g
-        if WITH_ENTROPY:
-            coef = g + h * tl.where(p > 0, z - mu, 0.0)
-        # the target's (1 - p) is formed in fp32 before the one rounding to the output dtype
-        grad = (tl.where(cols == target, g, 0.0) - p * coef) * inv_temperature
+        grad = logits_grad(z, cols == target, g, h, lse, mu, inv_temperature, WITH_ENTROPY)
         tl.store(grad_row_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
 
 

@@ -1,0 +1,36 @@
+"""End to end on the embedded SmolLM2-135M-Instruct (slow): `cai eval mc` on the paper's HHH questions
+agrees with the naive scorer (probabilities to 1e-4, same accuracy)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from cai.cli import main as cai_main
+from cai.data import load_mc_questions, paper_data_dir
+from cai.models import load_model
+from cai_helpers import _one_thread, require_ops  # noqa: F401 (fixture)
+from naive_mc import naive_mc_eval
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.skipif(paper_data_dir() is None, reason="the paper's published data folder is not on this machine")
+def test_eval_mc_on_hhh_matches_naive(capsys):
+    require_ops("choice_logprobs")
+    limit = 6
+    assert cai_main(["eval", "mc", "--data", "paper:438HHHEvaluations.jsonl", "--limit", str(limit), "--json",
+                     "--threads", "1"]) == 0
+    fast = json.loads(capsys.readouterr().out)
+    model, tokenizer = load_model("embedded", device="cpu", dtype="float32")
+    start = time.perf_counter()
+    naive = naive_mc_eval(model, tokenizer, load_mc_questions("paper:438HHHEvaluations.jsonl", limit=limit))
+    naive_seconds = time.perf_counter() - start
+    assert fast["n"] == naive["n"] == limit
+    assert fast["accuracy"] == naive["accuracy"]
+    diff = max(abs(a - b) for p, q in zip(fast["probs"], naive["probs"]) for a, b in zip(p, q))
+    assert diff < 1e-4
+    print(f"\n{limit} HHH questions: batched {fast['seconds']:.1f} s, naive {naive_seconds:.1f} s, "
+          f"max |dp| {diff:.2e}")
