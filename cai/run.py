@@ -126,7 +126,8 @@ def run_stage(name: str, config: RunConfig, ctx: Context, *, input_path=None, lo
     save_dataset(rows, ctx.run.dataset_path(name))
     seconds = time.perf_counter() - started
     ctx.run.metrics.log("timing", STAGES.index(name), **{f"{name}_seconds": seconds})
-    ctx.run.mark_done(name, {"rows": len(rows), "seconds": round(seconds, 2), "resumed": resumed})
+    ctx.run.mark_done(name, {"rows": len(rows), "seconds": round(seconds, 2), "resumed": resumed,
+                             "ranks": ctx.dp.world})
     ctx.run.shards(name).clear()
     log(f"[cai] {name}: done, {len(rows)} rows in {seconds:.1f} s")
     ctx.dp.barrier()

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from cai.cli import main as cai_main
@@ -60,9 +61,10 @@ def _write_config(path: Path, model_dir, **sections) -> Path:
 
 
 @pytest.mark.slow
-def test_label_on_ray_gives_the_local_rows(tiny_model_dir, tmp_path, local_ray):
+def test_label_on_ray_gives_the_local_rows(tiny_model_dir, tmp_path, local_ray, caplog):
     """`cai label --engine ray` (2 actors, one model each) writes exactly the local engine's rows."""
     require_ops("choice_logprobs")
+    caplog.set_level("INFO", logger="cai.scaleout.ray_engine")
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
     config = _write_config(tmp_path / "config.yaml", tiny_model_dir,
@@ -70,6 +72,7 @@ def test_label_on_ray_gives_the_local_rows(tiny_model_dir, tmp_path, local_ray):
     common = ["label", "--config", str(config), "--input", str(pairs), "--no-progress"]
     assert cai_main(common + ["--out", str(tmp_path / "local")]) == 0
     assert cai_main(common + ["--out", str(tmp_path / "ray"), "--engine", "ray", "--actors", "2"]) == 0
+    assert "label: 3 batches on 2 Ray actors" in caplog.text
     local, distributed = load_rows(tmp_path / "local" / "label"), load_rows(tmp_path / "ray" / "label")
     assert len(local) == len(PAIRS) and distributed == local
     # the actors' metrics reach the run's metrics.jsonl (one record per batch, as locally)
@@ -79,7 +82,7 @@ def test_label_on_ray_gives_the_local_rows(tiny_model_dir, tmp_path, local_ray):
 
 
 @pytest.mark.slow
-def test_critique_revise_on_ray_resumes_and_matches_local(tiny_model_dir, tmp_path, local_ray):
+def test_critique_revise_on_ray_resumes_and_matches_local(tiny_model_dir, tmp_path, local_ray, caplog):
     """Sampled generation on 2 actors equals the local engine; a run resumed from a shard skips that batch."""
     sections = {"critique_revise": {"rounds": 1, "response_tokens": 5, "critique_tokens": 4, "revision_tokens": 5,
                                     "few_shot": 1, "batch_size": 2}}
@@ -93,7 +96,9 @@ def test_critique_revise_on_ray_resumes_and_matches_local(tiny_model_dir, tmp_pa
     ray_ctx = open_run(config, tmp_path / "ray", progress=False, engine="ray", engine_options={"actors": 2})
     marked = [dict(r, final="(from the shard)") for r in local[:2]]
     ray_ctx.run.shards("critique_revise").write(0, marked)
+    caplog.set_level("INFO", logger="cai.scaleout.ray_engine")
     run_stage("critique_revise", config, ray_ctx, input_path=prompts, log=lambda *_: None)
+    assert "critique_revise: 2 batches on 2 Ray actors" in caplog.text
     assert load_rows(tmp_path / "ray" / "critique_revise") == marked + local[2:]
 
 
@@ -141,7 +146,7 @@ def test_train_pm_two_gloo_ranks_match_one_process(tiny_model_dir, tmp_path):
     for a, b in zip(held_one, held_two):
         assert b["reward_a"] == pytest.approx(a["reward_a"], rel=1e-4, abs=1e-5)
     assert (runs[2] / "train_pm" / "model" / "score_head.safetensors").is_file()
-    assert (runs[2] / "train_pm" / "DONE").is_file()
+    assert json.loads((runs[2] / "train_pm" / "DONE").read_text())["ranks"] == 2
 
 
 @pytest.mark.slow
@@ -161,7 +166,10 @@ def test_sft_and_ppo_two_gloo_ranks_match_one_process(tiny_model_dir, tmp_path):
     from cai.models import load_model
 
     lm, tokenizer = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
-    RewardModel(lm, tokenizer).save(tmp_path / "pm")  # a PM whose zero head scores every response 0
+    pm = RewardModel(lm, tokenizer)
+    with torch.no_grad():  # a random head: responses get different scores, so PPO has something to learn
+        pm.head.weight.copy_(torch.randn(pm.head.weight.shape, generator=torch.Generator().manual_seed(0)))
+    pm.save(tmp_path / "pm")
     for nproc in (1, 2):
         out = str(tmp_path / f"run{nproc}")
         _cai(["sft", "--config", str(config), "--out", out, "--input", str(revisions), "--no-progress"], nproc)
@@ -172,6 +180,8 @@ def test_sft_and_ppo_two_gloo_ranks_match_one_process(tiny_model_dir, tmp_path):
     ppo_one, ppo_two = Metrics(one / "metrics.jsonl").read("ppo"), Metrics(two / "metrics.jsonl").read("ppo")
     assert len(ppo_one) == len(ppo_two) == 2
     for a, b in zip(ppo_one, ppo_two):
-        for key in ("pg_loss", "vf_loss", "kl", "clipfrac", "approx_kl"):
+        for key in ("score", "pg_loss", "vf_loss", "kl", "clipfrac", "approx_kl"):
             assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), key
+    # not a trivial run: scores differ, the value loss is nonzero, the second rollout's policy has moved
+    assert ppo_one[0]["vf_loss"] > 1e-4 and abs(ppo_one[1]["kl"]) > 1e-6
     assert [r["response"] for r in load_rows(two / "ppo")] == [r["response"] for r in load_rows(one / "ppo")]

@@ -19,8 +19,11 @@ the run produced (e.g. sample_pairs reads sft/model); the rows themselves travel
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 class _RecordingMetrics:
@@ -103,6 +106,7 @@ def run_on_ray(ctx, stage: str, items: list[dict], batch_size: int, pending: lis
     options = dict(ctx.engine_options)
     ray = _init_ray(options.get("address"))
     actors, cpus, gpus = _pool(ray, options, len(pending))
+    log.info("%s: %d batches on %d Ray actors (%g CPUs, %g GPUs each)", stage, len(pending), actors, cpus, gpus)
     ray.data.DataContext.get_current().enable_progress_bars = bool(ctx.progress)
     tasks = [{"batch_index": i, "items": json.dumps(items[i * batch_size:(i + 1) * batch_size], ensure_ascii=False)}
              for i in pending]
