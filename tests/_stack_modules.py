@@ -1,4 +1,4 @@
-"""Load the stacks' own modules for the adapter tests, installed from PyPI with --no-deps.
+"""For the adapter tests: the stacks' own modules (installed from PyPI with --no-deps), and inputs.
 
 OpenRLHF's package ``__init__`` files import DeepSpeed, flash-attn, PEFT and Ray (GPU stacks that do
 not install on a CPU machine), but the modules holding the functions we adapt need none of that
@@ -19,6 +19,26 @@ import sys
 import types
 from pathlib import Path
 
+import torch
+
+
+def rand(*shape: int, seed: int, scale: float = 1.0, dtype=torch.float32) -> torch.Tensor:
+    """Seeded normal noise (its own generator: a test's inputs do not depend on test order)."""
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to(dtype)
+
+
+def holes_mask(batch: int, steps: int, seed: int, *, empty_row: bool = False) -> torch.Tensor:
+    """(B, T) int64 response masks of multi-turn rollouts: observation holes inside, right padding,
+    every row starting with a response token (row 0 all masked with ``empty_row``)."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(batch, steps, generator=g) > 0.3
+    lengths = torch.randint(2, steps + 1, (batch,), generator=g)
+    mask &= torch.arange(steps) < lengths[:, None]
+    mask[:, 0] = True
+    if empty_row:
+        mask[0] = False
+    return mask.to(torch.int64)
+
 
 def _package_dir(name: str) -> Path | None:
     spec = importlib.util.find_spec(name)
@@ -32,16 +52,22 @@ def openrlhf_modules():
     root = _package_dir("openrlhf")
     if root is None:
         return None
-    if importlib.util.find_spec("deepspeed") is None and "deepspeed" not in sys.modules:
-        sys.modules["deepspeed"] = types.ModuleType("deepspeed")
     if "openrlhf.models" not in sys.modules:
         importlib.import_module("openrlhf")
         package = types.ModuleType("openrlhf.models")
         package.__path__ = [str(root / "models")]
         package.__package__ = "openrlhf.models"
         sys.modules["openrlhf.models"] = package
-    utils = importlib.import_module("openrlhf.models.utils")
-    loss = importlib.import_module("openrlhf.models.loss")
+    # the stand-in exists only while utils.py imports: other libraries probe for a real DeepSpeed
+    stand_in = importlib.util.find_spec("deepspeed") is None and "deepspeed" not in sys.modules
+    if stand_in:
+        sys.modules["deepspeed"] = types.ModuleType("deepspeed")
+    try:
+        utils = importlib.import_module("openrlhf.models.utils")
+        loss = importlib.import_module("openrlhf.models.loss")
+    finally:
+        if stand_in:
+            del sys.modules["deepspeed"]
     return utils, loss, root / "trainer" / "ppo_utils" / "experience_maker.py"
 
 

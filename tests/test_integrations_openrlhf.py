@@ -10,7 +10,7 @@ import typing
 import pytest
 import torch
 
-from _stack_modules import method_from_source, openrlhf_modules
+from _stack_modules import holes_mask, method_from_source, openrlhf_modules, rand
 
 loaded = openrlhf_modules()
 if loaded is None:
@@ -28,25 +28,10 @@ ORL_GAE = method_from_source(EXPERIENCE_MAKER, "RemoteExperienceMaker", "get_adv
 ORL_RETURNS = method_from_source(EXPERIENCE_MAKER, "RemoteExperienceMaker", "get_cumulative_returns", _SCOPE)
 
 
-def _rand(*shape, seed, scale=1.0, dtype=torch.float32):
-    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to(dtype)
-
-
-def _mask_with_holes(batch, steps, seed):
-    """Right-padded responses with observation holes inside; one row all masked."""
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.rand(batch, steps, generator=g) > 0.25
-    lengths = torch.randint(1, steps + 1, (batch,), generator=g)
-    mask &= torch.arange(steps) < lengths[:, None]
-    mask[0] = False
-    mask[1, :3] = True
-    return mask
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 def test_log_probs_from_logits_matches_and_scales_in_place(dtype, temperature):
-    base = _rand(3, 5, 31, seed=1, scale=4.0, dtype=dtype)
+    base = rand(3, 5, 31, seed=1, scale=4.0, dtype=dtype)
     labels = torch.randint(0, 31, (3, 5), generator=torch.Generator().manual_seed(2))
     ours_logits, their_logits = base.clone(), base.clone()
     ours = adapter.log_probs_from_logits(ours_logits, labels, temperature)
@@ -58,7 +43,7 @@ def test_log_probs_from_logits_matches_and_scales_in_place(dtype, temperature):
 
 
 def test_log_probs_from_logits_gradient():
-    base = _rand(2, 4, 19, seed=3, scale=2.0)
+    base = rand(2, 4, 19, seed=3, scale=2.0)
     labels = torch.randint(0, 19, (2, 4), generator=torch.Generator().manual_seed(4))
     grads = []
     for fn in (adapter.log_probs_from_logits, ORL["log_probs_from_logits"]):
@@ -69,7 +54,7 @@ def test_log_probs_from_logits_gradient():
 
 
 def test_compute_entropy_matches():
-    logits = _rand(3, 4, 27, seed=5, scale=3.0)
+    logits = rand(3, 4, 27, seed=5, scale=3.0)
     torch.testing.assert_close(adapter.compute_entropy(logits), ORL["compute_entropy"](logits), rtol=1e-5, atol=1e-5)
 
 
@@ -77,8 +62,8 @@ def test_compute_entropy_matches():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compute_approx_kl_matches_with_its_clamps(estimator, dtype):
     # log-ratios spread over [-15, 15]: both the k3 guard (-10) and the final +-10 clamp are hit
-    logp0 = _rand(4, 9, seed=6, scale=6.0, dtype=dtype)
-    ref0 = _rand(4, 9, seed=7, scale=6.0, dtype=dtype)
+    logp0 = rand(4, 9, seed=6, scale=6.0, dtype=dtype)
+    ref0 = rand(4, 9, seed=7, scale=6.0, dtype=dtype)
     outs, grads = [], []
     for fn in (adapter.compute_approx_kl, ORL["compute_approx_kl"]):
         logp, ref = logp0.clone().requires_grad_(True), ref0.clone().requires_grad_(True)
@@ -95,7 +80,7 @@ def test_compute_approx_kl_matches_with_its_clamps(estimator, dtype):
 
 @pytest.mark.parametrize("with_old", [False, True])
 def test_compute_approx_kl_unbiased_gradient(with_old):
-    logp0, ref0, old = _rand(3, 6, seed=8, scale=3.0), _rand(3, 6, seed=9, scale=3.0), _rand(3, 6, seed=10, scale=3.0)
+    logp0, ref0, old = rand(3, 6, seed=8, scale=3.0), rand(3, 6, seed=9, scale=3.0), rand(3, 6, seed=10, scale=3.0)
     outs, grads = [], []
     for fn in (adapter.compute_approx_kl, ORL["compute_approx_kl"]):
         logp = logp0.clone().requires_grad_(True)
@@ -115,22 +100,22 @@ def test_compute_approx_kl_unknown_estimator():
 @pytest.mark.parametrize("gamma,lambd", [(1.0, 0.95), (0.9, 0.8), (0.99, 1.0)])
 def test_gae_multiply_by_mask_semantics(gamma, lambd):
     """OpenRLHF's loop zeroes values/rewards off the mask and runs over every position (holes included)."""
-    mask = _mask_with_holes(5, 12, seed=11)
-    values, rewards = _rand(5, 12, seed=12), _rand(5, 12, seed=13)
+    mask = holes_mask(5, 12, seed=11, empty_row=True)
+    values, rewards = rand(5, 12, seed=12), rand(5, 12, seed=13)
     ours = adapter.get_advantages_and_returns(values, rewards, mask, gamma, lambd)
     theirs = ORL_GAE(None, values, rewards, mask, gamma, lambd)
     for a, b in zip(ours, theirs):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     # holes really carry signal here (unlike skip-and-carry), so the test discriminates the two rules
-    assert theirs[0][~mask].abs().max() > 1e-3
+    assert theirs[0][mask == 0].abs().max() > 1e-3
     torch.testing.assert_close(adapter.get_advantages_and_returns(values, rewards, None, gamma, lambd)[0],
                                ORL_GAE(None, values, rewards, None, gamma, lambd)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_cumulative_returns():
-    mask = _mask_with_holes(4, 10, seed=14)
-    rewards = _rand(4, 10, seed=15)
+    mask = holes_mask(4, 10, seed=14, empty_row=True)
+    rewards = rand(4, 10, seed=15)
     for gamma in (1.0, 0.9):
         torch.testing.assert_close(adapter.get_cumulative_returns(rewards, mask, gamma),
                                    ORL_RETURNS(None, rewards, mask, gamma), rtol=1e-5, atol=1e-5)
@@ -144,8 +129,8 @@ def test_gae_discount_outside_unit_interval_is_unsupported():
 @pytest.mark.parametrize("cls", ["PairWiseLoss", "LogExpLoss"])
 @pytest.mark.parametrize("margin", [False, True])
 def test_reward_model_losses(cls, margin):
-    chosen0, reject0 = _rand(16, seed=16, scale=3.0), _rand(16, seed=17, scale=3.0)
-    m = _rand(16, seed=18).abs() if margin else None
+    chosen0, reject0 = rand(16, seed=16, scale=3.0), rand(16, seed=17, scale=3.0)
+    m = rand(16, seed=18).abs() if margin else None
     outs, grads = [], []
     for loss_cls in (getattr(adapter, cls), ORL_LOSS[cls]):
         chosen, reject = chosen0.clone().requires_grad_(True), reject0.clone().requires_grad_(True)
@@ -168,8 +153,8 @@ def test_log_exp_loss_stays_finite_where_openrlhf_overflows():
 @pytest.mark.parametrize("token_level", [True, False])
 @pytest.mark.parametrize("global_counts", [False, True])
 def test_value_loss(clip_eps, token_level, global_counts):
-    mask = _mask_with_holes(6, 8, seed=19)
-    values0, old, returns = _rand(6, 8, seed=20), _rand(6, 8, seed=21), _rand(6, 8, seed=22)
+    mask = holes_mask(6, 8, seed=19, empty_row=True)
+    values0, old, returns = rand(6, 8, seed=20), rand(6, 8, seed=21), rand(6, 8, seed=22)
     kwargs = {}
     if global_counts:
         kwargs = {"dp_size": 2, "batch_num_tokens": 2.5 * float(mask.sum()), "global_batch_size": 9.0}

@@ -12,6 +12,7 @@ import torch
 verl_F = pytest.importorskip("verl.utils.torch_functional")
 core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")
 
+from _stack_modules import holes_mask, rand  # noqa: E402
 from cai_kernels.integrations import verl as adapter  # noqa: E402
 from cai_kernels.integrations._patching import Unsupported  # noqa: E402
 
@@ -19,20 +20,6 @@ from cai_kernels.integrations._patching import Unsupported  # noqa: E402
 VERL_F = {name: getattr(verl_F, name) for name in ("logprobs_from_logits", "entropy_from_logits", "masked_whiten")}
 VERL = {name: getattr(core_algos, name) for name in ("kl_penalty", "compute_gae_advantage_return",
                                                      "compute_policy_loss_vanilla", "compute_value_loss")}
-
-
-def _rand(*shape, seed, scale=1.0, dtype=torch.float32):
-    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to(dtype)
-
-
-def _mask_with_holes(batch, steps, seed):
-    """Multi-turn response masks: observation tokens (holes) inside, right padding."""
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.rand(batch, steps, generator=g) > 0.3
-    lengths = torch.randint(2, steps + 1, (batch,), generator=g)
-    mask &= torch.arange(steps) < lengths[:, None]
-    mask[:, 0] = True
-    return mask.to(torch.int64)
 
 
 class ActorConfig(dict):
@@ -54,7 +41,7 @@ def _config(**overrides):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_logprobs_and_entropy_from_logits(dtype):
-    logits = _rand(3, 5, 33, seed=1, scale=3.0, dtype=dtype)
+    logits = rand(3, 5, 33, seed=1, scale=3.0, dtype=dtype)
     labels = torch.randint(0, 33, (3, 5), generator=torch.Generator().manual_seed(2))
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=3e-2)
     for ours, theirs in ((adapter.logprobs_from_logits(logits, labels), VERL_F["logprobs_from_logits"](logits, labels)),
@@ -64,7 +51,7 @@ def test_logprobs_and_entropy_from_logits(dtype):
 
 
 def test_logprobs_gradient():
-    base = _rand(2, 4, 17, seed=3, scale=2.0)
+    base = rand(2, 4, 17, seed=3, scale=2.0)
     labels = torch.randint(0, 17, (2, 4), generator=torch.Generator().manual_seed(4))
     grads = []
     for fn in (adapter.logprobs_from_logits, VERL_F["logprobs_from_logits"]):
@@ -76,7 +63,7 @@ def test_logprobs_gradient():
 
 @pytest.mark.parametrize("shift_mean", [True, False])
 def test_masked_whiten(shift_mean):
-    values, mask = _rand(4, 9, seed=5, scale=2.0) + 3.0, _mask_with_holes(4, 9, seed=6)
+    values, mask = rand(4, 9, seed=5, scale=2.0) + 3.0, holes_mask(4, 9, seed=6)
     ours, theirs = adapter.masked_whiten(values, mask, shift_mean), VERL_F["masked_whiten"](values, mask, shift_mean)
     on = mask.bool()
     torch.testing.assert_close(ours[on], theirs[on], rtol=1e-5, atol=1e-5)
@@ -98,7 +85,7 @@ def test_masked_whiten_errors_like_verl():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kl_penalty_every_name(name, dtype):
     # log-ratios over [-30, 30]: low_var_kl's +-20 and +-10 clamps are both hit
-    logp0, ref0 = _rand(4, 8, seed=7, scale=12.0, dtype=dtype), _rand(4, 8, seed=8, scale=12.0, dtype=dtype)
+    logp0, ref0 = rand(4, 8, seed=7, scale=12.0, dtype=dtype), rand(4, 8, seed=8, scale=12.0, dtype=dtype)
     outs, grads = [], []
     for fn in (adapter.kl_penalty, VERL["kl_penalty"]):
         logp, ref = logp0.clone().requires_grad_(True), ref0.clone().requires_grad_(True)
@@ -123,8 +110,8 @@ def test_kl_penalty_full_is_not_implemented():
 
 @pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.7)])
 def test_gae_skip_and_carry(gamma, lam):
-    mask = _mask_with_holes(5, 12, seed=9)
-    rewards, values = _rand(5, 12, seed=10), _rand(5, 12, seed=11)
+    mask = holes_mask(5, 12, seed=9)
+    rewards, values = rand(5, 12, seed=10), rand(5, 12, seed=11)
     rewards = rewards.masked_fill(mask == 0, 123.0)  # observation tokens' entries are never read
     values = values.masked_fill(mask == 0, -7.0)
     ours = adapter.compute_gae_advantage_return(rewards, values, mask, torch.tensor(gamma), torch.tensor(lam))
@@ -139,9 +126,9 @@ def test_gae_skip_and_carry(gamma, lam):
                                  "seq-mean-token-mean"])
 @pytest.mark.parametrize("global_info", [False, True])
 def test_policy_loss_vanilla(agg, global_info):
-    mask = _mask_with_holes(6, 10, seed=12)
-    old, logp0 = _rand(6, 10, seed=13), _rand(6, 10, seed=14)
-    advantages = _rand(6, 10, seed=15, scale=2.0)
+    mask = holes_mask(6, 10, seed=12)
+    old, logp0 = rand(6, 10, seed=13), rand(6, 10, seed=14)
+    advantages = rand(6, 10, seed=15, scale=2.0)
     info = {"dp_size": 2, "batch_num_tokens": 2 * int(mask.sum()) + 3, "global_batch_size": 13,
             "loss_scale_factor": 7} if global_info else {}
     config = _config(global_batch_info=info)
@@ -162,8 +149,8 @@ def test_policy_loss_vanilla(agg, global_info):
 
 
 def test_policy_loss_rollout_weights_fall_back_when_patched():
-    mask = _mask_with_holes(3, 5, seed=16)
-    old, logp, adv = _rand(3, 5, seed=17), _rand(3, 5, seed=18), _rand(3, 5, seed=19)
+    mask = holes_mask(3, 5, seed=16)
+    old, logp, adv = rand(3, 5, seed=17), rand(3, 5, seed=18), rand(3, 5, seed=19)
     weights = torch.rand(3, 5, generator=torch.Generator().manual_seed(20))
     with pytest.raises(Unsupported, match="rollout_is_weights"):
         adapter.compute_policy_loss_vanilla(old, logp, adv, mask, "token-mean", _config(), weights)
@@ -175,8 +162,8 @@ def test_policy_loss_rollout_weights_fall_back_when_patched():
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm", "token-sum"])
 def test_value_loss(agg):
-    mask = _mask_with_holes(5, 7, seed=21)
-    vpreds0, returns, values = _rand(5, 7, seed=22), _rand(5, 7, seed=23), _rand(5, 7, seed=24)
+    mask = holes_mask(5, 7, seed=21)
+    vpreds0, returns, values = rand(5, 7, seed=22), rand(5, 7, seed=23), rand(5, 7, seed=24)
     outs, grads = [], []
     for fn in (adapter.compute_value_loss, VERL["compute_value_loss"]):
         vpreds = vpreds0.clone().requires_grad_(True)

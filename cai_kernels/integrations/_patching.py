@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -103,12 +104,19 @@ def _package_modules(package: str) -> list:
 
 
 def import_modules(names: list[str]) -> None:
-    """Import the stack modules that hold the names to patch (missing optional ones are skipped)."""
+    """Import the stack modules that hold the names to patch; one that fails to import is skipped.
+
+    Stacks import GPU-only dependencies in some modules (DeepSpeed, vLLM, flash-attn): where those
+    are missing the other modules are still patched. A failure other than a missing module warns.
+    """
     for name in names:
         try:
             importlib.import_module(name)
         except ImportError:
             continue
+        except Exception as err:  # a stack module that breaks on import for another reason
+            warnings.warn(f"cai_kernels.integrations: not patching {name}, it failed to import: {err!r}",
+                          RuntimeWarning, stacklevel=3)
 
 
 def patch_package(package: str, replacements: list[tuple[Any, Any]],
