@@ -181,7 +181,8 @@ def test_apply_to_trl_patches_every_importer_and_undoes():
     import importlib
     import sys
 
-    cpo = importlib.import_module("trl.experimental.cpo.cpo_trainer")  # `from ...trainer.utils import selective_log_softmax`
+    # it did `from ...trainer.utils import selective_log_softmax`
+    cpo = importlib.import_module("trl.experimental.cpo.cpo_trainer")
     handle = adapter.apply_to_trl()
     try:
         assert trl_utils.selective_log_softmax is not TRL_SELECTIVE

@@ -76,9 +76,11 @@ def test_label_on_ray_gives_the_local_rows(tiny_model_dir, tmp_path, local_ray, 
     local, distributed = load_rows(tmp_path / "local" / "label"), load_rows(tmp_path / "ray" / "label")
     assert len(local) == len(PAIRS) and distributed == local
     # the actors' metrics reach the run's metrics.jsonl (one record per batch, as locally)
-    strip = [{k: v for k, v in m.items() if k != "time"} for m in Metrics(tmp_path / "local" / "metrics.jsonl").read("label")]
-    assert [{k: v for k, v in m.items() if k != "time"}
-            for m in Metrics(tmp_path / "ray" / "metrics.jsonl").read("label")] == strip and len(strip) == 3
+    def label_metrics(run):
+        return [{k: v for k, v in m.items() if k != "time"} for m in Metrics(run / "metrics.jsonl").read("label")]
+
+    on_ray = label_metrics(tmp_path / "ray")
+    assert on_ray == label_metrics(tmp_path / "local") and len(on_ray) == 3
 
 
 @pytest.mark.slow
@@ -129,7 +131,8 @@ def _losses(run: Path, stage: str) -> list[float]:
 def test_train_pm_two_gloo_ranks_match_one_process(tiny_model_dir, tmp_path):
     """torchrun --nproc_per_node 2 train-pm: the loss curve and held-out rewards of one process."""
     labels = tmp_path / "labels.jsonl"
-    rows = [dict(p, id=f"{p['id']}-{k}", p_a=0.8 if (i + k) % 2 else 0.3) for k in range(2) for i, p in enumerate(PAIRS)]
+    rows = [dict(p, id=f"{p['id']}-{k}", p_a=0.8 if (i + k) % 2 else 0.3)
+            for k in range(2) for i, p in enumerate(PAIRS)]
     labels.write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = _write_config(tmp_path / "config.yaml", tiny_model_dir,
                            train_pm={"batch_size": 4, "epochs": 1, "lr": 1e-3, "head_lr": 1e-2, "save_every": 100,

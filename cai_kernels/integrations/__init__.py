@@ -1,8 +1,8 @@
 """Drop-in adapters for RLHF stacks: the stacks' own function names and semantics, computed with cai_kernels.
 
-    cai_kernels.integrations.trl       selective_log_softmax, entropy_from_logits, the fused LM head; apply_to_trl()
-    cai_kernels.integrations.openrlhf  log_probs_from_logits, compute_approx_kl, GAE, PairWiseLoss, ...; apply_to_openrlhf()
-    cai_kernels.integrations.verl      logprobs_from_logits, kl_penalty, compute_gae_advantage_return, ...; apply_to_verl()
+    cai_kernels.integrations.trl       selective_log_softmax, entropy_from_logits, the fused LM head
+    cai_kernels.integrations.openrlhf  log_probs_from_logits, compute_approx_kl, GAE, PairWiseLoss, ...
+    cai_kernels.integrations.verl      logprobs_from_logits, kl_penalty, compute_gae_advantage_return, ...
 
 Each ``apply_to_*()`` patches the installed stack in place (every module that imported a name) and
 returns a `PatchHandle`: ``with apply_to_trl(): trainer.train()``, or ``handle.undo()``. Nothing here
