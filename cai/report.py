@@ -193,8 +193,7 @@ def write_report(run: RunDir, config) -> Path:
             if done:
                 out += ["", _plot(run, "mc_accuracy", lambda ax: (ax.bar(range(len(done)), [v for _, v in done]),
                                                                    ax.set_xticks(range(len(done)), [k for k, _ in done],
-                                                                                 fontsize=6),
-                                                                   ax.axhline(0.5, color="gray", ls="--")),
+                                                                                 fontsize=6)),
                                   "Multiple-choice accuracy", "", "accuracy")]
             out.append("")
     path = run.root / "report.md"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..constitution import Constitution
@@ -25,7 +25,6 @@ class Context:
     allow_download: bool = False
     trust_remote_code: bool = False
     progress: bool = True
-    _loaded: dict = field(default_factory=dict, repr=False)
 
     def model_path(self, spec: str | None, default: str) -> str:
         """A stage's model: `spec` if given; "base" / "sft" / "ppo" / "train_pm" name the run's models."""

@@ -77,9 +77,9 @@ def critique_revise(prompts: list[dict], cfg: CritiqueReviseConfig, ctx: Context
                 conversations[i] += [Turn("critique", critique), revision_request(principles[i])]
             revisions = sample([conversations[i] for i in active], "revision", cfg.revision_tokens, batch_index,
                                f"revision-{r}")
-            for i, revision in zip(active, revisions):
+            for i, critique, revision in zip(active, critiques, revisions):
                 conversations[i].append(Turn("revision", revision))
-                rows[i]["critiques"].append(critiques[active.index(i)])
+                rows[i]["critiques"].append(critique)
                 rows[i]["revisions"].append(revision)
                 rows[i]["principle_ids"].append(principles[i].id)
                 rows[i]["final"] = revision

@@ -150,5 +150,4 @@ def ppo(prompts: list[dict], cfg: PPOConfig, ctx: Context) -> list[dict]:
     policy.eval()
     save_pretrained(policy, tokenizer, stage_dir / "model",
                     extra={"weight": value_head.weight, "bias": value_head.bias}, extra_name="value_head.safetensors")
-    checkpoint.clear()
     return rollouts

@@ -82,5 +82,4 @@ def sft(revisions: list[dict], cfg: SFTConfig, ctx: Context) -> list[dict]:
     bar.close()
     model.eval()
     save_pretrained(model, tokenizer, stage_dir / "model")
-    checkpoint.clear()
     return log
