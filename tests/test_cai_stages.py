@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from cai.models import PromptFormat, load_model
 from cai.rundir import RunDir
 from cai.stages import critique_revise as cr_module
 from cai.stages import label as label_module
+from cai.stages import ppo as ppo_module
 from cai.stages import sft as sft_module
 from cai.stages.common import Context
 from cai.stages.critique_revise import CritiqueReviseConfig, critique_revise, draw_principle
@@ -192,7 +194,7 @@ def test_train_pm_learns_the_labels(tiny_model_dir, tmp_path):
     assert (ctx.run.root / "train_pm" / "model" / "score_head.safetensors").is_file()
 
 
-def test_ppo_runs_and_logs(tiny_model_dir, tmp_path):
+def test_ppo_runs_logs_and_resumes(tiny_model_dir, tmp_path, monkeypatch):
     require_ops("linear_token_logprobs", "reward_pairwise_loss", "last_token_rewards", "ppo_advantages",
                 "ppo_policy_loss", "ppo_value_loss")
     ctx = make_ctx(tmp_path, tiny_model_dir)
@@ -208,3 +210,10 @@ def test_ppo_runs_and_logs(tiny_model_dir, tmp_path):
         assert all(isinstance(m[key], float) for m in log), key
     assert log[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the first rollout is sampled from the reference itself
     assert (ctx.run.root / "ppo" / "model" / "value_head.safetensors").is_file()
+    # killed in the second iteration's update, resumed from the first iteration's checkpoint: same rollouts
+    shutil.rmtree(ctx.run.root / "ppo")
+    with crash_at_call(monkeypatch, ppo_module, "ppo_update", 2):
+        ppo(PROMPTS, cfg, ctx)
+    resumed = ppo(PROMPTS, cfg, ctx)
+    assert [(r["iteration"], r["response"]) for r in resumed] == [(r["iteration"], r["response"]) for r in rows]
+    assert [r["score"] for r in resumed] == pytest.approx([r["score"] for r in rows], abs=1e-5)

@@ -72,6 +72,69 @@ def policy_outputs(policy, value_head, seq, attention_mask, prompt_width, *, wit
     return logprobs, value_head(hidden) if with_values else None
 
 
+@dataclass
+class Rollout:
+    """One iteration's samples, scored. Tensors are (B, Tp + Tr) for seq / attention, (B, Tr) otherwise."""
+    seq: torch.Tensor
+    attention: torch.Tensor
+    prompt_width: int
+    response_mask: torch.Tensor
+    texts: list[str]
+    old_logprobs: torch.Tensor
+    old_values: torch.Tensor
+    ref_logprobs: torch.Tensor
+    scores: torch.Tensor  # (B,) PM scores
+
+
+@torch.no_grad()
+def rollout(policy, reference, value_head, pm, tokenizer, fmt, prompts: list[str], cfg: PPOConfig, seed: int) -> Rollout:
+    """Sample a response per prompt from the policy; score it with the policy, the reference and the PM."""
+    policy.eval()
+    prompt_ids = [encode(tokenizer, fmt.render(fmt.conversation(p), next_role="assistant")) for p in prompts]
+    responses = generate_ids(policy, tokenizer, prompt_ids, max_new_tokens=cfg.max_new_tokens,
+                             temperature=cfg.temperature, top_p=cfg.top_p, seed=seed)
+    responses = [r or [tokenizer.eos_token_id] for r in responses]
+    prompt_block, prompt_mask = pad_rows(prompt_ids, tokenizer.pad_token_id, left=True)
+    response_block, response_mask = pad_rows(responses, tokenizer.pad_token_id, left=False)
+    device, width = policy.device, prompt_block.shape[1]
+    seq = torch.cat([prompt_block, response_block], 1).to(device)
+    attention = torch.cat([prompt_mask, response_mask], 1).to(device)
+    texts = [cut_at_stop(tokenizer.decode(r, skip_special_tokens=True), fmt.stop_strings()) for r in responses]
+    old_logprobs, old_values = policy_outputs(policy, value_head, seq, attention, width)
+    ref_logprobs, _ = policy_outputs(reference, value_head, seq, attention, width, with_values=False)
+    scores = torch.tensor(pm.score(prompts, texts), dtype=torch.float32, device=device)
+    return Rollout(seq, attention, width, response_mask.to(device), texts, old_logprobs, old_values, ref_logprobs,
+                   scores)
+
+
+def ppo_update(policy, value_head, optimizer, params, batch: Rollout, advantages, returns, cfg: PPOConfig,
+               order_rng) -> dict[str, float]:
+    """`ppo_epochs` passes of clipped policy + value losses over shuffled minibatches; mean stats."""
+    policy.train()
+    totals, updates = {}, 0
+    for _ in range(cfg.ppo_epochs):
+        order = list(range(batch.seq.shape[0]))
+        order_rng.shuffle(order)
+        for start in range(0, len(order), cfg.minibatch_size):
+            mb = torch.tensor(order[start:start + cfg.minibatch_size], device=batch.seq.device)
+            logprobs, values = policy_outputs(policy, value_head, batch.seq[mb], batch.attention[mb], batch.prompt_width)
+            pg_loss, pg_stats = cai_kernels.ppo_policy_loss(logprobs, batch.old_logprobs[mb], advantages[mb],
+                                                            batch.response_mask[mb], clip_low=cfg.clip,
+                                                            clip_high=cfg.clip)
+            vf_loss, vf_clipfrac = cai_kernels.ppo_value_loss(values, batch.old_values[mb], returns[mb],
+                                                              batch.response_mask[mb], clip=cfg.value_clip)
+            (pg_loss + cfg.vf_coef * vf_loss).backward()
+            torch.nn.utils.clip_grad_norm_(params + list(value_head.parameters()), cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            stats = {"pg_loss": pg_loss.item(), "vf_loss": vf_loss.item(), "vf_clipfrac": _scalar(vf_clipfrac)}
+            stats.update({k: _scalar(v) for k, v in pg_stats.items()})
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + v
+            updates += 1
+    return {k: v / max(updates, 1) for k, v in totals.items()}
+
+
 def ppo(prompts: list[dict], cfg: PPOConfig, ctx: Context) -> list[dict]:
     stage_dir = ctx.run.stage(NAME)
     policy, tokenizer = ctx.load(cfg.model, default="sft")
@@ -86,62 +149,24 @@ def ppo(prompts: list[dict], cfg: PPOConfig, ctx: Context) -> list[dict]:
     checkpoint = Checkpoint(stage_dir)
     modules = {"policy": policy, "value_head": value_head}
     start, rollouts, _ = checkpoint.restore(modules, optimizer)
-    pad = tokenizer.pad_token_id
     bar = ctx.tqdm(total=cfg.steps, initial=start, desc=NAME, unit="iter")
     for it in range(start, cfg.steps):
-        batch = rng_for(ctx.seed, NAME, "prompts", it).sample(prompts, min(cfg.rollout_batch_size, len(prompts)))
-        policy.eval()
-        prompt_ids = [encode(tokenizer, fmt.render(fmt.conversation(r["prompt"]), next_role="assistant"))
-                      for r in batch]
-        responses = generate_ids(policy, tokenizer, prompt_ids, max_new_tokens=cfg.max_new_tokens,
-                                 temperature=cfg.temperature, top_p=cfg.top_p, seed=seed_for(ctx.seed, NAME, it))
-        responses = [r or [tokenizer.eos_token_id] for r in responses]
-        prompt_block, prompt_mask = pad_rows(prompt_ids, pad, left=True)
-        response_block, response_mask = pad_rows(responses, pad, left=False)
-        width = prompt_block.shape[1]
-        seq = torch.cat([prompt_block, response_block], 1).to(policy.device)
-        attention = torch.cat([prompt_mask, response_mask], 1).to(policy.device)
-        response_mask = response_mask.to(policy.device)
-        texts = [cut_at_stop(tokenizer.decode(r, skip_special_tokens=True), fmt.stop_strings()) for r in responses]
+        chosen = rng_for(ctx.seed, NAME, "prompts", it).sample(prompts, min(cfg.rollout_batch_size, len(prompts)))
+        batch = rollout(policy, reference, value_head, pm, tokenizer, fmt, [r["prompt"] for r in chosen], cfg,
+                        seed_for(ctx.seed, NAME, it))
         with torch.no_grad():
-            old_logprobs, old_values = policy_outputs(policy, value_head, seq, attention, width)
-            ref_logprobs, _ = policy_outputs(reference, value_head, seq, attention, width, with_values=False)
-            scores = torch.tensor(pm.score([r["prompt"] for r in batch], texts), dtype=torch.float32,
-                                  device=policy.device)
-            advantages, returns, token_rewards, kl = cai_kernels.ppo_advantages(
-                scores, old_logprobs, ref_logprobs, old_values, response_mask, kl_coef=cfg.kl_coef,
-                gamma=cfg.gamma, lam=cfg.lam, estimator=cfg.kl_estimator, whiten=cfg.whiten)
-        policy.train()
-        stats_sum, updates = {}, 0
-        for epoch in range(cfg.ppo_epochs):
-            order = list(range(len(batch)))
-            rng_for(ctx.seed, NAME, "minibatch", it, epoch).shuffle(order)
-            for mb_start in range(0, len(order), cfg.minibatch_size):
-                mb = torch.tensor(order[mb_start:mb_start + cfg.minibatch_size], device=policy.device)
-                logprobs, values = policy_outputs(policy, value_head, seq[mb], attention[mb], width)
-                pg_loss, pg_stats = cai_kernels.ppo_policy_loss(logprobs, old_logprobs[mb], advantages[mb],
-                                                                response_mask[mb], clip_low=cfg.clip,
-                                                                clip_high=cfg.clip)
-                vf_loss, vf_clipfrac = cai_kernels.ppo_value_loss(values, old_values[mb], returns[mb],
-                                                                  response_mask[mb], clip=cfg.value_clip)
-                loss = pg_loss + cfg.vf_coef * vf_loss
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params + list(value_head.parameters()), cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step_stats = {"pg_loss": pg_loss.item(), "vf_loss": vf_loss.item(), "vf_clipfrac": _scalar(vf_clipfrac)}
-                step_stats.update({k: _scalar(v) for k, v in pg_stats.items()})
-                for k, v in step_stats.items():
-                    stats_sum[k] = stats_sum.get(k, 0.0) + v
-                updates += 1
-        kl_per_seq = (kl * response_mask).sum(-1)
-        record = {"score": scores.mean().item(), "kl": kl_per_seq.mean().item(),
-                  "reward": (scores - cfg.kl_coef * kl_per_seq).mean().item(),
-                  "response_tokens": response_mask.sum(-1).float().mean().item()}
-        record.update({k: v / max(updates, 1) for k, v in stats_sum.items()})
+            advantages, returns, _, kl = cai_kernels.ppo_advantages(
+                batch.scores, batch.old_logprobs, batch.ref_logprobs, batch.old_values, batch.response_mask,
+                kl_coef=cfg.kl_coef, gamma=cfg.gamma, lam=cfg.lam, estimator=cfg.kl_estimator, whiten=cfg.whiten)
+        stats = ppo_update(policy, value_head, optimizer, params, batch, advantages, returns, cfg,
+                           rng_for(ctx.seed, NAME, "minibatches", it))
+        kl_per_seq = (kl * batch.response_mask).sum(-1)
+        record = {"score": batch.scores.mean().item(), "kl": kl_per_seq.mean().item(),
+                  "reward": (batch.scores - cfg.kl_coef * kl_per_seq).mean().item(),
+                  "response_tokens": batch.response_mask.sum(-1).float().mean().item(), **stats}
         ctx.run.metrics.log(NAME, it, **record)
         rollouts.extend({"iteration": it, "id": r["id"], "prompt": r["prompt"], "response": text, "score": s, "kl": k}
-                        for r, text, s, k in zip(batch, texts, scores.tolist(), kl_per_seq.tolist()))
+                        for r, text, s, k in zip(chosen, batch.texts, batch.scores.tolist(), kl_per_seq.tolist()))
         bar.update(1)
         bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{record['kl']:.3f}")
         if (it + 1) % cfg.save_every == 0 and it + 1 < cfg.steps:
