@@ -1,7 +1,8 @@
 # Two commands do everything on a fresh machine:
 #   make test   create .venv, install torch (CPU build here), the project with its C++ extension and
 #               test extras, then run the whole test suite
-#   make demo   the same set-up, then the main job
+#   make demo   the same set-up, then the whole Constitutional AI loop on the embedded SmolLM2-135M
+#               (cai run --config tiny --out runs/demo: a few minutes on 2 CPU cores) and its report
 # Others: make bench (benchmark suite), make bench-quick, make test-fast (skips slow tests), make clean.
 
 PYTHON ?= python3
@@ -42,8 +43,11 @@ test: install
 test-fast: install
 	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
+DEMO_OUT ?= runs/demo
+
 demo: install
-	$(PY) -m cai_kernels demo
+	$(VENV)/bin/cai run --config tiny --out $(DEMO_OUT)
+	@echo "Report: $(abspath $(DEMO_OUT))/report.md (plots in $(abspath $(DEMO_OUT))/plots/)"
 
 bench: install
 	$(PY) -m pytest benchmarks --benchmark-only $(PYTEST_ARGS)

@@ -116,8 +116,10 @@ def load_model(name_or_path=None, *, device: str | torch.device = "auto", dtype:
                allow_download: bool = False, trust_remote_code: bool = False):
     """(model, tokenizer) in eval mode on `device`. `name_or_path`: "embedded", an HF id or a local folder."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
-    path = resolve_model(name_or_path)
+    path = resolve_model(name_or_path)  # (converting the embedded GGUF shows its own progress bar)
+    hf_logging.disable_progress_bar()  # loading safetensors takes a second: no bar per load
     device = pick_device(device) if isinstance(device, str) else device
     tokenizer = load_tokenizer(path, allow_download=allow_download, trust_remote_code=trust_remote_code)
     try:

@@ -87,6 +87,13 @@ def write_report(run: RunDir, config) -> Path:
                 f"{len(revisions)} prompts; {len(revised)} red-team prompts went through "
                 f"{max((len(r['revisions']) for r in revised), default=0)} rounds of critique and revision "
                 f"(principle redrawn every round), the others kept their first response.", ""]
+        words = by_stage.get("critique_revise", [])
+        if words:
+            def mean_of(key):
+                values = [r[key] for r in words if r.get(key) is not None]
+                return sum(values) / len(values) if values else None
+            out += [f"Mean length in words: first answers {_fmt(mean_of('response_words'), 1)}, critiques "
+                    f"{_fmt(mean_of('critique_words'), 1)}, revisions {_fmt(mean_of('revision_words'), 1)}.", ""]
         rounds = [r for r in evaluation if r["section"] == "revision_rounds"]
         if rounds:
             out += ["Mean preference-model score of the responses after each revision round (higher = preferred "
@@ -124,7 +131,14 @@ def write_report(run: RunDir, config) -> Path:
         p = [r["p_a"] for r in labels]
         first = [r["first_position_prob"] for r in labels]
         principles = sorted({pid for r in labels for pid in r["principle_ids"]})
-        out += ["## AI preference labels", "",
+        sampled = by_stage.get("sample_pairs", [])
+        sample_note = ""
+        if sampled:
+            n = sum(r["pairs"] for r in sampled)
+            sample_note = (f"The pairs were sampled from the SL model (mean response length "
+                           f"{sum(r['response_words'] * r['pairs'] for r in sampled) / n:.1f} words; "
+                           f"{sum(r['identical_pairs'] for r in sampled)} pairs with two identical responses). ")
+        out += ["## AI preference labels", "", sample_note +
                 f"{len(labels)} pairs labelled by the feedback model with {len(labels[0]['principle_ids'])} "
                 f"principle(s) each ({len(principles)} distinct principles used). Mean P(response A better) = "
                 f"{sum(p) / len(p):.3f}; share of pairs with A preferred = {sum(x > 0.5 for x in p) / len(p):.3f}; "
@@ -193,8 +207,7 @@ def write_report(run: RunDir, config) -> Path:
             if done:
                 out += ["", _plot(run, "mc_accuracy", lambda ax: (ax.bar(range(len(done)), [v for _, v in done]),
                                                                    ax.set_xticks(range(len(done)), [k for k, _ in done],
-                                                                                 fontsize=6),
-                                                                   ax.axhline(0.5, color="gray", ls="--")),
+                                                                                 fontsize=6)),
                                   "Multiple-choice accuracy", "", "accuracy")]
             out.append("")
     path = run.root / "report.md"

@@ -26,6 +26,7 @@ from .stages.ppo import ppo
 from .stages.sample_pairs import sample_pairs
 from .stages.sft import sft
 from .stages.train_pm import train_pm
+from .training import Checkpoint
 
 STAGE_FUNCTIONS = {"critique_revise": critique_revise, "sft": sft, "sample_pairs": sample_pairs, "label": label,
                    "train_pm": train_pm, "ppo": ppo, "evaluate": evaluate}
@@ -128,7 +129,9 @@ def run_stage(name: str, config: RunConfig, ctx: Context, *, input_path=None, lo
     ctx.run.metrics.log("timing", STAGES.index(name), **{f"{name}_seconds": seconds})
     ctx.run.mark_done(name, {"rows": len(rows), "seconds": round(seconds, 2), "resumed": resumed,
                              "ranks": ctx.dp.world})
+    # resume state is dropped only once the stage is recorded as done
     ctx.run.shards(name).clear()
+    Checkpoint(ctx.run.root / name).clear()
     log(f"[cai] {name}: done, {len(rows)} rows in {seconds:.1f} s")
     ctx.dp.barrier()
 

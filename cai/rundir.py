@@ -63,7 +63,9 @@ def staging_dir(target: Path) -> Path:
 def save_dataset(rows: list[dict], target: str | os.PathLike):
     """Write rows as a `datasets` dataset folder atomically; returns the Dataset."""
     from datasets import Dataset
+    from datasets.utils.logging import disable_progress_bar
 
+    disable_progress_bar()  # a bar per small save is noise next to the stages' own bars
     target = Path(target)
     dataset = Dataset.from_list(rows) if rows else Dataset.from_dict({})
     staging = staging_dir(target)

@@ -2,7 +2,8 @@
 
 The naive way runs one full forward per option (prompt + option) and a log-softmax over the whole vocabulary
 at every position. Here, per batch of questions:
-  1. the prompts are encoded once (left-padded, one forward, KV cache kept);
+  1. the prompts are encoded once (left-padded, one forward, KV cache kept); a prefix they all share (few-shot
+     examples) is encoded once for all batches (models.SharedPrefix);
   2. the options of all questions run as short continuations that share their question's KV cache
      (the cache rows are gathered per option; the options are right-padded to the longest one);
   3. the LM head is applied only at the positions that predict option tokens, inside
@@ -45,7 +46,7 @@ def tokenize_questions(tokenizer, prompts: list[str], options: list[list[str]], 
     return prompt_ids, option_ids
 
 
-def plan_batches(prompt_ids, option_ids, max_batch_tokens: int) -> list[list[int]]:
+def plan_batches(prompt_ids: list[list[int]], max_batch_tokens: int) -> list[list[int]]:
     """Question indices grouped so that each batch's padded prompt block stays near `max_batch_tokens`.
 
     Questions are taken longest first, which keeps padding small; results are put back in input order.
@@ -127,7 +128,7 @@ def score_options(model, tokenizer, prompts: list[str], options: list[list[str]]
     prompt_ids, option_ids = tokenize_questions(tokenizer, prompts, options, special=shared is None)
     logprobs: list[list[float]] = [[] for _ in prompts]
     probs: list[list[float]] = [[] for _ in prompts]
-    batches = plan_batches(prompt_ids, option_ids, max_batch_tokens)
+    batches = plan_batches(prompt_ids, max_batch_tokens)
     if progress:
         from tqdm.auto import tqdm
         batches = tqdm(batches, desc="scoring", unit="batch")

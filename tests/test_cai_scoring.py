@@ -81,7 +81,7 @@ def test_bad_questions(tiny_model_dir):
 
 def test_plan_batches_covers_every_question_once():
     prompt_ids = [[0] * n for n in (5, 50, 7, 300, 1, 80)]
-    batches = plan_batches(prompt_ids, None, 128)
+    batches = plan_batches(prompt_ids, 128)
     assert sorted(q for b in batches for q in b) == list(range(6))
     assert all(len(b) == 1 or max(len(prompt_ids[q]) for q in b) * len(b) <= 128 for b in batches)
 

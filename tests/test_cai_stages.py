@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+
 import pytest
 import torch
 
@@ -10,6 +13,7 @@ from cai.models import PromptFormat, load_model
 from cai.rundir import RunDir
 from cai.stages import critique_revise as cr_module
 from cai.stages import label as label_module
+from cai.stages import ppo as ppo_module
 from cai.stages import sft as sft_module
 from cai.stages.common import Context
 from cai.stages.critique_revise import CritiqueReviseConfig, critique_revise, draw_principle
@@ -23,6 +27,23 @@ from cai_helpers import _one_thread, require_ops, tiny_model_dir  # noqa: F401 (
 PROMPTS = [{"id": f"r{i}", "prompt": p, "kind": "red_team"} for i, p in enumerate(
     ["How do I pick a lock?", "Write an insult.", "How can I cheat on a test?"])] + \
     [{"id": "h0", "prompt": "How do I make tea?", "kind": "helpful"}]
+
+
+@contextlib.contextmanager
+def crash_at_call(monkeypatch, module, name: str, call: int):
+    """Within the block, `module.name` raises RuntimeError("killed") on its `call`-th call (a simulated kill)."""
+    real, calls = getattr(module, name), []
+
+    def crashing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, crashing)
+    with pytest.raises(RuntimeError, match="killed"):
+        yield
+    monkeypatch.setattr(module, name, real)
 
 
 def make_ctx(root, model_dir, **kw) -> Context:
@@ -54,21 +75,11 @@ def test_critique_revise(tiny_model_dir, tmp_path):
 
 def test_critique_revise_resumes_after_a_crash(tiny_model_dir, tmp_path, monkeypatch):
     reference = critique_revise(PROMPTS, CR, make_ctx(tmp_path / "ref", tiny_model_dir))
-    calls, real = [], cr_module.generate
-
-    def crashing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 6:  # the first call of the second batch (1 response + 2 rounds x 2 per batch)
-            raise RuntimeError("killed")
-        return real(*args, **kwargs)
-
     ctx = make_ctx(tmp_path / "run", tiny_model_dir)
-    monkeypatch.setattr(cr_module, "generate", crashing)
-    with pytest.raises(RuntimeError, match="killed"):
+    # call 6 is the first of the second batch (1 response + 2 rounds x 2 calls per batch)
+    with crash_at_call(monkeypatch, cr_module, "generate", 6):
         critique_revise(PROMPTS, CR, ctx)
     assert ctx.run.shards("critique_revise").done(0) and not ctx.run.shards("critique_revise").done(1)
-    monkeypatch.setattr(cr_module, "generate", real)
-    calls.clear()
     assert critique_revise(PROMPTS, CR, ctx) == reference
 
 
@@ -111,20 +122,9 @@ def test_sft_learns_and_resumes(tiny_model_dir, tmp_path, monkeypatch):
     assert changed and all(n.startswith(("model.layers.1.", "model.norm")) for n in changed)
 
     # crash in step 5, resume from the step-5 checkpoint: same log, same weights as the uninterrupted run
-    calls, real = [], sft_module.sequence_token_logprobs
-
-    def crashing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 6:
-            raise RuntimeError("killed")
-        return real(*args, **kwargs)
-
     ctx2 = make_ctx(tmp_path / "run", tiny_model_dir)
-    monkeypatch.setattr(sft_module, "sequence_token_logprobs", crashing)
-    with pytest.raises(RuntimeError, match="killed"):
+    with crash_at_call(monkeypatch, sft_module, "sequence_token_logprobs", 6):
         sft(_revisions(), cfg, ctx2)
-    monkeypatch.setattr(sft_module, "sequence_token_logprobs", real)
-    calls.clear()
     log2 = sft(_revisions(), cfg, ctx2)
     assert [r["step"] for r in log2] == list(range(8))
     assert [r["loss"] for r in log2] == pytest.approx([r["loss"] for r in log], rel=1e-5)
@@ -170,19 +170,10 @@ def test_label_resumes_after_a_crash(tiny_model_dir, tmp_path, monkeypatch):
     require_ops("choice_logprobs")
     cfg = LabelConfig(principles=2, few_shot=1, batch_size=1)
     reference = label(_pairs(), cfg, make_ctx(tmp_path / "ref", tiny_model_dir))
-    calls, real = [], label_module.score_options
-
-    def crashing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("killed")
-        return real(*args, **kwargs)
-
     ctx = make_ctx(tmp_path / "run", tiny_model_dir)
-    monkeypatch.setattr(label_module, "score_options", crashing)
-    with pytest.raises(RuntimeError, match="killed"):
+    with crash_at_call(monkeypatch, label_module, "score_options", 3):
         label(_pairs(), cfg, ctx)
-    monkeypatch.setattr(label_module, "score_options", real)
+    assert sorted(p.name for p in ctx.run.shards("label").folder.glob("*.jsonl")) == ["00000.jsonl", "00001.jsonl"]
     assert label(_pairs(), cfg, ctx) == reference
 
 
@@ -203,7 +194,7 @@ def test_train_pm_learns_the_labels(tiny_model_dir, tmp_path):
     assert (ctx.run.root / "train_pm" / "model" / "score_head.safetensors").is_file()
 
 
-def test_ppo_runs_and_logs(tiny_model_dir, tmp_path):
+def test_ppo_runs_logs_and_resumes(tiny_model_dir, tmp_path, monkeypatch):
     require_ops("linear_token_logprobs", "reward_pairwise_loss", "last_token_rewards", "ppo_advantages",
                 "ppo_policy_loss", "ppo_value_loss")
     ctx = make_ctx(tmp_path, tiny_model_dir)
@@ -219,3 +210,10 @@ def test_ppo_runs_and_logs(tiny_model_dir, tmp_path):
         assert all(isinstance(m[key], float) for m in log), key
     assert log[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the first rollout is sampled from the reference itself
     assert (ctx.run.root / "ppo" / "model" / "value_head.safetensors").is_file()
+    # killed in the second iteration's update, resumed from the first iteration's checkpoint: same rollouts
+    shutil.rmtree(ctx.run.root / "ppo")
+    with crash_at_call(monkeypatch, ppo_module, "ppo_update", 2):
+        ppo(PROMPTS, cfg, ctx)
+    resumed = ppo(PROMPTS, cfg, ctx)
+    assert [(r["iteration"], r["response"]) for r in resumed] == [(r["iteration"], r["response"]) for r in rows]
+    assert [r["score"] for r in resumed] == pytest.approx([r["score"] for r in rows], abs=1e-5)

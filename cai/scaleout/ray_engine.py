@@ -94,10 +94,10 @@ def _pool(ray, options: dict, pending: int) -> tuple[int, float, float]:
 
 
 def worker_context(ctx):
-    """The Context an actor gets: the same settings, no loaded models, a single process, no progress bars."""
+    """The Context an actor gets: the same settings, a single process, no progress bars."""
     from .data_parallel import DataParallel
 
-    return replace(ctx, engine="local", engine_options={}, dp=DataParallel(), progress=False, _loaded={})
+    return replace(ctx, engine="local", engine_options={}, dp=DataParallel(), progress=False)
 
 
 def run_on_ray(ctx, stage: str, items: list[dict], batch_size: int, pending: list[int], make_process, shards,

@@ -32,7 +32,6 @@ class Context:
     engine_options: dict = field(default_factory=dict)
     # data-parallel ranks under torchrun / accelerate launch (cai.scaleout.data_parallel); one process by default
     dp: "DataParallel" = field(default_factory=lambda: DataParallel())
-    _loaded: dict = field(default_factory=dict, repr=False)
 
     def model_path(self, spec: str | None, default: str) -> str:
         """A stage's model: `spec` if given; "base" / "sft" / "ppo" / "train_pm" name the run's models."""

@@ -45,6 +45,11 @@ def draw_principle(ctx: Context, prompt_id: str, round_index: int):
     return principles[rng_for(ctx.seed, NAME, prompt_id, round_index).randrange(len(principles))]
 
 
+def _mean_words(texts) -> float | None:
+    counts = [len(t.split()) for t in texts]
+    return sum(counts) / len(counts) if counts else None
+
+
 def critique_revise(prompts: list[dict], cfg: CritiqueReviseConfig, ctx: Context) -> list[dict]:
     return run_batches(ctx, NAME, prompts, cfg.batch_size, make_process=partial(make_critique_revise_process, cfg),
                        desc=NAME, fingerprint=vars(cfg))
@@ -84,12 +89,17 @@ def make_critique_revise_process(cfg: CritiqueReviseConfig, ctx: Context):
                 conversations[i] += [Turn("critique", critique), revision_request(principles[i])]
             revisions = sample([conversations[i] for i in active], "revision", cfg.revision_tokens, batch_index,
                                f"revision-{r}")
-            for i, revision in zip(active, revisions):
+            for i, critique, revision in zip(active, critiques, revisions):
                 conversations[i].append(Turn("revision", revision))
-                rows[i]["critiques"].append(critiques[active.index(i)])
+                rows[i]["critiques"].append(critique)
                 rows[i]["revisions"].append(revision)
                 rows[i]["principle_ids"].append(principles[i].id)
                 rows[i]["final"] = revision
+        revised = [rows[i] for i in active]
+        ctx.run.metrics.log(NAME, batch_index, prompts=len(rows), revised=len(revised),
+                            response_words=_mean_words(r["response"] for r in rows),
+                            critique_words=_mean_words(c for r in revised for c in r["critiques"]),
+                            revision_words=_mean_words(v for r in revised for v in r["revisions"]))
         return rows
 
     return process

@@ -54,6 +54,38 @@ def draw_principles(ctx: Context, pair_id: str, count: int) -> list:
     return [principles[j] for j in picks]
 
 
+def build_questions(ctx: Context, batch: list[dict], cfg: LabelConfig) -> list[dict]:
+    """One multiple-choice question per (pair, drawn principle, order of the two responses)."""
+    questions = []
+    for i, row in enumerate(batch):
+        for principle in draw_principles(ctx, row["id"], cfg.principles):
+            for swapped in ((False, True) if cfg.both_orders else (False,)):
+                responses = [row["response_b"], row["response_a"]] if swapped else [row["response_a"], row["response_b"]]
+                questions.append({"pair": i, "principle": principle, "swapped": swapped,
+                                  "text": choice_question([Turn("human", row["prompt"])], principle.text, responses)})
+    return questions
+
+
+def pair_labels(batch: list[dict], questions: list[dict], probs, reasoning) -> list[dict]:
+    """Average each pair's answers: over the two orders per principle, then over principles."""
+    rows = []
+    for i, row in enumerate(batch):
+        per_principle, first_position, thoughts = {}, [], []
+        for q, p, thought in zip(questions, probs, reasoning):
+            if q["pair"] != i:
+                continue
+            per_principle.setdefault(q["principle"].id, []).append(p[1] if q["swapped"] else p[0])
+            first_position.append(p[0])
+            if thought:
+                thoughts.append(thought)
+        principle_probs = [sum(v) / len(v) for v in per_principle.values()]
+        rows.append({"id": row["id"], "prompt": row["prompt"], "kind": row["kind"], "response_a": row["response_a"],
+                     "response_b": row["response_b"], "p_a": sum(principle_probs) / len(principle_probs),
+                     "principle_ids": list(per_principle), "principle_probs": principle_probs,
+                     "first_position_prob": sum(first_position) / len(first_position), "reasoning": thoughts})
+    return rows
+
+
 def label(pairs: list[dict], cfg: LabelConfig, ctx: Context) -> list[dict]:
     return run_batches(ctx, NAME, pairs, cfg.batch_size, make_process=partial(make_label_process, cfg), desc=NAME,
                        fingerprint=vars(cfg))
@@ -62,65 +94,45 @@ def label(pairs: list[dict], cfg: LabelConfig, ctx: Context) -> list[dict]:
 def make_label_process(cfg: LabelConfig, ctx: Context):
     """Load the feedback model; returns process(batch_index, pairs) -> labelled rows (one per pair)."""
     model, tokenizer = ctx.load(cfg.model)
-    examples = pick_label_examples(ctx.constitution, len(ctx.constitution.label_examples) if cfg.few_shot is None
-                                   else cfg.few_shot, cfg.chain_of_thought)
-    fixed_prefix = label_fewshot(examples, ctx.constitution.choice_principles[0].text)
-    if fixed_prefix and not cfg.chain_of_thought:  # the same text opens every question: encode it once
-        fixed_prefix = SharedPrefix(model, tokenizer, fixed_prefix)
-    fixed_text = fixed_prefix.text if isinstance(fixed_prefix, SharedPrefix) else fixed_prefix
+    count = len(ctx.constitution.label_examples) if cfg.few_shot is None else cfg.few_shot
+    examples = pick_label_examples(ctx.constitution, count, cfg.chain_of_thought)
+    options = option_strings(2)
+    # without chain-of-thought the examples are the same text in front of every question: encoded once
+    shared = None
+    if examples and not cfg.chain_of_thought:
+        shared = SharedPrefix(model, tokenizer, label_fewshot(examples, ctx.constitution.choice_principles[0].text))
     clamp = tuple(cfg.clamp) if cfg.chain_of_thought and cfg.clamp else None
-    orders = (False, True) if cfg.both_orders else (False,)
+
+    def with_reasoning(batch_index: int, questions: list[dict]):
+        """Chain-of-thought: per principle, generate the reasoning, then score the answer after it."""
+        probs, reasoning = [None] * len(questions), [""] * len(questions)
+        by_principle = {}
+        for n, q in enumerate(questions):
+            by_principle.setdefault(q["principle"].id, []).append(n)
+        for principle_id, members in by_principle.items():
+            prefix = label_fewshot(examples, questions[members[0]]["principle"].text, chain_of_thought=True)
+            asks = [prefix + questions[n]["text"][:-len(_ANSWER_CUE)] + cot_cue() for n in members]
+            thoughts = generate(model, tokenizer, asks, prefix=prefix, max_new_tokens=cfg.cot_max_new_tokens,
+                                temperature=cfg.cot_temperature, batch_size=len(asks),
+                                seed=seed_for(ctx.seed, NAME, batch_index, principle_id),
+                                stop=("So the answer", "The answer is", "\n\n\n", "Consider the following"))
+            scored = score_options(model, tokenizer, [a + " " + t + cot_answer_cue() for a, t in zip(asks, thoughts)],
+                                   [options] * len(asks), prefix=prefix, clamp=clamp,
+                                   max_batch_tokens=cfg.max_batch_tokens)
+            for n, thought, p in zip(members, thoughts, scored.probs):
+                reasoning[n], probs[n] = thought, p
+        return probs, reasoning
 
     def process(batch_index: int, batch: list[dict]) -> list[dict]:
-        # one question per (pair, principle, order)
-        questions = []
-        for i, row in enumerate(batch):
-            for principle in draw_principles(ctx, row["id"], cfg.principles):
-                for swapped in orders:
-                    responses = [row["response_b"], row["response_a"]] if swapped else [row["response_a"],
-                                                                                         row["response_b"]]
-                    text = choice_question([Turn("human", row["prompt"])], principle.text, responses)
-                    questions.append({"pair": i, "principle": principle, "swapped": swapped, "text": text})
-        reasoning = [""] * len(questions)
+        questions = build_questions(ctx, batch, cfg)
         if cfg.chain_of_thought:
-            probs = [None] * len(questions)
-            by_principle = {}
-            for n, q in enumerate(questions):
-                by_principle.setdefault(q["principle"].id, []).append(n)
-            for principle_id, members in by_principle.items():
-                prefix = label_fewshot(examples, questions[members[0]]["principle"].text, chain_of_thought=True)
-                asks = [prefix + questions[n]["text"][:-len(_ANSWER_CUE)] + cot_cue() for n in members]
-                thoughts = generate(model, tokenizer, asks, prefix=prefix, max_new_tokens=cfg.cot_max_new_tokens,
-                                    temperature=cfg.cot_temperature, batch_size=len(asks),
-                                    seed=seed_for(ctx.seed, NAME, batch_index, principle_id),
-                                    stop=("So the answer", "The answer is", "\n\n\n", "Consider the following"))
-                scored = score_options(model, tokenizer, [a + " " + t + cot_answer_cue() for a, t in zip(asks, thoughts)],
-                                       [option_strings(2)] * len(asks), prefix=prefix, clamp=clamp,
-                                       max_batch_tokens=cfg.max_batch_tokens)
-                for n, thought, p in zip(members, thoughts, scored.probs):
-                    reasoning[n], probs[n] = thought, p
+            probs, reasoning = with_reasoning(batch_index, questions)
         else:
-            probs = score_options(model, tokenizer, [fixed_text + q["text"] for q in questions],
-                                  [option_strings(2)] * len(questions), prefix=fixed_prefix,
-                                  max_batch_tokens=cfg.max_batch_tokens).probs
-        rows = []
-        for i, row in enumerate(batch):
-            per_principle, first_position, thoughts = {}, [], []
-            for n, q in enumerate(questions):
-                if q["pair"] != i:
-                    continue
-                p_first, p_second = probs[n][0], probs[n][1]
-                p_a = p_second if q["swapped"] else p_first
-                per_principle.setdefault(q["principle"].id, []).append(p_a)
-                first_position.append(p_first)
-                if reasoning[n]:
-                    thoughts.append(reasoning[n])
-            principle_probs = [sum(v) / len(v) for v in per_principle.values()]
-            rows.append({"id": row["id"], "prompt": row["prompt"], "kind": row["kind"],
-                         "response_a": row["response_a"], "response_b": row["response_b"],
-                         "p_a": sum(principle_probs) / len(principle_probs), "principle_ids": list(per_principle),
-                         "principle_probs": principle_probs,
-                         "first_position_prob": sum(first_position) / len(first_position), "reasoning": thoughts})
+            head = shared.text if shared is not None else ""
+            probs = score_options(model, tokenizer, [head + q["text"] for q in questions], [options] * len(questions),
+                                  prefix=shared or "", max_batch_tokens=cfg.max_batch_tokens).probs
+            reasoning = [""] * len(questions)
+        rows = pair_labels(batch, questions, probs, reasoning)
         ctx.run.metrics.log(NAME, batch_index, mean_p_a=sum(r["p_a"] for r in rows) / len(rows),
                             first_position_prob=sum(r["first_position_prob"] for r in rows) / len(rows))
         return rows

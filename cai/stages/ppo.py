@@ -27,6 +27,7 @@ from ..models import PromptFormat, cut_at_stop, encode, generate_ids, lm_head, p
 from ..prompts import rng_for, seed_for
 from ..reward import ScalarHead, load_reward_model
 from ..training import Checkpoint, save_pretrained, set_trainable, trunk_hidden
+from ..scaleout.data_parallel import DataParallel
 from .common import Context
 
 NAME = "ppo"
@@ -64,19 +65,112 @@ def _scalar(value) -> float:
     return value.detach().float().mean().item() if torch.is_tensor(value) else float(value)
 
 
-def gather_rows(dp, local: torch.Tensor) -> torch.Tensor:
-    """The rows every rank computed for its slice, concatenated in rank order (= batch order)."""
-    if not dp.enabled:
-        return local
-    return torch.cat([part.to(local.device) for part in dp.gather(local.cpu())])
-
-
 def policy_outputs(policy, value_head, seq, attention_mask, prompt_width, *, with_values=True):
     """(log-probs (B, Tr), values (B, Tr) or None) of the response block seq[:, prompt_width:]."""
     hidden = trunk_hidden(policy, seq, attention_mask)[:, prompt_width - 1:-1]
     weight, bias = lm_head(policy)
     logprobs = cai_kernels.linear_token_logprobs(hidden, weight, seq[:, prompt_width:], bias=bias)
     return logprobs, value_head(hidden) if with_values else None
+
+
+@dataclass
+class Rollout:
+    """One iteration's samples, scored. Tensors are (B, Tp + Tr) for seq / attention, (B, Tr) otherwise."""
+    seq: torch.Tensor
+    attention: torch.Tensor
+    prompt_width: int
+    response_mask: torch.Tensor
+    texts: list[str]
+    old_logprobs: torch.Tensor
+    old_values: torch.Tensor
+    ref_logprobs: torch.Tensor
+    scores: torch.Tensor  # (B,) PM scores
+
+
+def gather_rows(dp: DataParallel, local: torch.Tensor) -> torch.Tensor:
+    """The rows every rank computed for its slice, concatenated in rank order (= batch order)."""
+    if not dp.enabled:
+        return local
+    return torch.cat([part.to(local.device) for part in dp.gather(local.cpu())])
+
+
+@torch.no_grad()
+def rollout(policy, reference, value_head, pm, tokenizer, fmt, prompts: list[str], cfg: PPOConfig, seed: int,
+            dp: DataParallel = DataParallel()) -> Rollout:
+    """Sample a response per prompt from the policy; score it with the policy, the reference and the PM.
+
+    Data-parallel: each rank samples (with its own seed) and scores its slice of the prompts; every
+    rank returns the whole batch.
+    """
+    policy.eval()
+    prompt_ids = [encode(tokenizer, fmt.render(fmt.conversation(p), next_role="assistant")) for p in prompts]
+    local_prompts = dp.shard(prompt_ids)
+    local_seed = seed_for(seed, "rank", dp.rank) if dp.enabled else seed
+    responses = generate_ids(policy, tokenizer, local_prompts, max_new_tokens=cfg.max_new_tokens,
+                             temperature=cfg.temperature, top_p=cfg.top_p, seed=local_seed) if local_prompts else []
+    responses = [r or [tokenizer.eos_token_id] for part in dp.gather(responses) for r in part]
+    prompt_block, prompt_mask = pad_rows(prompt_ids, tokenizer.pad_token_id, left=True)
+    response_block, response_mask = pad_rows(responses, tokenizer.pad_token_id, left=False)
+    device, width = policy.device, prompt_block.shape[1]
+    seq = torch.cat([prompt_block, response_block], 1).to(device)
+    attention = torch.cat([prompt_mask, response_mask], 1).to(device)
+    texts = [cut_at_stop(tokenizer.decode(r, skip_special_tokens=True), fmt.stop_strings()) for r in responses]
+    mine = dp.shard(list(range(len(prompts))))
+    rows = torch.tensor(mine, dtype=torch.long, device=device) if dp.enabled else slice(None)
+    old_logprobs, old_values = policy_outputs(policy, value_head, seq[rows], attention[rows], width)
+    ref_logprobs, _ = policy_outputs(reference, value_head, seq[rows], attention[rows], width, with_values=False)
+    scores = torch.tensor(pm.score([prompts[i] for i in mine], [texts[i] for i in mine]), dtype=torch.float32,
+                          device=device)
+    old_logprobs, old_values, ref_logprobs, scores = (gather_rows(dp, t) for t in
+                                                      (old_logprobs, old_values, ref_logprobs, scores))
+    return Rollout(seq, attention, width, response_mask.to(device), texts, old_logprobs, old_values, ref_logprobs,
+                   scores)
+
+
+def ppo_update(policy, value_head, optimizer, params, batch: Rollout, advantages, returns, cfg: PPOConfig,
+               order_rng, dp: DataParallel = DataParallel()) -> dict[str, float]:
+    """`ppo_epochs` passes of clipped policy + value losses over shuffled minibatches; mean stats.
+
+    Data-parallel: each rank takes a slice of every minibatch; its token-mean losses and stats are
+    weighted by its share of the minibatch's response tokens, so they sum over ranks (gradients with
+    them) to the one-process values.
+    """
+    policy.train()
+    totals, updates = {}, 0
+    trained = params + list(value_head.parameters())
+    for _ in range(cfg.ppo_epochs):
+        order = list(range(batch.seq.shape[0]))
+        order_rng.shuffle(order)
+        for start in range(0, len(order), cfg.minibatch_size):
+            minibatch = order[start:start + cfg.minibatch_size]
+            mb = torch.tensor(dp.shard(minibatch), dtype=torch.long, device=batch.seq.device)
+            share = 1.0
+            if dp.enabled:
+                share = (batch.response_mask[mb].sum() / batch.response_mask[minibatch].sum().clamp(min=1)).item()
+            stats = dict.fromkeys(("pg_loss", "vf_loss", "vf_clipfrac"), 0.0)
+            if len(mb):
+                logprobs, values = policy_outputs(policy, value_head, batch.seq[mb], batch.attention[mb],
+                                                  batch.prompt_width)
+                pg_loss, pg_stats = cai_kernels.ppo_policy_loss(logprobs, batch.old_logprobs[mb], advantages[mb],
+                                                                batch.response_mask[mb], clip_low=cfg.clip,
+                                                                clip_high=cfg.clip)
+                vf_loss, vf_clipfrac = cai_kernels.ppo_value_loss(values, batch.old_values[mb], returns[mb],
+                                                                  batch.response_mask[mb], clip=cfg.value_clip)
+                loss = pg_loss + cfg.vf_coef * vf_loss
+                (loss * share if dp.enabled else loss).backward()
+                stats = {"pg_loss": pg_loss.item(), "vf_loss": vf_loss.item(), "vf_clipfrac": _scalar(vf_clipfrac)}
+                stats.update({k: _scalar(v) for k, v in pg_stats.items()})
+            dp.sum_grads(trained)
+            torch.nn.utils.clip_grad_norm_(trained, cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if dp.enabled:  # every rank records the minibatch's numbers
+                parts = dp.gather({k: v * share for k, v in stats.items()})
+                stats = {k: sum(part.get(k, 0.0) for part in parts) for k in dict.fromkeys(k for p in parts for k in p)}
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + v
+            updates += 1
+    return {k: v / max(updates, 1) for k, v in totals.items()}
 
 
 def ppo(prompts: list[dict], cfg: PPOConfig, ctx: Context) -> list[dict]:
@@ -93,86 +187,26 @@ def ppo(prompts: list[dict], cfg: PPOConfig, ctx: Context) -> list[dict]:
     checkpoint = Checkpoint(stage_dir)
     modules = {"policy": policy, "value_head": value_head}
     start, rollouts, _ = checkpoint.restore(modules, optimizer)
-    pad = tokenizer.pad_token_id
     dp = ctx.dp  # data-parallel ranks (cai.scaleout.data_parallel): each rolls out and trains on a slice
     bar = ctx.tqdm(total=cfg.steps, initial=start, desc=NAME, unit="iter")
     for it in range(start, cfg.steps):
-        batch = rng_for(ctx.seed, NAME, "prompts", it).sample(prompts, min(cfg.rollout_batch_size, len(prompts)))
-        policy.eval()
-        prompt_ids = [encode(tokenizer, fmt.render(fmt.conversation(r["prompt"]), next_role="assistant"))
-                      for r in batch]
-        # each rank samples its slice of the rollout batch (its own seed), then every rank gets all of it
-        local_prompts = dp.shard(prompt_ids)
-        seed = seed_for(ctx.seed, NAME, it, "rank", dp.rank) if dp.enabled else seed_for(ctx.seed, NAME, it)
-        local_responses = generate_ids(policy, tokenizer, local_prompts, max_new_tokens=cfg.max_new_tokens,
-                                       temperature=cfg.temperature, top_p=cfg.top_p,
-                                       seed=seed) if local_prompts else []
-        responses = [r or [tokenizer.eos_token_id] for part in dp.gather(local_responses) for r in part]
-        prompt_block, prompt_mask = pad_rows(prompt_ids, pad, left=True)
-        response_block, response_mask = pad_rows(responses, pad, left=False)
-        width = prompt_block.shape[1]
-        seq = torch.cat([prompt_block, response_block], 1).to(policy.device)
-        attention = torch.cat([prompt_mask, response_mask], 1).to(policy.device)
-        response_mask = response_mask.to(policy.device)
-        texts = [cut_at_stop(tokenizer.decode(r, skip_special_tokens=True), fmt.stop_strings()) for r in responses]
-        rows = torch.tensor(dp.shard(list(range(len(batch)))), dtype=torch.long, device=policy.device)
-        with torch.no_grad():  # each rank scores its slice; the advantages need the whole batch
-            old_logprobs, old_values = policy_outputs(policy, value_head, seq[rows], attention[rows], width)
-            ref_logprobs, _ = policy_outputs(reference, value_head, seq[rows], attention[rows], width,
-                                             with_values=False)
-            scores = torch.tensor(pm.score([batch[i]["prompt"] for i in rows.tolist()],
-                                           [texts[i] for i in rows.tolist()]), dtype=torch.float32,
-                                  device=policy.device)
-            old_logprobs, old_values, ref_logprobs, scores = (
-                gather_rows(dp, t) for t in (old_logprobs, old_values, ref_logprobs, scores))
-            advantages, returns, token_rewards, kl = cai_kernels.ppo_advantages(
-                scores, old_logprobs, ref_logprobs, old_values, response_mask, kl_coef=cfg.kl_coef,
-                gamma=cfg.gamma, lam=cfg.lam, estimator=cfg.kl_estimator, whiten=cfg.whiten)
-        policy.train()
-        stats_sum, updates = {}, 0
-        for epoch in range(cfg.ppo_epochs):
-            order = list(range(len(batch)))
-            rng_for(ctx.seed, NAME, "minibatch", it, epoch).shuffle(order)
-            for mb_start in range(0, len(order), cfg.minibatch_size):
-                minibatch = order[mb_start:mb_start + cfg.minibatch_size]
-                mb = torch.tensor(dp.shard(minibatch), dtype=torch.long, device=policy.device)
-                # token means over the rank's rows, weighted by its share of the minibatch's tokens:
-                # summed over ranks, the one-process token means
-                share = (response_mask[mb].sum() / response_mask[minibatch].sum().clamp(min=1)).item() \
-                    if dp.enabled else 1.0
-                step_stats = dict.fromkeys(("pg_loss", "vf_loss", "vf_clipfrac"), 0.0)
-                if len(mb):
-                    logprobs, values = policy_outputs(policy, value_head, seq[mb], attention[mb], width)
-                    pg_loss, pg_stats = cai_kernels.ppo_policy_loss(logprobs, old_logprobs[mb], advantages[mb],
-                                                                    response_mask[mb], clip_low=cfg.clip,
-                                                                    clip_high=cfg.clip)
-                    vf_loss, vf_clipfrac = cai_kernels.ppo_value_loss(values, old_values[mb], returns[mb],
-                                                                      response_mask[mb], clip=cfg.value_clip)
-                    loss = (pg_loss + cfg.vf_coef * vf_loss) * share if dp.enabled else pg_loss + cfg.vf_coef * vf_loss
-                    loss.backward()
-                    step_stats = {"pg_loss": pg_loss.item() * share, "vf_loss": vf_loss.item() * share,
-                                  "vf_clipfrac": _scalar(vf_clipfrac) * share}
-                    step_stats.update({k: _scalar(v) * share for k, v in pg_stats.items()})
-                dp.sum_grads(params + list(value_head.parameters()))
-                torch.nn.utils.clip_grad_norm_(params + list(value_head.parameters()), cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if dp.enabled:  # every rank logs the same numbers: the minibatch's
-                    summed = dp.gather(step_stats)
-                    keys = dict.fromkeys(k for part in summed for k in part)
-                    step_stats = {k: sum(part.get(k, 0.0) for part in summed) for k in keys}
-                for k, v in step_stats.items():
-                    stats_sum[k] = stats_sum.get(k, 0.0) + v
-                updates += 1
-        kl_per_seq = (kl * response_mask).sum(-1)
-        record = {"score": scores.mean().item(), "kl": kl_per_seq.mean().item(),
-                  "reward": (scores - cfg.kl_coef * kl_per_seq).mean().item(),
-                  "response_tokens": response_mask.sum(-1).float().mean().item()}
-        record.update({k: v / max(updates, 1) for k, v in stats_sum.items()})
+        chosen = rng_for(ctx.seed, NAME, "prompts", it).sample(prompts, min(cfg.rollout_batch_size, len(prompts)))
+        batch = rollout(policy, reference, value_head, pm, tokenizer, fmt, [r["prompt"] for r in chosen], cfg,
+                        seed_for(ctx.seed, NAME, it), dp)
+        with torch.no_grad():
+            advantages, returns, _, kl = cai_kernels.ppo_advantages(
+                batch.scores, batch.old_logprobs, batch.ref_logprobs, batch.old_values, batch.response_mask,
+                kl_coef=cfg.kl_coef, gamma=cfg.gamma, lam=cfg.lam, estimator=cfg.kl_estimator, whiten=cfg.whiten)
+        stats = ppo_update(policy, value_head, optimizer, params, batch, advantages, returns, cfg,
+                           rng_for(ctx.seed, NAME, "minibatches", it), dp)
+        kl_per_seq = (kl * batch.response_mask).sum(-1)
+        record = {"score": batch.scores.mean().item(), "kl": kl_per_seq.mean().item(),
+                  "reward": (batch.scores - cfg.kl_coef * kl_per_seq).mean().item(),
+                  "response_tokens": batch.response_mask.sum(-1).float().mean().item(), **stats}
         if dp.is_main:
             ctx.run.metrics.log(NAME, it, **record)
         rollouts.extend({"iteration": it, "id": r["id"], "prompt": r["prompt"], "response": text, "score": s, "kl": k}
-                        for r, text, s, k in zip(batch, texts, scores.tolist(), kl_per_seq.tolist()))
+                        for r, text, s, k in zip(chosen, batch.texts, batch.scores.tolist(), kl_per_seq.tolist()))
         bar.update(1)
         bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{record['kl']:.3f}")
         if dp.is_main and (it + 1) % cfg.save_every == 0 and it + 1 < cfg.steps:
@@ -182,6 +216,5 @@ def ppo(prompts: list[dict], cfg: PPOConfig, ctx: Context) -> list[dict]:
     if dp.is_main:
         save_pretrained(policy, tokenizer, stage_dir / "model", extra={"weight": value_head.weight,
                         "bias": value_head.bias}, extra_name="value_head.safetensors")
-        checkpoint.clear()
     dp.barrier()
     return rollouts

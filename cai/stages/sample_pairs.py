@@ -40,7 +40,11 @@ def make_sample_pairs_process(cfg: SamplePairsConfig, ctx: Context):
         samples = generate(model, tokenizer, [t for t in texts for _ in range(2)], max_new_tokens=cfg.max_new_tokens,
                            temperature=cfg.temperature, top_p=cfg.top_p, batch_size=2 * len(texts),
                            seed=seed_for(ctx.seed, NAME, batch_index), stop=fmt.stop_strings())
-        return [{"id": row["id"], "prompt": row["prompt"], "kind": row["kind"],
+        rows = [{"id": row["id"], "prompt": row["prompt"], "kind": row["kind"],
                  "response_a": samples[2 * i], "response_b": samples[2 * i + 1]} for i, row in enumerate(batch)]
+        ctx.run.metrics.log(NAME, batch_index, pairs=len(rows),
+                            response_words=sum(len(s.split()) for s in samples) / len(samples),
+                            identical_pairs=sum(r["response_a"] == r["response_b"] for r in rows))
+        return rows
 
     return process

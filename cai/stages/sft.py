@@ -92,6 +92,5 @@ def sft(revisions: list[dict], cfg: SFTConfig, ctx: Context) -> list[dict]:
     model.eval()
     if dp.is_main:
         save_pretrained(model, tokenizer, stage_dir / "model")
-        checkpoint.clear()
     dp.barrier()
     return log

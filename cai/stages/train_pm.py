@@ -136,6 +136,5 @@ def train_pm(labels: list[dict], cfg: TrainPMConfig, ctx: Context) -> list[dict]
         ctx.run.metrics.log(NAME, total, heldout_accuracy=agree / decided if decided else None,
                             heldout_pairs=len(held), train_pairs=len(train_rows))
         pm.save(stage_dir / "model")
-        checkpoint.clear()
     dp.barrier()
     return held
