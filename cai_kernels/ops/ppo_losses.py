@@ -12,8 +12,8 @@ import torch
 
 from .. import _registry
 from ..reference import ppo as reference
-from ._ppo_args import (accumulate_dtype, as_rows, check_choice, check_mask, check_number, check_rows,
-                        check_same_device, kernel_mask)
+from ._ppo_args import (accumulate_dtype, as_rows, call_kernel_directly, check_choice, check_mask, check_number,
+                        check_rows, check_same_device, detached, kernel_mask)
 
 AGG_CODES = {"token-mean": 0, "seq-mean-token-mean": 1, "seq-mean-token-sum": 2}
 POLICY_STATS = ("clipfrac", "dual_clipfrac", "approx_kl", "approx_kl_k1")
@@ -123,13 +123,16 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
         dual_clip = check_number("dual_clip", dual_clip, low=1.0, low_open=True)
     agg_code = _check_agg(agg)
     chosen = _registry.select_backend("ppo_policy_loss", logprobs.device, backend)
-    old_logprobs, advantages = old_logprobs.detach(), advantages.detach()
+    old_logprobs, advantages = detached(old_logprobs), detached(advantages)
     if chosen == "reference":
         return reference.ppo_policy_loss(logprobs, old_logprobs, advantages, response_mask, clip_low=clip_low,
                                          clip_high=clip_high, dual_clip=dual_clip, agg=agg)
-    logprobs, old_logprobs, advantages = as_rows(logprobs, old_logprobs, advantages)
-    stats, _ = _policy_loss(logprobs, old_logprobs, advantages, kernel_mask(response_mask), clip_low, clip_high,
-                            NO_CLIP if dual_clip is None else dual_clip, agg_code, chosen)
+    args = (*as_rows(logprobs, old_logprobs, advantages), kernel_mask(response_mask), clip_low, clip_high,
+            NO_CLIP if dual_clip is None else dual_clip, agg_code)
+    if call_kernel_directly(logprobs):
+        stats, _ = _kernels(chosen).ppo_policy_loss_fwd(*args)
+    else:
+        stats, _ = _policy_loss(*args, chosen)
     return stats[0], {name: stats[i + 1].detach() for i, name in enumerate(POLICY_STATS)}
 
 
@@ -199,10 +202,13 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
         clip = check_number("clip", clip, low=0.0)
     agg_code = _check_agg(agg)
     chosen = _registry.select_backend("ppo_value_loss", values.device, backend)
-    old_values, returns = old_values.detach(), returns.detach()
+    old_values, returns = detached(old_values), detached(returns)
     if chosen == "reference":
         return reference.ppo_value_loss(values, old_values, returns, response_mask, clip=clip, agg=agg)
-    values, old_values, returns = as_rows(values, old_values, returns)
-    stats, _ = _value_loss(values, old_values, returns, kernel_mask(response_mask), NO_CLIP if clip is None else clip,
-                           agg_code, chosen)
+    args = (*as_rows(values, old_values, returns), kernel_mask(response_mask), NO_CLIP if clip is None else clip,
+            agg_code)
+    if call_kernel_directly(values):
+        stats, _ = _kernels(chosen).ppo_value_loss_fwd(*args)
+    else:
+        stats, _ = _value_loss(*args, chosen)
     return stats[0], stats[1].detach()
