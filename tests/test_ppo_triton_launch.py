@@ -22,9 +22,8 @@ class RecordingKernel:
         return lambda *args, **kwargs: None
 
 
-KERNELS = ("kl_penalty_fwd_kernel", "kl_penalty_bwd_kernel", "gae_kernel", "ppo_advantages_kernel", "row_moments_kernel",
-           "whiten_kernel", "policy_loss_fwd_kernel", "policy_loss_bwd_kernel", "value_loss_fwd_kernel",
-           "value_loss_bwd_kernel")
+KERNELS = ("kl_penalty_kernel", "gae_kernel", "ppo_advantages_kernel", "row_moments_kernel",
+           "whiten_kernel", "loss_fwd_kernel", "loss_bwd_kernel")
 LAUNCHERS = {
     "kl_penalty_fwd": lambda x, m: ppo.kl_penalty_fwd(x[None], x[None], 2, -1.0, 1.0, -1.0, 1.0),
     "kl_penalty_bwd": lambda x, m: ppo.kl_penalty_bwd(x, x[None], x[None], 2, -1.0, 1.0, -1.0, 1.0),
@@ -32,11 +31,9 @@ LAUNCHERS = {
     "masked_whiten_fwd": lambda x, m: ppo.masked_whiten_fwd(x, m, True, True, 1e-8),
     "ppo_advantages_fwd": lambda x, m: ppo.ppo_advantages_fwd(x[:, 0].contiguous(), x, x, x, m, 0.1, 1.0, 0.95, 0,
                                                               -1.0, 1.0, -1.0, 1.0, True),
-    "ppo_policy_loss_fwd": lambda x, m: ppo.ppo_policy_loss_fwd(x, x, x, m, 0.2, 0.2, -1.0, 0),
-    "ppo_policy_loss_bwd": lambda x, m: ppo.ppo_policy_loss_bwd(torch.ones(()), x, x, x, m, x[:, 0].contiguous(),
-                                                                0.2, 0.2, -1.0),
-    "ppo_value_loss_fwd": lambda x, m: ppo.ppo_value_loss_fwd(x, x, x, m, 0.2, 0),
-    "ppo_value_loss_bwd": lambda x, m: ppo.ppo_value_loss_bwd(torch.ones(()), x, x, x, m, x[:, 0].contiguous(), 0.2),
+    "ppo_loss_fwd[policy]": lambda x, m: ppo.ppo_loss_fwd(x, x, x, m, 0, 0.8, 1.2, -1.0, 0),
+    "ppo_loss_bwd[value]": lambda x, m: ppo.ppo_loss_bwd(torch.ones(()), x, x, x, m, x[:, 0].contiguous(), 1, 0.2,
+                                                         0.0, 0.0),
 }
 
 
