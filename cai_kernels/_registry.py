@@ -65,10 +65,10 @@ OPS: dict[str, Op] = {op.name: op for op in (
     Op("masked_whiten", "cai_kernels.reference.ppo:masked_whiten", ("masked_whiten_fwd",), "cai_kernels.triton.ppo"),
     Op("ppo_advantages", "cai_kernels.reference.ppo:ppo_advantages", ("ppo_advantages_fwd",),
        "cai_kernels.triton.ppo"),
-    Op("ppo_policy_loss", "cai_kernels.reference.ppo:ppo_policy_loss",
-       ("ppo_policy_loss_fwd", "ppo_policy_loss_bwd"), "cai_kernels.triton.ppo"),
-    Op("ppo_value_loss", "cai_kernels.reference.ppo:ppo_value_loss",
-       ("ppo_value_loss_fwd", "ppo_value_loss_bwd"), "cai_kernels.triton.ppo"),
+    Op("ppo_policy_loss", "cai_kernels.reference.ppo:ppo_policy_loss", ("ppo_loss_fwd", "ppo_loss_bwd"),
+       "cai_kernels.triton.ppo"),
+    Op("ppo_value_loss", "cai_kernels.reference.ppo:ppo_value_loss", ("ppo_loss_fwd", "ppo_loss_bwd"),
+       "cai_kernels.triton.ppo"),
 )}
 
 

@@ -68,7 +68,27 @@ def common_dtype(*tensors: torch.Tensor) -> torch.dtype:
 def as_rows(*tensors: torch.Tensor) -> list[torch.Tensor]:
     """The float tensors in one dtype, each with a unit stride along T."""
     dtype = common_dtype(*tensors)
-    return [unit_stride_rows(t.to(dtype)) for t in tensors]
+    # `.to` is skipped when it would be a no-op: each call is a dispatcher round trip (~5 us)
+    return [unit_stride_rows(t if t.dtype == dtype else t.to(dtype)) for t in tensors]
+
+
+def detached(x: torch.Tensor) -> torch.Tensor:
+    """``x`` cut from the autograd graph (without the detach() call when it is not in one)."""
+    return x.detach() if x.requires_grad else x
+
+
+def call_kernel_directly(*differentiable: torch.Tensor) -> bool:
+    """Whether the public op may call its kernel directly rather than through its custom op.
+
+    The custom op (what torch.compile traces, what autograd hooks into) costs a ~40 us dispatcher
+    round trip per call, as much as gae's whole kernel on [256, 1024]. Plain eager calls that need
+    no gradient skip it: not while tracing, under a dispatch mode (fake tensors) or a functorch
+    transform, nor when one of ``differentiable`` needs a gradient.
+    """
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or \
+            torch._C._are_functorch_transforms_active():
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in differentiable))
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -123,5 +143,5 @@ def check_choice(name: str, value, choices: tuple[str, ...]) -> str:
     return value
 
 
-__all__ = ["NO_BOUND", "accumulate_dtype", "as_rows", "check_bounds", "check_choice", "check_flag", "check_mask",
+__all__ = ["NO_BOUND", "accumulate_dtype", "as_rows", "call_kernel_directly", "check_bounds", "detached", "check_choice", "check_flag", "check_mask",
            "check_number", "check_rows", "check_same_device", "common_dtype", "kernel_mask", "unit_stride_rows"]

@@ -13,8 +13,9 @@ import torch
 from .. import _registry
 from .._validation import _describe, check_float_tensor
 from ..reference import ppo as reference
-from ._ppo_args import (accumulate_dtype, as_rows, check_bounds, check_choice, check_flag, check_mask, check_number,
-                        check_rows, check_same_device, kernel_mask, unit_stride_rows)
+from ._ppo_args import (accumulate_dtype, as_rows, call_kernel_directly, check_bounds, check_choice, check_flag,
+                        check_mask, check_number, check_rows, check_same_device, detached, kernel_mask,
+                        unit_stride_rows)
 from .kl_penalty import ESTIMATOR_CODES
 
 
@@ -100,11 +101,13 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor
     check_same_device(rewards=rewards, values=values, response_mask=response_mask)
     gamma, lam = _check_discount(gamma, lam)
     chosen = _registry.select_backend("gae", rewards.device, backend)
-    rewards, values = rewards.detach(), values.detach()
+    rewards, values = detached(rewards), detached(values)
     if chosen == "reference":
         return reference.gae(rewards, values, response_mask, gamma=gamma, lam=lam)
-    rewards, values = as_rows(rewards, values)
-    return _gae(rewards, values, kernel_mask(response_mask), gamma, lam, chosen)
+    args = (*as_rows(rewards, values), kernel_mask(response_mask), gamma, lam)
+    if call_kernel_directly():
+        return _kernels(chosen).gae_fwd(*args)
+    return _gae(*args, chosen)
 
 
 def masked_whiten(x: torch.Tensor, response_mask: torch.Tensor, *, shift_mean: bool = True, unbiased: bool = True,
@@ -128,10 +131,13 @@ def masked_whiten(x: torch.Tensor, response_mask: torch.Tensor, *, shift_mean: b
     shift_mean, unbiased = check_flag("shift_mean", shift_mean), check_flag("unbiased", unbiased)
     eps = check_number("eps", eps, low=0.0, low_open=True)
     chosen = _registry.select_backend("masked_whiten", x.device, backend)
-    x = x.detach()
+    x = detached(x)
     if chosen == "reference":
         return reference.masked_whiten(x, response_mask, shift_mean=shift_mean, unbiased=unbiased, eps=eps)
-    return _masked_whiten(unit_stride_rows(x), kernel_mask(response_mask), shift_mean, unbiased, eps, chosen)
+    args = (unit_stride_rows(x), kernel_mask(response_mask), shift_mean, unbiased, eps)
+    if call_kernel_directly():
+        return _kernels(chosen).masked_whiten_fwd(*args)
+    return _masked_whiten(*args, chosen)
 
 
 def ppo_advantages(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, values: torch.Tensor,
@@ -172,7 +178,7 @@ def ppo_advantages(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: t
     check_choice("estimator", estimator, reference.ESTIMATORS)
     whiten = check_flag("whiten", whiten)
     chosen = _registry.select_backend("ppo_advantages", logprobs.device, backend)
-    scores, logprobs, ref_logprobs, values = scores.detach(), logprobs.detach(), ref_logprobs.detach(), values.detach()
+    scores, logprobs, ref_logprobs, values = map(detached, (scores, logprobs, ref_logprobs, values))
     if chosen == "reference":
         return reference.ppo_advantages(scores, logprobs, ref_logprobs, values, response_mask, kl_coef=kl_coef,
                                         gamma=gamma, lam=lam, estimator=estimator, whiten=whiten)
@@ -183,5 +189,8 @@ def ppo_advantages(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: t
         (lo, hi), (out_lo, out_hi) = reference.LOW_VAR_KL_CLAMP, reference.LOW_VAR_KL_OUTPUT_CLAMP
     logprobs, ref_logprobs, values = as_rows(logprobs, ref_logprobs, values)
     scores = scores.to(accumulate_dtype(logprobs.dtype)).contiguous()
-    return _ppo_advantages(scores, logprobs, ref_logprobs, values, kernel_mask(response_mask), kl_coef, gamma, lam,
-                           ESTIMATOR_CODES[estimator], lo, hi, out_lo, out_hi, whiten, chosen)
+    args = (scores, logprobs, ref_logprobs, values, kernel_mask(response_mask), kl_coef, gamma, lam,
+            ESTIMATOR_CODES[estimator], lo, hi, out_lo, out_hi, whiten)
+    if call_kernel_directly():
+        return _kernels(chosen).ppo_advantages_fwd(*args)
+    return _ppo_advantages(*args, chosen)

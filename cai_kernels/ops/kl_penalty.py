@@ -12,7 +12,8 @@ from .. import _registry
 from .._validation import check_float_tensor
 from ..reference import ppo as reference
 from ._layout import rows_view
-from ._ppo_args import accumulate_dtype, check_bounds, check_choice, check_same_device, common_dtype
+from ._ppo_args import (accumulate_dtype, call_kernel_directly, check_bounds, check_choice, check_same_device,
+                        common_dtype)
 
 ESTIMATOR_CODES = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
 
@@ -108,6 +109,11 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
         if output_clamp is None:
             out_lo, out_hi = reference.LOW_VAR_KL_OUTPUT_CLAMP
     dtype = common_dtype(logprobs, ref_logprobs)
-    out = _kl_penalty(rows_view(logprobs.to(dtype)), rows_view(ref_logprobs.to(dtype)), ESTIMATOR_CODES[estimator],
-                      lo, hi, out_lo, out_hi, chosen)
+    args = (rows_view(logprobs if logprobs.dtype == dtype else logprobs.to(dtype)),
+            rows_view(ref_logprobs if ref_logprobs.dtype == dtype else ref_logprobs.to(dtype)),
+            ESTIMATOR_CODES[estimator], lo, hi, out_lo, out_hi)
+    if call_kernel_directly(logprobs, ref_logprobs):
+        out = _kernels(chosen).kl_penalty_fwd(*args)
+    else:
+        out = _kl_penalty(*args, chosen)
     return out.view(logprobs.shape)

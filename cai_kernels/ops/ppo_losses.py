@@ -1,9 +1,9 @@
 """ppo_policy_loss and ppo_value_loss: PPO's clipped losses over response tokens, fused.
 
 One read of the inputs forward (per-row partial sums merged in row order: deterministic), one read
-and one write backward. The compiled backends run as the custom ops ``cai_kernels::ppo_policy_loss``
-and ``cai_kernels::ppo_value_loss`` with fake implementations and autograd formulas, so
-torch.compile traces training steps that call them without a graph break.
+and one write backward. The compiled backends run as the custom op ``cai_kernels::ppo_loss`` (both
+losses; a fake implementation and an autograd formula registered), so torch.compile traces training
+steps that call them without a graph break.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import torch
 
 from .. import _registry
 from ..reference import ppo as reference
-from ._ppo_args import (accumulate_dtype, as_rows, check_choice, check_mask, check_number, check_rows,
-                        check_same_device, kernel_mask)
+from ._ppo_args import (accumulate_dtype, as_rows, call_kernel_directly, check_choice, check_mask, check_number,
+                        check_rows, check_same_device, detached, kernel_mask)
 
 AGG_CODES = {"token-mean": 0, "seq-mean-token-mean": 1, "seq-mean-token-sum": 2}
 POLICY_STATS = ("clipfrac", "dual_clipfrac", "approx_kl", "approx_kl_k1")
@@ -27,50 +27,56 @@ def _kernels(backend: str):
     return ppo
 
 
-# ---- policy loss ---------------------------------------------------------------------------------
-
-@torch.library.custom_op("cai_kernels::ppo_policy_loss", mutates_args=())
-def _policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                 clip_low: float, clip_high: float, dual_clip: float, agg: int, backend: str
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _kernels(backend).ppo_policy_loss_fwd(logprobs, old_logprobs, advantages, mask, clip_low, clip_high,
-                                                 dual_clip, agg)
+# One custom op serves both losses (kind 0: policy, 1: value); see csrc/cpu/ppo_losses.cpp for the
+# meaning of (x, y, z) and p0..p2 per kind.
+POLICY, VALUE = 0, 1
 
 
-@_policy_loss.register_fake
-def _(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip, agg, backend):
-    acc = accumulate_dtype(logprobs.dtype)
-    return logprobs.new_empty(1 + len(POLICY_STATS), dtype=acc), logprobs.new_empty(logprobs.size(0), dtype=acc)
+@torch.library.custom_op("cai_kernels::ppo_loss", mutates_args=())
+def _ppo_loss(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, mask: torch.Tensor, kind: int, p0: float, p1: float,
+              p2: float, agg: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _kernels(backend).ppo_loss_fwd(x, y, z, mask, kind, p0, p1, p2, agg)
 
 
-@torch.library.custom_op("cai_kernels::ppo_policy_loss_backward", mutates_args=())
-def _policy_loss_backward(grad_loss: torch.Tensor, logprobs: torch.Tensor, old_logprobs: torch.Tensor,
-                          advantages: torch.Tensor, mask: torch.Tensor, row_weights: torch.Tensor, clip_low: float,
-                          clip_high: float, dual_clip: float, backend: str) -> torch.Tensor:
-    return _kernels(backend).ppo_policy_loss_bwd(grad_loss, logprobs, old_logprobs, advantages, mask, row_weights,
-                                                 clip_low, clip_high, dual_clip)
+@_ppo_loss.register_fake
+def _(x, y, z, mask, kind, p0, p1, p2, agg, backend):
+    acc = accumulate_dtype(x.dtype)
+    n_stats = 1 + (len(POLICY_STATS) if kind == POLICY else 1)
+    return x.new_empty(n_stats, dtype=acc), x.new_empty(x.size(0), dtype=acc)
 
 
-@_policy_loss_backward.register_fake
-def _(grad_loss, logprobs, old_logprobs, advantages, mask, row_weights, clip_low, clip_high, dual_clip, backend):
-    return logprobs.new_empty(logprobs.shape)
+@torch.library.custom_op("cai_kernels::ppo_loss_backward", mutates_args=())
+def _ppo_loss_backward(grad_loss: torch.Tensor, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor,
+                       mask: torch.Tensor, row_weights: torch.Tensor, kind: int, p0: float, p1: float, p2: float,
+                       backend: str) -> torch.Tensor:
+    return _kernels(backend).ppo_loss_bwd(grad_loss, x, y, z, mask, row_weights, kind, p0, p1, p2)
 
 
-def _policy_setup_context(ctx, inputs, output):
-    logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip, _agg, backend = inputs
-    ctx.save_for_backward(logprobs, old_logprobs, advantages, mask, output[1])
-    ctx.constants = (clip_low, clip_high, dual_clip, backend)
+@_ppo_loss_backward.register_fake
+def _(grad_loss, x, y, z, mask, row_weights, kind, p0, p1, p2, backend):
+    return x.new_empty(x.shape)
 
 
-def _policy_backward(ctx, grad_stats, _grad_weights):
-    logprobs, old_logprobs, advantages, mask, row_weights = ctx.saved_tensors
-    clip_low, clip_high, dual_clip, backend = ctx.constants
-    grad = _policy_loss_backward(grad_stats[0].contiguous(), logprobs, old_logprobs, advantages, mask, row_weights,
-                                 clip_low, clip_high, dual_clip, backend)
-    return grad, None, None, None, None, None, None, None, None
+def _setup_context(ctx, inputs, output):
+    x, y, z, mask, kind, p0, p1, p2, _agg, backend = inputs
+    ctx.save_for_backward(x, y, z, mask, output[1])
+    ctx.constants = (kind, p0, p1, p2, backend)
 
 
-_policy_loss.register_autograd(_policy_backward, setup_context=_policy_setup_context)
+def _backward(ctx, grad_stats, _grad_weights):
+    x, y, z, mask, row_weights = ctx.saved_tensors
+    grad = _ppo_loss_backward(grad_stats[0].contiguous(), x, y, z, mask, row_weights, *ctx.constants)
+    return grad, None, None, None, None, None, None, None, None, None
+
+
+_ppo_loss.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _clipped_loss(kind: int, differentiable: torch.Tensor, args: tuple, backend: str) -> torch.Tensor:
+    """The stats vector [loss, ...] of one loss, straight from the kernel when no gradient is needed."""
+    if call_kernel_directly(differentiable):
+        return _kernels(backend).ppo_loss_fwd(*args[:4], kind, *args[4:])[0]
+    return _ppo_loss(*args[:4], kind, *args[4:], backend)[0]
 
 
 def _check_loss_inputs(names: tuple[str, str, str], tensors, response_mask):
@@ -123,58 +129,17 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
         dual_clip = check_number("dual_clip", dual_clip, low=1.0, low_open=True)
     agg_code = _check_agg(agg)
     chosen = _registry.select_backend("ppo_policy_loss", logprobs.device, backend)
-    old_logprobs, advantages = old_logprobs.detach(), advantages.detach()
+    old_logprobs, advantages = detached(old_logprobs), detached(advantages)
     if chosen == "reference":
         return reference.ppo_policy_loss(logprobs, old_logprobs, advantages, response_mask, clip_low=clip_low,
                                          clip_high=clip_high, dual_clip=dual_clip, agg=agg)
-    logprobs, old_logprobs, advantages = as_rows(logprobs, old_logprobs, advantages)
-    stats, _ = _policy_loss(logprobs, old_logprobs, advantages, kernel_mask(response_mask), clip_low, clip_high,
-                            NO_CLIP if dual_clip is None else dual_clip, agg_code, chosen)
+    args = (*as_rows(logprobs, old_logprobs, advantages), kernel_mask(response_mask), 1.0 - clip_low, 1.0 + clip_high,
+            NO_CLIP if dual_clip is None else dual_clip, agg_code)
+    stats = _clipped_loss(POLICY, logprobs, args, chosen)
     return stats[0], {name: stats[i + 1].detach() for i, name in enumerate(POLICY_STATS)}
 
 
 # ---- value loss ----------------------------------------------------------------------------------
-
-@torch.library.custom_op("cai_kernels::ppo_value_loss", mutates_args=())
-def _value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-                clip: float, agg: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _kernels(backend).ppo_value_loss_fwd(values, old_values, returns, mask, clip, agg)
-
-
-@_value_loss.register_fake
-def _(values, old_values, returns, mask, clip, agg, backend):
-    acc = accumulate_dtype(values.dtype)
-    return values.new_empty(2, dtype=acc), values.new_empty(values.size(0), dtype=acc)
-
-
-@torch.library.custom_op("cai_kernels::ppo_value_loss_backward", mutates_args=())
-def _value_loss_backward(grad_loss: torch.Tensor, values: torch.Tensor, old_values: torch.Tensor,
-                         returns: torch.Tensor, mask: torch.Tensor, row_weights: torch.Tensor, clip: float,
-                         backend: str) -> torch.Tensor:
-    return _kernels(backend).ppo_value_loss_bwd(grad_loss, values, old_values, returns, mask, row_weights, clip)
-
-
-@_value_loss_backward.register_fake
-def _(grad_loss, values, old_values, returns, mask, row_weights, clip, backend):
-    return values.new_empty(values.shape)
-
-
-def _value_setup_context(ctx, inputs, output):
-    values, old_values, returns, mask, clip, _agg, backend = inputs
-    ctx.save_for_backward(values, old_values, returns, mask, output[1])
-    ctx.constants = (clip, backend)
-
-
-def _value_backward(ctx, grad_stats, _grad_weights):
-    values, old_values, returns, mask, row_weights = ctx.saved_tensors
-    clip, backend = ctx.constants
-    grad = _value_loss_backward(grad_stats[0].contiguous(), values, old_values, returns, mask, row_weights, clip,
-                                backend)
-    return grad, None, None, None, None, None, None
-
-
-_value_loss.register_autograd(_value_backward, setup_context=_value_setup_context)
-
 
 def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
                    response_mask: torch.Tensor, *, clip: float | None = 0.2, agg: str = "token-mean",
@@ -199,10 +164,10 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
         clip = check_number("clip", clip, low=0.0)
     agg_code = _check_agg(agg)
     chosen = _registry.select_backend("ppo_value_loss", values.device, backend)
-    old_values, returns = old_values.detach(), returns.detach()
+    old_values, returns = detached(old_values), detached(returns)
     if chosen == "reference":
         return reference.ppo_value_loss(values, old_values, returns, response_mask, clip=clip, agg=agg)
-    values, old_values, returns = as_rows(values, old_values, returns)
-    stats, _ = _value_loss(values, old_values, returns, kernel_mask(response_mask), NO_CLIP if clip is None else clip,
-                           agg_code, chosen)
+    args = (*as_rows(values, old_values, returns), kernel_mask(response_mask), NO_CLIP if clip is None else clip, 0.0,
+            0.0, agg_code)
+    stats = _clipped_loss(VALUE, values, args, chosen)
     return stats[0], stats[1].detach()

@@ -82,54 +82,41 @@ def _max_grad(a, b, da, db):
 
 
 @triton.jit
-def kl_penalty_fwd_kernel(
-    lp_ptr, ref_ptr, out_ptr,
+def kl_penalty_kernel(
+    lp_ptr, ref_ptr, grad_ptr, out_ptr,
     inner, lp_stride_outer, lp_stride_inner, ref_stride_outer, ref_stride_inner, T, col_blocks,
     lo, hi, out_lo, out_hi,
-    ESTIMATOR: tl.constexpr, BLOCK_T: tl.constexpr,
+    ESTIMATOR: tl.constexpr, BACKWARD: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
+    """Forward: out = the estimate (grad_ptr only gives the compute dtype). Backward: out = grad *
+    d estimate / d r in the inputs' dtype, a clamp passing the gradient where lo <= x <= hi."""
     pid = tl.program_id(0).to(tl.int64)
     row = pid // col_blocks
     cols = (pid % col_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
     in_row = cols < T
-    acc_dtype = out_ptr.dtype.element_ty
-    lp_row = lp_ptr + (row // inner) * lp_stride_outer + (row % inner) * lp_stride_inner
-    ref_row = ref_ptr + (row // inner) * ref_stride_outer + (row % inner) * ref_stride_inner
-    lp = tl.load(lp_row + cols, mask=in_row, other=0.0).to(acc_dtype)
-    ref = tl.load(ref_row + cols, mask=in_row, other=0.0).to(acc_dtype)
-    tl.store(out_ptr + row * T + cols, _kl_forward(lp - ref, lo, hi, out_lo, out_hi, ESTIMATOR), mask=in_row)
-
-
-@triton.jit
-def kl_penalty_bwd_kernel(
-    grad_ptr, lp_ptr, ref_ptr, out_ptr,
-    inner, lp_stride_outer, lp_stride_inner, ref_stride_outer, ref_stride_inner, T, col_blocks,
-    lo, hi, out_lo, out_hi,
-    ESTIMATOR: tl.constexpr, BLOCK_T: tl.constexpr,
-):
-    pid = tl.program_id(0).to(tl.int64)
-    row = pid // col_blocks
-    cols = (pid % col_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
-    in_row = cols < T
-    g = tl.load(grad_ptr + row * T + cols, mask=in_row, other=0.0)
-    acc_dtype = g.dtype
+    acc_dtype = grad_ptr.dtype.element_ty
     lp_row = lp_ptr + (row // inner) * lp_stride_outer + (row % inner) * lp_stride_inner
     ref_row = ref_ptr + (row // inner) * ref_stride_outer + (row % inner) * ref_stride_inner
     raw = tl.load(lp_row + cols, mask=in_row, other=0.0).to(acc_dtype) - tl.load(
         ref_row + cols, mask=in_row, other=0.0).to(acc_dtype)
-    r = tl.minimum(tl.maximum(raw, lo), hi)
-    kl = _kl_value(r, ESTIMATOR)
-    if ESTIMATOR == 0:
-        d = tl.full(r.shape, 1.0, acc_dtype)
-    elif ESTIMATOR == 1:
-        d = r
-    elif ESTIMATOR == 2:
-        d = -(_exp_minus_1_minus_x(-r) - r)  # 1 - e^-r = -(e^-r - 1)
+    if BACKWARD:
+        g = tl.load(grad_ptr + row * T + cols, mask=in_row, other=0.0)
+        r = tl.minimum(tl.maximum(raw, lo), hi)
+        kl = _kl_value(r, ESTIMATOR)
+        if ESTIMATOR == 0:
+            d = tl.full(r.shape, 1.0, acc_dtype)
+        elif ESTIMATOR == 1:
+            d = r
+        elif ESTIMATOR == 2:
+            d = -(_exp_minus_1_minus_x(-r) - r)  # 1 - e^-r = -(e^-r - 1)
+        else:
+            d = tl.where(r > 0, 1.0, tl.where(r < 0, -1.0, 0.0)).to(acc_dtype)
+        # a zero upstream gradient stays zero where d is infinite (k3 beyond exp's range)
+        passes = (raw >= lo) & (raw <= hi) & (kl >= out_lo) & (kl <= out_hi) & (g != 0)
+        out = tl.where(passes, g * d, 0.0)
     else:
-        d = tl.where(r > 0, 1.0, tl.where(r < 0, -1.0, 0.0)).to(acc_dtype)
-    passes = (raw >= lo) & (raw <= hi) & (kl >= out_lo) & (kl <= out_hi) & (g != 0)
-    grad = tl.where(passes, g * d, 0.0)
-    tl.store(out_ptr + row * T + cols, grad.to(out_ptr.dtype.element_ty), mask=in_row)
+        out = _kl_forward(raw, lo, hi, out_lo, out_hi, ESTIMATOR)
+    tl.store(out_ptr + row * T + cols, out.to(out_ptr.dtype.element_ty), mask=in_row)
 
 
 def _bound(value: float) -> float:
@@ -141,32 +128,29 @@ def _kl_block(T: int) -> int:
     return min(triton.next_power_of_2(max(T, 16)), 1024)
 
 
-def kl_penalty_fwd(logprobs, ref_logprobs, estimator, lo, hi, out_lo, out_hi):
-    """Same contract as torch.ops.cai_kernels_cpu.kl_penalty_fwd: (outer, inner, T) views in, (rows, T) out."""
+def _launch_kl(logprobs, ref_logprobs, grad, out, estimator, bounds, backward):
     rows, T = logprobs.size(0) * logprobs.size(1), logprobs.size(2)
-    acc = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
-    out = torch.empty(rows, T, dtype=acc, device=logprobs.device)
     if rows and T:
         block = _kl_block(T)
         col_blocks = triton.cdiv(T, block)
-        kl_penalty_fwd_kernel[(rows * col_blocks,)](
-            logprobs, ref_logprobs, out, logprobs.size(1), logprobs.stride(0), logprobs.stride(1),
-            ref_logprobs.stride(0), ref_logprobs.stride(1), T, col_blocks,
-            _bound(lo), _bound(hi), _bound(out_lo), _bound(out_hi), ESTIMATOR=estimator, BLOCK_T=block)
+        kl_penalty_kernel[(rows * col_blocks,)](
+            logprobs, ref_logprobs, grad, out, logprobs.size(1), logprobs.stride(0), logprobs.stride(1),
+            ref_logprobs.stride(0), ref_logprobs.stride(1), T, col_blocks, *map(_bound, bounds),
+            ESTIMATOR=estimator, BACKWARD=backward, BLOCK_T=block)
     return out
+
+
+def kl_penalty_fwd(logprobs, ref_logprobs, estimator, lo, hi, out_lo, out_hi):
+    """Same contract as torch.ops.cai_kernels_cpu.kl_penalty_fwd: (outer, inner, T) views in, (rows, T) out."""
+    out = torch.empty(logprobs.size(0) * logprobs.size(1), logprobs.size(2), dtype=_acc(logprobs.dtype),
+                      device=logprobs.device)
+    return _launch_kl(logprobs, ref_logprobs, out, out, estimator, (lo, hi, out_lo, out_hi), False)
 
 
 def kl_penalty_bwd(grad, logprobs, ref_logprobs, estimator, lo, hi, out_lo, out_hi):
-    rows, T = logprobs.size(0) * logprobs.size(1), logprobs.size(2)
-    out = torch.empty(rows, T, dtype=logprobs.dtype, device=logprobs.device)
-    if rows and T:
-        block = _kl_block(T)
-        col_blocks = triton.cdiv(T, block)
-        kl_penalty_bwd_kernel[(rows * col_blocks,)](
-            grad, logprobs, ref_logprobs, out, logprobs.size(1), logprobs.stride(0), logprobs.stride(1),
-            ref_logprobs.stride(0), ref_logprobs.stride(1), T, col_blocks,
-            _bound(lo), _bound(hi), _bound(out_lo), _bound(out_hi), ESTIMATOR=estimator, BLOCK_T=block)
-    return out
+    out = torch.empty(logprobs.size(0) * logprobs.size(1), logprobs.size(2), dtype=logprobs.dtype,
+                      device=logprobs.device)
+    return _launch_kl(logprobs, ref_logprobs, grad, out, estimator, (lo, hi, out_lo, out_hi), True)
 
 
 # ---- GAE scan, fused advantages ----------------------------------------------------------------
@@ -432,65 +416,6 @@ def _policy_token(lp, old, adv, ratio_lo, ratio_hi, dual, HAS_DUAL: tl.constexpr
 
 
 @triton.jit
-def policy_loss_fwd_kernel(
-    lp_ptr, old_ptr, adv_ptr, mask_ptr, partials_ptr,
-    T, stride_lp, stride_old, stride_adv, stride_m, ratio_lo, ratio_hi, dual,
-    HAS_DUAL: tl.constexpr, LIMIT: tl.constexpr, BLOCK_T: tl.constexpr,
-):
-    """Per row: (loss sum, response tokens, clipped, dual-clipped, k3 sum, k1 sum) into partials (B, 6)."""
-    row = tl.program_id(0).to(tl.int64)
-    acc_dtype = partials_ptr.dtype.element_ty
-    loss_sum = tl.zeros((BLOCK_T,), acc_dtype)
-    count = tl.zeros((BLOCK_T,), acc_dtype)
-    clipped_sum = tl.zeros((BLOCK_T,), acc_dtype)
-    dual_sum = tl.zeros((BLOCK_T,), acc_dtype)
-    kl3_sum = tl.zeros((BLOCK_T,), acc_dtype)
-    kl1_sum = tl.zeros((BLOCK_T,), acc_dtype)
-    for start in range(0, T, BLOCK_T):
-        cols = start + tl.arange(0, BLOCK_T)
-        in_row = cols < T
-        valid = tl.load(mask_ptr + row * stride_m + cols, mask=in_row, other=0) != 0
-        lp = tl.load(lp_ptr + row * stride_lp + cols, mask=in_row, other=0.0).to(acc_dtype)
-        old = tl.load(old_ptr + row * stride_old + cols, mask=in_row, other=0.0).to(acc_dtype)
-        adv = tl.load(adv_ptr + row * stride_adv + cols, mask=in_row, other=0.0).to(acc_dtype)
-        loss, clipped, dual_hit, log_ratio, _ = _policy_token(lp, old, adv, ratio_lo, ratio_hi, dual, HAS_DUAL, LIMIT)
-        loss_sum += tl.where(valid, loss, 0.0)
-        count += valid.to(acc_dtype)
-        clipped_sum += (valid & clipped).to(acc_dtype)
-        dual_sum += (valid & dual_hit).to(acc_dtype)
-        kl3_sum += tl.where(valid, _exp_minus_1_minus_x(log_ratio), 0.0)
-        kl1_sum += tl.where(valid, -log_ratio, 0.0)
-    out = partials_ptr + row * 6
-    tl.store(out, tl.sum(loss_sum, axis=0))
-    tl.store(out + 1, tl.sum(count, axis=0))
-    tl.store(out + 2, tl.sum(clipped_sum, axis=0))
-    tl.store(out + 3, tl.sum(dual_sum, axis=0))
-    tl.store(out + 4, tl.sum(kl3_sum, axis=0))
-    tl.store(out + 5, tl.sum(kl1_sum, axis=0))
-
-
-@triton.jit
-def policy_loss_bwd_kernel(
-    grad_loss_ptr, lp_ptr, old_ptr, adv_ptr, mask_ptr, weights_ptr, out_ptr,
-    T, stride_lp, stride_old, stride_adv, stride_m, col_blocks, ratio_lo, ratio_hi, dual,
-    HAS_DUAL: tl.constexpr, LIMIT: tl.constexpr, BLOCK_T: tl.constexpr,
-):
-    pid = tl.program_id(0).to(tl.int64)
-    row = pid // col_blocks
-    cols = (pid % col_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
-    in_row = cols < T
-    scale = tl.load(grad_loss_ptr) * tl.load(weights_ptr + row)
-    acc_dtype = scale.dtype
-    valid = tl.load(mask_ptr + row * stride_m + cols, mask=in_row, other=0) != 0
-    lp = tl.load(lp_ptr + row * stride_lp + cols, mask=in_row, other=0.0).to(acc_dtype)
-    old = tl.load(old_ptr + row * stride_old + cols, mask=in_row, other=0.0).to(acc_dtype)
-    adv = tl.load(adv_ptr + row * stride_adv + cols, mask=in_row, other=0.0).to(acc_dtype)
-    _, _, _, _, grad = _policy_token(lp, old, adv, ratio_lo, ratio_hi, dual, HAS_DUAL, LIMIT)
-    grad = tl.where(valid, scale * grad, 0.0)
-    tl.store(out_ptr + row * T + cols, grad.to(out_ptr.dtype.element_ty), mask=in_row)
-
-
-@triton.jit
 def _value_token(v, old, ret, clip, HAS_CLIP: tl.constexpr):
     """Per-token value loss, whether the clipped term is the larger, and d loss / d values."""
     err = v - ret
@@ -511,39 +436,70 @@ def _value_token(v, old, ret, clip, HAS_CLIP: tl.constexpr):
 
 
 @triton.jit
-def value_loss_fwd_kernel(
-    v_ptr, old_ptr, ret_ptr, mask_ptr, partials_ptr,
-    T, stride_v, stride_old, stride_ret, stride_m, clip,
-    HAS_CLIP: tl.constexpr, BLOCK_T: tl.constexpr,
+def _loss_token(x, y, z, p0, p1, p2, KIND: tl.constexpr, OPTION: tl.constexpr, LIMIT: tl.constexpr):
+    """KIND 0 (policy): (x, y, z) = (logprobs, old, advantages), p0..p2 = ratio bounds and the dual-clip
+    bound (OPTION: dual clip on). KIND 1 (value): (values, old values, returns), p0 = clip (OPTION:
+    clip on). Returns the loss, four statistics (policy: clipped, dual-clipped, k3 and k1 of
+    KL(old || new); value: clipped, then zeros) and d loss / d x."""
+    zero = tl.zeros_like(x)
+    if KIND == 0:
+        loss, clipped, dual_hit, log_ratio, grad = _policy_token(x, y, z, p0, p1, p2, OPTION, LIMIT)
+        s0 = tl.where(clipped, zero + 1.0, zero)
+        s1 = tl.where(dual_hit, zero + 1.0, zero)
+        s2 = _exp_minus_1_minus_x(log_ratio)
+        s3 = -log_ratio
+    else:
+        loss, clipped, grad = _value_token(x, y, z, p0, OPTION)
+        s0 = tl.where(clipped, zero + 1.0, zero)
+        s1 = zero
+        s2 = zero
+        s3 = zero
+    return loss, s0, s1, s2, s3, grad
+
+
+@triton.jit
+def loss_fwd_kernel(
+    x_ptr, y_ptr, z_ptr, mask_ptr, partials_ptr,
+    T, stride_x, stride_y, stride_z, stride_m, p0, p1, p2,
+    KIND: tl.constexpr, OPTION: tl.constexpr, LIMIT: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """Per row: (loss sum, response tokens, clipped) into partials (B, 6)."""
+    """Per row: (loss sum, response tokens, four statistic sums) into partials (B, 6)."""
     row = tl.program_id(0).to(tl.int64)
     acc_dtype = partials_ptr.dtype.element_ty
-    loss_sum = tl.zeros((BLOCK_T,), acc_dtype)
+    sums = tl.zeros((BLOCK_T,), acc_dtype)
     count = tl.zeros((BLOCK_T,), acc_dtype)
-    clipped_sum = tl.zeros((BLOCK_T,), acc_dtype)
+    s0 = tl.zeros((BLOCK_T,), acc_dtype)
+    s1 = tl.zeros((BLOCK_T,), acc_dtype)
+    s2 = tl.zeros((BLOCK_T,), acc_dtype)
+    s3 = tl.zeros((BLOCK_T,), acc_dtype)
     for start in range(0, T, BLOCK_T):
         cols = start + tl.arange(0, BLOCK_T)
         in_row = cols < T
         valid = tl.load(mask_ptr + row * stride_m + cols, mask=in_row, other=0) != 0
-        v = tl.load(v_ptr + row * stride_v + cols, mask=in_row, other=0.0).to(acc_dtype)
-        old = tl.load(old_ptr + row * stride_old + cols, mask=in_row, other=0.0).to(acc_dtype)
-        ret = tl.load(ret_ptr + row * stride_ret + cols, mask=in_row, other=0.0).to(acc_dtype)
-        loss, is_clipped, _ = _value_token(v, old, ret, clip, HAS_CLIP)
-        loss_sum += tl.where(valid, loss, 0.0)
+        x = tl.load(x_ptr + row * stride_x + cols, mask=in_row, other=0.0).to(acc_dtype)
+        y = tl.load(y_ptr + row * stride_y + cols, mask=in_row, other=0.0).to(acc_dtype)
+        z = tl.load(z_ptr + row * stride_z + cols, mask=in_row, other=0.0).to(acc_dtype)
+        loss, t0, t1, t2, t3, _ = _loss_token(x, y, z, p0, p1, p2, KIND, OPTION, LIMIT)
+        sums += tl.where(valid, loss, 0.0)
         count += valid.to(acc_dtype)
-        clipped_sum += (valid & is_clipped).to(acc_dtype)
+        s0 += tl.where(valid, t0, 0.0)
+        s1 += tl.where(valid, t1, 0.0)
+        s2 += tl.where(valid, t2, 0.0)
+        s3 += tl.where(valid, t3, 0.0)
     out = partials_ptr + row * 6
-    tl.store(out, tl.sum(loss_sum, axis=0))
+    tl.store(out, tl.sum(sums, axis=0))
     tl.store(out + 1, tl.sum(count, axis=0))
-    tl.store(out + 2, tl.sum(clipped_sum, axis=0))
+    tl.store(out + 2, tl.sum(s0, axis=0))
+    tl.store(out + 3, tl.sum(s1, axis=0))
+    tl.store(out + 4, tl.sum(s2, axis=0))
+    tl.store(out + 5, tl.sum(s3, axis=0))
 
 
 @triton.jit
-def value_loss_bwd_kernel(
-    grad_loss_ptr, v_ptr, old_ptr, ret_ptr, mask_ptr, weights_ptr, out_ptr,
-    T, stride_v, stride_old, stride_ret, stride_m, col_blocks, clip,
-    HAS_CLIP: tl.constexpr, BLOCK_T: tl.constexpr,
+def loss_bwd_kernel(
+    grad_loss_ptr, x_ptr, y_ptr, z_ptr, mask_ptr, weights_ptr, out_ptr,
+    T, stride_x, stride_y, stride_z, stride_m, col_blocks, p0, p1, p2,
+    KIND: tl.constexpr, OPTION: tl.constexpr, LIMIT: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     row = pid // col_blocks
@@ -552,10 +508,10 @@ def value_loss_bwd_kernel(
     scale = tl.load(grad_loss_ptr) * tl.load(weights_ptr + row)
     acc_dtype = scale.dtype
     valid = tl.load(mask_ptr + row * stride_m + cols, mask=in_row, other=0) != 0
-    v = tl.load(v_ptr + row * stride_v + cols, mask=in_row, other=0.0).to(acc_dtype)
-    old = tl.load(old_ptr + row * stride_old + cols, mask=in_row, other=0.0).to(acc_dtype)
-    ret = tl.load(ret_ptr + row * stride_ret + cols, mask=in_row, other=0.0).to(acc_dtype)
-    _, _, grad = _value_token(v, old, ret, clip, HAS_CLIP)
+    x = tl.load(x_ptr + row * stride_x + cols, mask=in_row, other=0.0).to(acc_dtype)
+    y = tl.load(y_ptr + row * stride_y + cols, mask=in_row, other=0.0).to(acc_dtype)
+    z = tl.load(z_ptr + row * stride_z + cols, mask=in_row, other=0.0).to(acc_dtype)
+    _, _, _, _, _, grad = _loss_token(x, y, z, p0, p1, p2, KIND, OPTION, LIMIT)
     tl.store(out_ptr + row * T + cols, tl.where(valid, scale * grad, 0.0).to(out_ptr.dtype.element_ty), mask=in_row)
 
 
@@ -580,54 +536,34 @@ def _loss_block(T: int) -> int:
     return min(triton.next_power_of_2(max(T, 16)), 1024)
 
 
-def ppo_policy_loss_fwd(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip, agg):
-    B, T = logprobs.shape
-    acc = _acc(logprobs.dtype)
-    partials = torch.zeros(B, 6, dtype=acc, device=logprobs.device)
+def _has_option(kind: int, p0: float, p2: float) -> bool:
+    return p2 > 0 if kind == 0 else p0 >= 0  # policy: dual clip given; value: clip given
+
+
+def ppo_loss_fwd(x, y, z, mask, kind, p0, p1, p2, agg):
+    """Same contract as torch.ops.cai_kernels_cpu.ppo_loss_fwd: (stats, row_weights)."""
+    B, T = x.shape
+    acc = _acc(x.dtype)
+    partials = torch.zeros(B, 6, dtype=acc, device=x.device)
     if B:
-        policy_loss_fwd_kernel[(B,)](
-            logprobs, old_logprobs, advantages, _as_kernel_mask(mask), partials, T, logprobs.stride(0),
-            old_logprobs.stride(0), advantages.stride(0), mask.stride(0), 1.0 - clip_low, 1.0 + clip_high,
-            max(dual_clip, 0.0), HAS_DUAL=dual_clip > 0, LIMIT=LOG_RATIO_LIMIT, BLOCK_T=_loss_block(T))
-    return _finish(partials, agg, 5, acc)
+        loss_fwd_kernel[(B,)](
+            x, y, z, _as_kernel_mask(mask), partials, T, x.stride(0), y.stride(0), z.stride(0), mask.stride(0),
+            p0, p1, max(p2, 0.0), KIND=kind, OPTION=_has_option(kind, p0, p2), LIMIT=LOG_RATIO_LIMIT,
+            BLOCK_T=_loss_block(T))
+    return _finish(partials, agg, 5 if kind == 0 else 2, acc)
 
 
-def ppo_policy_loss_bwd(grad_loss, logprobs, old_logprobs, advantages, mask, row_weights, clip_low, clip_high,
-                        dual_clip):
-    B, T = logprobs.shape
-    out = torch.empty(B, T, dtype=logprobs.dtype, device=logprobs.device)
+def ppo_loss_bwd(grad_loss, x, y, z, mask, row_weights, kind, p0, p1, p2):
+    """Same contract as torch.ops.cai_kernels_cpu.ppo_loss_bwd: d loss / d x in x's dtype."""
+    B, T = x.shape
+    out = torch.empty(B, T, dtype=x.dtype, device=x.device)
     if B and T:
         block = _loss_block(T)
         col_blocks = triton.cdiv(T, block)
-        policy_loss_bwd_kernel[(B * col_blocks,)](
-            grad_loss.to(row_weights.dtype), logprobs, old_logprobs, advantages, _as_kernel_mask(mask), row_weights,
-            out, T, logprobs.stride(0), old_logprobs.stride(0), advantages.stride(0), mask.stride(0), col_blocks,
-            1.0 - clip_low, 1.0 + clip_high, max(dual_clip, 0.0), HAS_DUAL=dual_clip > 0, LIMIT=LOG_RATIO_LIMIT,
-            BLOCK_T=block)
-    return out
-
-
-def ppo_value_loss_fwd(values, old_values, returns, mask, clip, agg):
-    B, T = values.shape
-    acc = _acc(values.dtype)
-    partials = torch.zeros(B, 6, dtype=acc, device=values.device)
-    if B:
-        value_loss_fwd_kernel[(B,)](
-            values, old_values, returns, _as_kernel_mask(mask), partials, T, values.stride(0), old_values.stride(0),
-            returns.stride(0), mask.stride(0), max(clip, 0.0), HAS_CLIP=clip >= 0, BLOCK_T=_loss_block(T))
-    return _finish(partials, agg, 2, acc)
-
-
-def ppo_value_loss_bwd(grad_loss, values, old_values, returns, mask, row_weights, clip):
-    B, T = values.shape
-    out = torch.empty(B, T, dtype=values.dtype, device=values.device)
-    if B and T:
-        block = _loss_block(T)
-        col_blocks = triton.cdiv(T, block)
-        value_loss_bwd_kernel[(B * col_blocks,)](
-            grad_loss.to(row_weights.dtype), values, old_values, returns, _as_kernel_mask(mask), row_weights, out,
-            T, values.stride(0), old_values.stride(0), returns.stride(0), mask.stride(0), col_blocks, max(clip, 0.0),
-            HAS_CLIP=clip >= 0, BLOCK_T=block)
+        loss_bwd_kernel[(B * col_blocks,)](
+            grad_loss.to(row_weights.dtype), x, y, z, _as_kernel_mask(mask), row_weights, out, T, x.stride(0),
+            y.stride(0), z.stride(0), mask.stride(0), col_blocks, p0, p1, max(p2, 0.0), KIND=kind,
+            OPTION=_has_option(kind, p0, p2), LIMIT=LOG_RATIO_LIMIT, BLOCK_T=block)
     return out
 
 
@@ -637,18 +573,18 @@ def _aot_specs():
     specs = []
     kl_scalars = {"inner": "i64", "lp_stride_outer": "i64", "lp_stride_inner": "i64", "ref_stride_outer": "i64",
                   "ref_stride_inner": "i64", "T": "i64", "col_blocks": "i64", "lo": "fp32", "hi": "fp32",
-                  "out_lo": "fp32", "out_hi": "fp32", "ESTIMATOR": "constexpr", "BLOCK_T": "constexpr"}
+                  "out_lo": "fp32", "out_hi": "fp32", "ESTIMATOR": "constexpr", "BACKWARD": "constexpr",
+                  "BLOCK_T": "constexpr"}
     kl_aligned = ("lp_ptr", "ref_ptr", "out_ptr", "lp_stride_outer", "lp_stride_inner", "ref_stride_outer",
                   "ref_stride_inner", "T")
     scan_flags = {"BLOCK_B": SCAN_BLOCK_B, "BLOCK_T": SCAN_BLOCK_T}
     for dtype in ("bf16", "fp32"):
-        specs.append(AotSpec(
-            "kl_penalty_fwd_kernel", {"lp_ptr": f"*{dtype}", "ref_ptr": f"*{dtype}", "out_ptr": "*fp32"} | kl_scalars,
-            {"ESTIMATOR": 2, "BLOCK_T": 1024}, aligned=kl_aligned, label=f"{dtype}+k3"))
-        specs.append(AotSpec(
-            "kl_penalty_bwd_kernel",
-            {"grad_ptr": "*fp32", "lp_ptr": f"*{dtype}", "ref_ptr": f"*{dtype}", "out_ptr": f"*{dtype}"} | kl_scalars,
-            {"ESTIMATOR": 2, "BLOCK_T": 1024}, aligned=kl_aligned + ("grad_ptr",), label=f"{dtype}+k3"))
+        for backward in (False, True):
+            specs.append(AotSpec(
+                "kl_penalty_kernel", {"lp_ptr": f"*{dtype}", "ref_ptr": f"*{dtype}", "grad_ptr": "*fp32",
+                                      "out_ptr": f"*{dtype}" if backward else "*fp32"} | kl_scalars,
+                {"ESTIMATOR": 2, "BACKWARD": backward, "BLOCK_T": 1024}, aligned=kl_aligned + ("grad_ptr",),
+                label=f"{dtype}+k3{'+backward' if backward else ''}"))
         specs.append(AotSpec(
             "gae_kernel",
             {"rewards_ptr": f"*{dtype}", "values_ptr": f"*{dtype}", "mask_ptr": "*u8", "adv_ptr": "*fp32",
@@ -668,34 +604,20 @@ def _aot_specs():
             aligned=("scores_ptr", "lp_ptr", "ref_ptr", "values_ptr", "mask_ptr", "adv_ptr", "ret_ptr", "rewards_ptr",
                      "kl_ptr", "stats_ptr", "T", "stride_lp", "stride_ref", "stride_v", "stride_m"),
             num_warps=SCAN_WARPS, label=f"{dtype}+k3+whiten"))
-        loss_common = {"T": "i64", "stride_m": "i64", "BLOCK_T": "constexpr"}
-        policy_scalars = {"stride_lp": "i64", "stride_old": "i64", "stride_adv": "i64", "ratio_lo": "fp32",
-                          "ratio_hi": "fp32", "dual": "fp32", "HAS_DUAL": "constexpr", "LIMIT": "constexpr"}
-        policy_inputs = {"lp_ptr": f"*{dtype}", "old_ptr": f"*{dtype}", "adv_ptr": f"*{dtype}", "mask_ptr": "*u8"}
-        policy_flags = {"HAS_DUAL": True, "LIMIT": LOG_RATIO_LIMIT, "BLOCK_T": 1024}
-        policy_aligned = ("lp_ptr", "old_ptr", "adv_ptr", "mask_ptr", "T", "stride_lp", "stride_old", "stride_adv",
-                          "stride_m")
-        specs.append(AotSpec(
-            "policy_loss_fwd_kernel", policy_inputs | {"partials_ptr": "*fp32"} | loss_common | policy_scalars,
-            policy_flags, aligned=policy_aligned + ("partials_ptr",), label=f"{dtype}+dual"))
-        specs.append(AotSpec(
-            "policy_loss_bwd_kernel",
-            {"grad_loss_ptr": "*fp32"} | policy_inputs | {"weights_ptr": "*fp32", "out_ptr": f"*{dtype}"}
-            | loss_common | {"col_blocks": "i64"} | policy_scalars,
-            policy_flags, aligned=policy_aligned + ("out_ptr",), label=f"{dtype}+dual"))
-        value_scalars = {"stride_v": "i64", "stride_old": "i64", "stride_ret": "i64", "clip": "fp32",
-                         "HAS_CLIP": "constexpr"}
-        value_inputs = {"v_ptr": f"*{dtype}", "old_ptr": f"*{dtype}", "ret_ptr": f"*{dtype}", "mask_ptr": "*u8"}
-        value_aligned = ("v_ptr", "old_ptr", "ret_ptr", "mask_ptr", "T", "stride_v", "stride_old", "stride_ret",
-                         "stride_m")
-        specs.append(AotSpec(
-            "value_loss_fwd_kernel", value_inputs | {"partials_ptr": "*fp32"} | loss_common | value_scalars,
-            {"HAS_CLIP": True, "BLOCK_T": 1024}, aligned=value_aligned + ("partials_ptr",), label=f"{dtype}+clip"))
-        specs.append(AotSpec(
-            "value_loss_bwd_kernel",
-            {"grad_loss_ptr": "*fp32"} | value_inputs | {"weights_ptr": "*fp32", "out_ptr": f"*{dtype}"}
-            | loss_common | {"col_blocks": "i64"} | value_scalars,
-            {"HAS_CLIP": True, "BLOCK_T": 1024}, aligned=value_aligned + ("out_ptr",), label=f"{dtype}+clip"))
+        loss_scalars = {"T": "i64", "stride_x": "i64", "stride_y": "i64", "stride_z": "i64", "stride_m": "i64",
+                        "p0": "fp32", "p1": "fp32", "p2": "fp32", "KIND": "constexpr", "OPTION": "constexpr",
+                        "LIMIT": "constexpr", "BLOCK_T": "constexpr"}
+        loss_inputs = {"x_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "z_ptr": f"*{dtype}", "mask_ptr": "*u8"}
+        loss_aligned = ("x_ptr", "y_ptr", "z_ptr", "mask_ptr", "T", "stride_x", "stride_y", "stride_z", "stride_m")
+        for kind, name in ((0, "policy+dual"), (1, "value+clip")):
+            flags = {"KIND": kind, "OPTION": True, "LIMIT": LOG_RATIO_LIMIT, "BLOCK_T": 1024}
+            specs.append(AotSpec("loss_fwd_kernel", loss_inputs | {"partials_ptr": "*fp32"} | loss_scalars, flags,
+                                 aligned=loss_aligned + ("partials_ptr",), label=f"{dtype}+{name}"))
+            specs.append(AotSpec(
+                "loss_bwd_kernel",
+                {"grad_loss_ptr": "*fp32"} | loss_inputs | {"weights_ptr": "*fp32", "out_ptr": f"*{dtype}"}
+                | loss_scalars | {"col_blocks": "i64"}, flags, aligned=loss_aligned + ("out_ptr",),
+                label=f"{dtype}+{name}"))
     specs.append(AotSpec(
         "row_moments_kernel",
         {"x_ptr": "*fp32", "mask_ptr": "*u8", "stats_ptr": "*fp64", "B": "i64", "T": "i64", "stride_x": "i64",

@@ -44,7 +44,7 @@ struct PpoStager {
   Rows<T> logprobs, ref_logprobs, values;
   Rows<M> mask;
   const float* scores;
-  KlParams<float> kl;
+  KlParams kl;
   float neg_kl_coef;
   int64_t steps;       // T
   float* kl_out;       // (B, T) outputs written while staging
@@ -127,31 +127,28 @@ std::tuple<at::Tensor, at::Tensor> gae_fwd(const at::Tensor& rewards, const at::
   check_rows(mask, "mask", B, T);
   TORCH_CHECK(values.scalar_type() == rewards.scalar_type(), "rewards and values must have the same dtype");
   at::Tensor adv = at::empty({B, T}, acc_options(rewards)), ret = at::empty({B, T}, acc_options(rewards));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, rewards.scalar_type(), "gae_fwd", [&] {
-    const Rows<scalar_t> rs = rows_of<scalar_t>(rewards), vs = rows_of<scalar_t>(values);
-    dispatch_mask(mask, [&](const auto* mask_data) {
-      using M = std::remove_cv_t<std::remove_pointer_t<decltype(mask_data)>>;
-      const Rows<M> ms{mask_data, mask.stride(0)};
-      if constexpr (std::is_same_v<scalar_t, double>) {
-        double *a = adv.data_ptr<double>(), *r = ret.data_ptr<double>();
-        at::parallel_for(0, B, ppo_row_grain(T), [&](int64_t begin, int64_t end) {
-          for (int64_t b = begin; b < end; ++b) {
-            scan_row_scalar(rs.row(b), vs.row(b), ms.row(b), T, gamma, lam, a + b * T, r + b * T);
-          }
-        });
-      } else {
-        const TensorStager<scalar_t, M> stager{rs, vs, ms};
-        scan_all_rows(stager, B, T, ScanParams{float(gamma), float(gamma * lam)}, adv.data_ptr<float>(),
-                      ret.data_ptr<float>(), [](int64_t, int64_t) {});
-      }
-    });
+  dispatch_values_and_mask(rewards.scalar_type(), mask, [&](auto tag, const auto& ms) {
+    using S = decltype(tag);
+    const Rows<S> rs = rows_of<S>(rewards), vs = rows_of<S>(values);
+    if constexpr (std::is_same_v<S, double>) {
+      double *a = adv.data_ptr<double>(), *r = ret.data_ptr<double>();
+      at::parallel_for(0, B, ppo_row_grain(T), [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          scan_row_scalar(rs.row(b), vs.row(b), ms.row(b), T, gamma, lam, a + b * T, r + b * T);
+        }
+      });
+    } else {
+      const TensorStager<S, typename std::decay_t<decltype(ms)>::Elem> stager{rs, vs, ms};
+      scan_all_rows(stager, B, T, ScanParams{float(gamma), float(gamma * lam)}, adv.data_ptr<float>(),
+                    ret.data_ptr<float>(), [](int64_t, int64_t) {});
+    }
   });
   return {adv, ret};
 }
 
 template <typename M>
 void ppo_advantages_f64(const Rows<double>& lp, const Rows<double>& ref, const Rows<double>& values, const Rows<M>& mask,
-                        const double* scores, const KlParams<double>& kl, double kl_coef, double gamma, double lam,
+                        const double* scores, const KlParams& kl, double kl_coef, double gamma, double lam,
                         int64_t B, int64_t T, double* adv, double* ret, double* rewards, double* kls,
                         std::vector<Moments>* row_stats) {
   at::parallel_for(0, B, ppo_row_grain(T), [&](int64_t begin, int64_t end) {
@@ -190,34 +187,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_advantages_fwd(
   at::Tensor adv = at::empty({B, T}, options), ret = at::empty({B, T}, options);
   at::Tensor rewards = at::empty({B, T}, options), kls = at::empty({B, T}, options);
   std::vector<Moments> row_stats(whiten ? B : 0);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logprobs.scalar_type(), "ppo_advantages_fwd", [&] {
-    const Rows<scalar_t> lp = rows_of<scalar_t>(logprobs), ref = rows_of<scalar_t>(ref_logprobs);
-    const Rows<scalar_t> vs = rows_of<scalar_t>(values);
-    dispatch_mask(mask, [&](const auto* mask_data) {
-      using M = std::remove_cv_t<std::remove_pointer_t<decltype(mask_data)>>;
-      const Rows<M> ms{mask_data, mask.stride(0)};
-      if constexpr (std::is_same_v<scalar_t, double>) {
-        double* a = adv.data_ptr<double>();
-        ppo_advantages_f64(lp, ref, vs, ms, scores.const_data_ptr<double>(),
-                           KlParams<double>{estimator, lo, hi, out_lo, out_hi}, kl_coef, gamma, lam, B, T, a,
-                           ret.data_ptr<double>(), rewards.data_ptr<double>(), kls.data_ptr<double>(),
-                           whiten ? &row_stats : nullptr);
-        if (whiten) whiten_batch(Rows<double>{a, T}, ms, a, B, T, row_stats, true, true, 1e-8);
-      } else {
-        std::vector<int64_t> last(B);
-        const PpoStager<scalar_t, M> stager{lp, ref, vs, ms, scores.const_data_ptr<float>(),
-                                            KlParams<float>{estimator, float(lo), float(hi), float(out_lo), float(out_hi)},
-                                            float(-kl_coef), T, kls.data_ptr<float>(), rewards.data_ptr<float>(),
-                                            last.data()};
-        float* a = adv.data_ptr<float>();
-        scan_all_rows(stager, B, T, ScanParams{float(gamma), float(gamma * lam)}, a, ret.data_ptr<float>(),
-                      [&](int64_t r0, int64_t rows) {
-                        if (!whiten) return;
-                        for (int64_t r = r0; r < r0 + rows; ++r) row_stats[r] = row_moments(a + r * T, ms.row(r), T);
-                      });
-        if (whiten) whiten_batch(Rows<float>{a, T}, ms, a, B, T, row_stats, true, true, 1e-8);
-      }
-    });
+  const KlParams kl{estimator, lo, hi, out_lo, out_hi};
+  dispatch_values_and_mask(logprobs.scalar_type(), mask, [&](auto tag, const auto& ms) {
+    using S = decltype(tag);
+    using M = typename std::decay_t<decltype(ms)>::Elem;
+    const Rows<S> lp = rows_of<S>(logprobs), ref = rows_of<S>(ref_logprobs), vs = rows_of<S>(values);
+    if constexpr (std::is_same_v<S, double>) {
+      double* a = adv.data_ptr<double>();
+      ppo_advantages_f64(lp, ref, vs, ms, scores.const_data_ptr<double>(), kl, kl_coef, gamma, lam, B, T, a,
+                         ret.data_ptr<double>(), rewards.data_ptr<double>(), kls.data_ptr<double>(),
+                         whiten ? &row_stats : nullptr);
+      if (whiten) whiten_batch(Rows<double>{a, T}, ms, a, B, T, row_stats, true, true, 1e-8);
+    } else {
+      std::vector<int64_t> last(B);
+      const PpoStager<S, M> stager{lp, ref, vs, ms, scores.const_data_ptr<float>(), kl, float(-kl_coef), T,
+                                   kls.data_ptr<float>(), rewards.data_ptr<float>(), last.data()};
+      float* a = adv.data_ptr<float>();
+      scan_all_rows(stager, B, T, ScanParams{float(gamma), float(gamma * lam)}, a, ret.data_ptr<float>(),
+                    [&](int64_t r0, int64_t rows) {
+                      if (!whiten) return;
+                      for (int64_t r = r0; r < r0 + rows; ++r) row_stats[r] = row_moments(a + r * T, ms.row(r), T);
+                    });
+      if (whiten) whiten_batch(Rows<float>{a, T}, ms, a, B, T, row_stats, true, true, 1e-8);
+    }
   });
   return {adv, ret, rewards, kls};
 }

@@ -13,7 +13,7 @@
 // tensors for gae(), with rewards computed on the fly from log-probs for the fused ppo_advantages().
 #pragma once
 
-#include <cstring>
+#include <algorithm>
 #include <memory>
 
 #include "whiten.h"

@@ -8,79 +8,6 @@
 namespace cai {
 namespace {
 
-template <typename T>
-void kl_rows_fwd(const T* lp_base, const RowLayout& lp_layout, const T* ref_base, const RowLayout& ref_layout,
-                 int64_t n_rows, int64_t T_len, const KlParams<float>& p, float* out) {
-  at::parallel_for(0, n_rows, ppo_row_grain(T_len), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* lp = lp_base + lp_layout.offset(r);
-      const T* ref = ref_base + ref_layout.offset(r);
-      float* o = out + r * T_len;
-      int64_t t = 0;
-      for (; t + kPair <= T_len; t += kPair) {
-        Vec a0, a1, b0, b1;
-        load_pair(lp + t, a0, a1);
-        load_pair(ref + t, b0, b1);
-        kl_forward(a0 - b0, p).store(o + t);
-        kl_forward(a1 - b1, p).store(o + t + kLanes);
-      }
-      for (; t < T_len; t += kLanes) {
-        const int64_t n = std::min(kLanes, T_len - t);
-        kl_forward(load_floats(lp + t, n) - load_floats(ref + t, n), p).store(o + t, n);
-      }
-    }
-  });
-}
-
-void kl_rows_fwd(const double* lp_base, const RowLayout& lp_layout, const double* ref_base,
-                 const RowLayout& ref_layout, int64_t n_rows, int64_t T_len, const KlParams<double>& p, double* out) {
-  at::parallel_for(0, n_rows, ppo_row_grain(T_len), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const double* lp = lp_base + lp_layout.offset(r);
-      const double* ref = ref_base + ref_layout.offset(r);
-      for (int64_t t = 0; t < T_len; ++t) out[r * T_len + t] = kl_forward(lp[t] - ref[t], p);
-    }
-  });
-}
-
-template <typename T>
-void kl_rows_bwd(const float* grad, const T* lp_base, const RowLayout& lp_layout, const T* ref_base,
-                 const RowLayout& ref_layout, int64_t n_rows, int64_t T_len, const KlParams<float>& p, T* out) {
-  at::parallel_for(0, n_rows, ppo_row_grain(T_len), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* lp = lp_base + lp_layout.offset(r);
-      const T* ref = ref_base + ref_layout.offset(r);
-      const float* g = grad + r * T_len;
-      T* o = out + r * T_len;
-      int64_t t = 0;
-      for (; t + kPair <= T_len; t += kPair) {
-        Vec a0, a1, b0, b1;
-        load_pair(lp + t, a0, a1);
-        load_pair(ref + t, b0, b1);
-        store_pair(o + t, kl_backward(a0 - b0, Vec::loadu(g + t), p),
-                   kl_backward(a1 - b1, Vec::loadu(g + t + kLanes), p));
-      }
-      for (; t < T_len; ++t) {
-        o[t] = static_cast<T>(kl_backward<float>(static_cast<float>(lp[t]) - static_cast<float>(ref[t]), g[t],
-                                                 {p.estimator, p.lo, p.hi, p.out_lo, p.out_hi}));
-      }
-    }
-  });
-}
-
-void kl_rows_bwd(const double* grad, const double* lp_base, const RowLayout& lp_layout, const double* ref_base,
-                 const RowLayout& ref_layout, int64_t n_rows, int64_t T_len, const KlParams<double>& p, double* out) {
-  at::parallel_for(0, n_rows, ppo_row_grain(T_len), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const double* lp = lp_base + lp_layout.offset(r);
-      const double* ref = ref_base + ref_layout.offset(r);
-      for (int64_t t = 0; t < T_len; ++t) {
-        out[r * T_len + t] = kl_backward(lp[t] - ref[t], grad[r * T_len + t], p);
-      }
-    }
-  });
-}
-
 void check_views(const at::Tensor& logprobs, const at::Tensor& ref_logprobs) {
   TORCH_CHECK(logprobs.dim() == 3 && logprobs.stride(2) == 1 && ref_logprobs.dim() == 3 && ref_logprobs.stride(2) == 1,
               "logprobs and ref_logprobs must be (outer, inner, T) views with unit stride along T");
@@ -88,24 +15,41 @@ void check_views(const at::Tensor& logprobs, const at::Tensor& ref_logprobs) {
               "logprobs and ref_logprobs must have the same shape and dtype");
 }
 
+// Calls f(row, r, n, offset) in parallel over all rows, where r holds n log-ratios (a SIMD step or one
+// fp64 value) at `offset` into the row.
+template <typename T, typename F>
+void for_each_log_ratio(const at::Tensor& logprobs, const at::Tensor& ref_logprobs, F&& f) {
+  const int64_t n_rows = logprobs.size(0) * logprobs.size(1), T_len = logprobs.size(2);
+  const RowLayout lp_layout(logprobs), ref_layout(ref_logprobs);
+  const T* lp_base = logprobs.const_data_ptr<T>();
+  const T* ref_base = ref_logprobs.const_data_ptr<T>();
+  at::parallel_for(0, n_rows, ppo_row_grain(T_len), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* lp = lp_base + lp_layout.offset(r);
+      const T* ref = ref_base + ref_layout.offset(r);
+      walk_row<T>(T_len, [&](int64_t t, int64_t n) { f(r, load_lanes(lp + t, n) - load_lanes(ref + t, n), n, t); });
+    }
+  });
+}
+
+at::TensorOptions acc_options(const at::Tensor& x) {
+  return x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+}
+
 // logprobs, ref_logprobs: (outer, inner, T) views. Returns the (outer * inner, T) estimate, fp32
 // (fp64 for fp64 inputs).
 at::Tensor kl_penalty_fwd(const at::Tensor& logprobs, const at::Tensor& ref_logprobs, int64_t estimator, double lo,
                           double hi, double out_lo, double out_hi) {
   check_views(logprobs, ref_logprobs);
-  const int64_t n_rows = logprobs.size(0) * logprobs.size(1), T_len = logprobs.size(2);
-  const bool f64 = logprobs.scalar_type() == at::kDouble;
-  at::Tensor out = at::empty({n_rows, T_len}, logprobs.options().dtype(f64 ? at::kDouble : at::kFloat));
-  const RowLayout lp_layout(logprobs), ref_layout(ref_logprobs);
+  const int64_t T_len = logprobs.size(2);
+  at::Tensor out = at::empty({logprobs.size(0) * logprobs.size(1), T_len}, acc_options(logprobs));
+  const KlParams p{estimator, lo, hi, out_lo, out_hi};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logprobs.scalar_type(), "kl_penalty_fwd", [&] {
-    if constexpr (std::is_same_v<scalar_t, double>) {
-      kl_rows_fwd(logprobs.const_data_ptr<double>(), lp_layout, ref_logprobs.const_data_ptr<double>(), ref_layout,
-                  n_rows, T_len, KlParams<double>{estimator, lo, hi, out_lo, out_hi}, out.data_ptr<double>());
-    } else {
-      const KlParams<float> p{estimator, float(lo), float(hi), float(out_lo), float(out_hi)};
-      kl_rows_fwd(logprobs.const_data_ptr<scalar_t>(), lp_layout, ref_logprobs.const_data_ptr<scalar_t>(), ref_layout,
-                  n_rows, T_len, p, out.data_ptr<float>());
-    }
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    acc_t* o = out.data_ptr<acc_t>();
+    for_each_log_ratio<scalar_t>(logprobs, ref_logprobs, [&](int64_t r, const auto& raw, int64_t n, int64_t t) {
+      store_lanes<acc_t>(o + r * T_len + t, kl_forward(raw, p), n);
+    });
   });
   return out;
 }
@@ -115,21 +59,20 @@ at::Tensor kl_penalty_fwd(const at::Tensor& logprobs, const at::Tensor& ref_logp
 at::Tensor kl_penalty_bwd(const at::Tensor& grad, const at::Tensor& logprobs, const at::Tensor& ref_logprobs,
                           int64_t estimator, double lo, double hi, double out_lo, double out_hi) {
   check_views(logprobs, ref_logprobs);
-  const int64_t n_rows = logprobs.size(0) * logprobs.size(1), T_len = logprobs.size(2);
-  TORCH_CHECK(grad.is_contiguous() && grad.numel() == n_rows * T_len, "grad must be contiguous with one entry per token");
-  at::Tensor out = at::empty({n_rows, T_len}, logprobs.options());
-  const RowLayout lp_layout(logprobs), ref_layout(ref_logprobs);
+  const int64_t T_len = logprobs.size(2);
+  TORCH_CHECK(grad.is_contiguous() && grad.numel() == logprobs.numel() &&
+                  grad.scalar_type() == acc_options(logprobs).dtype().toScalarType(),
+              "grad must be contiguous, of the forward's output dtype, with one entry per token");
+  at::Tensor out = at::empty({logprobs.size(0) * logprobs.size(1), T_len}, logprobs.options());
+  const KlParams p{estimator, lo, hi, out_lo, out_hi};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logprobs.scalar_type(), "kl_penalty_bwd", [&] {
-    if constexpr (std::is_same_v<scalar_t, double>) {
-      kl_rows_bwd(grad.const_data_ptr<double>(), logprobs.const_data_ptr<double>(), lp_layout,
-                  ref_logprobs.const_data_ptr<double>(), ref_layout, n_rows, T_len,
-                  KlParams<double>{estimator, lo, hi, out_lo, out_hi}, out.data_ptr<double>());
-    } else {
-      TORCH_CHECK(grad.scalar_type() == at::kFloat, "grad must be float32 for 16/32-bit inputs");
-      const KlParams<float> p{estimator, float(lo), float(hi), float(out_lo), float(out_hi)};
-      kl_rows_bwd(grad.const_data_ptr<float>(), logprobs.const_data_ptr<scalar_t>(), lp_layout,
-                  ref_logprobs.const_data_ptr<scalar_t>(), ref_layout, n_rows, T_len, p, out.data_ptr<scalar_t>());
-    }
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const acc_t* g = grad.const_data_ptr<acc_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    for_each_log_ratio<scalar_t>(logprobs, ref_logprobs, [&](int64_t r, const auto& raw, int64_t n, int64_t t) {
+      const int64_t i = r * T_len + t;
+      store_lanes<scalar_t>(o + i, kl_backward(raw, load_lanes(g + i, n), p), n);
+    });
   });
   return out;
 }

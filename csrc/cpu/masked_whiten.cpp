@@ -15,17 +15,14 @@ at::Tensor masked_whiten_fwd(const at::Tensor& x, const at::Tensor& mask, bool s
   const bool f64 = x.scalar_type() == at::kDouble;
   at::Tensor out = at::empty({B, T}, x.options().dtype(f64 ? at::kDouble : at::kFloat));
   std::vector<Moments> row_stats(B);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "masked_whiten_fwd", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const Rows<scalar_t> xs = rows_of<scalar_t>(x);
-    dispatch_mask(mask, [&](const auto* mask_data) {
-      using M = std::remove_cv_t<std::remove_pointer_t<decltype(mask_data)>>;
-      const Rows<M> ms{mask_data, mask.stride(0)};
-      at::parallel_for(0, B, ppo_row_grain(T), [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) row_stats[r] = row_moments(xs.row(r), ms.row(r), T);
-      });
-      whiten_batch(xs, ms, out.data_ptr<acc_t>(), B, T, row_stats, shift_mean, unbiased, eps);
+  dispatch_values_and_mask(x.scalar_type(), mask, [&](auto tag, const auto& ms) {
+    using S = decltype(tag);
+    using acc_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
+    const Rows<S> xs = rows_of<S>(x);
+    at::parallel_for(0, B, ppo_row_grain(T), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) row_stats[r] = row_moments(xs.row(r), ms.row(r), T);
     });
+    whiten_batch(xs, ms, out.data_ptr<acc_t>(), B, T, row_stats, shift_mean, unbiased, eps);
   });
   return out;
 }

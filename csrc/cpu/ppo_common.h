@@ -1,11 +1,14 @@
-// Shared pieces of the PPO kernels: (B, T) row access, response masks of any dtype, masked sums.
+// Shared pieces of the PPO kernels: (B, T) row access, response masks of any dtype, masked sums, and
+// the overloads that let one per-token formula serve both the SIMD and the fp64 path.
 //
 // Every PPO tensor is (B, T) with a unit stride along T (the Python side makes a copy only when that
 // is not so) and any row stride. A response mask is read in its own dtype (bool / uint8, int32,
 // int64, float32): nonzero = response token. In SIMD code a mask becomes a vector of all-ones /
-// all-zeros lanes, so `x & mask` zeroes masked lanes *and* any NaN or inf that padding held.
+// all-zeros lanes, so `keep(mask, x)` zeroes masked lanes *and* any NaN or inf that padding held.
 #pragma once
 
+#include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "vec_helpers.h"
@@ -17,6 +20,7 @@ constexpr int64_t kLanes = Vec::size();
 // A (B, T) tensor's data with its row stride (elements); column stride 1.
 template <typename T>
 struct Rows {
+  using Elem = T;
   const T* data;
   int64_t stride;
   const T* row(int64_t r) const { return data + r * stride; }
@@ -44,6 +48,17 @@ void dispatch_mask(const at::Tensor& mask, F&& f) {
     default:
       TORCH_CHECK(false, "response_mask must be bool, uint8, int32, int64 or float32 here; got ", mask.scalar_type());
   }
+}
+
+// Calls f(T{}, Rows<M>) for the values' dtype T (float, BFloat16, Half, double) and the mask's rows.
+template <typename F>
+void dispatch_values_and_mask(at::ScalarType values, const at::Tensor& mask, F&& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, values, "cai_kernels PPO op", [&] {
+    dispatch_mask(mask, [&](const auto* mask_data) {
+      using M = std::remove_cv_t<std::remove_pointer_t<decltype(mask_data)>>;
+      f(scalar_t{}, Rows<M>{mask_data, mask.stride(0)});
+    });
+  });
 }
 
 // All-ones lanes where p[i] != 0. A fixed-size loop the compiler turns into a vector compare.
@@ -78,32 +93,6 @@ inline Vec load_floats(const T* p) {
   }
 }
 
-// A sum of many floats kept in SIMD lanes and flushed into a double every kFlush additions, so a
-// long row (T = 32768) loses no more precision than a 1024-element float sum.
-struct LaneSum {
-  static constexpr int kFlush = 128;
-  Vec lanes = Vec(0.f);
-  double total = 0.0;
-  int pending = 0;
-  void add(const Vec& x) {
-    lanes = lanes + x;
-    if (++pending == kFlush) flush();
-  }
-  void flush() {
-    alignas(64) float buf[kLanes];
-    lanes.store(buf);
-    for (int64_t i = 0; i < kLanes; ++i) total += buf[i];
-    lanes = Vec(0.f);
-    pending = 0;
-  }
-  double value() {
-    flush();
-    return total;
-  }
-};
-
-inline Vec ones_where(const Vec& mask) { return Vec(1.f) & mask; }
-
 // e^x in about 15 instructions, within 2 ulp: x = n ln2 + f with the Cody-Waite split of ln2 (exact
 // f for |x| < 2^12), e^f by its Taylor polynomial on |f| <= ln2 / 2 (truncation < 6e-9), 2^n
 // added into the exponent bits. Overflows to +inf above 88.72, flushes to 0 below -87.3 (no
@@ -127,6 +116,105 @@ inline Vec exp_fast(const Vec& x) {
   const Vec overflow = x > Vec(88.72283935546875f), underflow = x < Vec(-87.33654022216797f);
   return Vec::blendv(Vec::blendv(scaled, Vec(0.f), underflow), Vec(std::numeric_limits<float>::infinity()), overflow);
 }
+
+// ---- one formula, two forms ----------------------------------------------------------------------
+// Per-token formulas are templates over V: Vec (fp32 SIMD lanes; a comparison gives all-ones lanes)
+// for fp32 / bf16 / fp16 inputs, or double (the fp64 path; a comparison gives bool). The overloads
+// below bridge the two, so each formula is written once.
+template <typename T>
+using Lanes = std::conditional_t<std::is_same_v<T, double>, double, Vec>;
+
+inline Vec select(const Vec& cond, const Vec& if_true, const Vec& if_false) { return Vec::blendv(if_false, if_true, cond); }
+inline double select(bool cond, double if_true, double if_false) { return cond ? if_true : if_false; }
+inline Vec keep(const Vec& cond, const Vec& x) { return x & cond; }  // x where cond, else 0 (even for NaN x)
+inline double keep(bool cond, double x) { return cond ? x : 0.0; }
+inline Vec both(const Vec& a, const Vec& b) { return a & b; }
+inline bool both(bool a, bool b) { return a && b; }
+inline Vec indicator(const Vec& cond) { return Vec(1.f) & cond; }
+inline double indicator(bool cond) { return cond ? 1.0 : 0.0; }
+inline Vec maximum(const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }
+inline double maximum(double a, double b) { return std::max(a, b); }
+inline Vec minimum(const Vec& a, const Vec& b) { return at::vec::minimum(a, b); }
+inline double minimum(double a, double b) { return std::min(a, b); }
+inline Vec clamp(const Vec& x, const Vec& lo, const Vec& hi) { return at::vec::clamp(x, lo, hi); }
+inline double clamp(double x, double lo, double hi) { return std::min(std::max(x, lo), hi); }
+inline Vec exp_of(const Vec& x) { return exp_fast(x); }
+inline double exp_of(double x) { return std::exp(x); }
+inline Vec abs_of(const Vec& x) { return x.abs(); }
+inline double abs_of(double x) { return std::abs(x); }
+
+// Calls f(offset, count) over a row of n elements: kLanes at a time (a partial step at the tail)
+// for fp32 / bf16 / fp16 rows, one at a time for fp64 rows.
+template <typename T, typename F>
+inline void walk_row(int64_t n, F&& f) {
+  const int64_t step = std::is_same_v<T, double> ? 1 : kLanes;
+  int64_t t = 0;
+  for (; t + step <= n; t += step) f(t, step);
+  if (t < n) f(t, n - t);
+}
+
+template <typename T>
+inline Lanes<T> load_lanes(const T* p, int64_t n) {
+  if constexpr (std::is_same_v<T, double>) {
+    return *p;
+  } else {
+    return n == kLanes ? load_floats(p) : load_floats(p, n);
+  }
+}
+
+template <typename T, typename M>
+inline auto mask_lanes(const M* p, int64_t n) {
+  if constexpr (std::is_same_v<T, double>) {
+    return *p != M(0);
+  } else {
+    return n == kLanes ? mask_vec(p) : mask_vec(p, n);
+  }
+}
+
+// Stores n lanes of x (floats, rounded once to T) or the one double.
+template <typename T>
+inline void store_lanes(T* dst, const Lanes<T>& x, int64_t n) {
+  if constexpr (std::is_same_v<T, double>) {
+    *dst = x;
+  } else if constexpr (std::is_same_v<T, float>) {
+    if (n == kLanes) {
+      x.store(dst);
+    } else {
+      x.store(dst, n);
+    }
+  } else {
+    alignas(64) float buf[kLanes];
+    x.store(buf);
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(buf[i]);
+  }
+}
+
+// A sum of many floats kept in SIMD lanes and flushed into a double every kFlush additions, so a
+// long row (T = 32768) loses no more precision than a 1024-element float sum.
+struct LaneSum {
+  static constexpr int kFlush = 128;
+  Vec lanes = Vec(0.f);
+  double total = 0.0;
+  int pending = 0;
+  void add(const Vec& x) {
+    lanes = lanes + x;
+    if (++pending == kFlush) flush();
+  }
+  void add(double x) { total += x; }  // the fp64 path
+  void flush() {
+    alignas(64) float buf[kLanes];
+    lanes.store(buf);
+    for (int64_t i = 0; i < kLanes; ++i) total += buf[i];
+    lanes = Vec(0.f);
+    pending = 0;
+  }
+  double value() {
+    flush();
+    return total;
+  }
+};
+
+inline Vec ones_where(const Vec& mask) { return Vec(1.f) & mask; }
 
 // Rows handed to one thread at a time for (B, T) work: enough elements to amortize the threading.
 inline int64_t ppo_row_grain(int64_t T) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(T, 1)); }

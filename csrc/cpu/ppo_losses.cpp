@@ -1,5 +1,6 @@
-// ppo_policy_loss and ppo_value_loss: forward (one read of the inputs, per-row partial sums merged in
-// row order, so the result does not depend on the thread count) and backward (one read, one write).
+// The clipped PPO losses (policy and value): forward (one read of the inputs; per-row partial sums
+// merged in row order, so the result does not depend on the thread count) and backward (one read,
+// one write). Both losses share everything but the per-token formula.
 //
 // Aggregation (agg): 0 token-mean, 1 seq-mean-token-mean, 2 seq-mean-token-sum. The forward returns
 // the per-row weight w_b with loss = sum_b w_b * sum_t loss_bt, which is all the backward needs:
@@ -16,125 +17,96 @@
 namespace cai {
 namespace {
 
-constexpr float kLogRatioLimit = 20.f;  // reference/ppo.py LOG_RATIO_LIMIT
+constexpr double kLogRatioLimit = 20.0;  // reference/ppo.py LOG_RATIO_LIMIT
 enum Agg : int64_t { kTokenMean = 0, kSeqMeanTokenMean = 1, kSeqMeanTokenSum = 2 };
+enum LossKind : int64_t { kPolicy = 0, kValue = 1 };
 
-inline Vec select(const Vec& cond, const Vec& if_true, const Vec& if_false) { return Vec::blendv(if_false, if_true, cond); }
-
-// One of the two maxima / minima in the losses: d max(a, b) = da, db or their mean on a tie.
-inline Vec max_grad(const Vec& a, const Vec& b, const Vec& da, const Vec& db) {
-  return select(a > b, da, select(b > a, db, Vec(0.5f) * (da + db)));
-}
-template <typename A>
-inline A max_grad(A a, A b, A da, A db) {
-  return a > b ? da : (b > a ? db : A(0.5) * (da + db));
-}
-
-struct PolicyParams {
-  double ratio_lo, ratio_hi, dual;  // ratio clip range [1 - clip_low, 1 + clip_high], dual clip bound c
-  bool has_dual;
+// policy: (x, y, z) = (logprobs, old_logprobs, advantages), p0 = 1 - clip_low, p1 = 1 + clip_high,
+//         p2 = dual-clip bound c (<= 0: none)
+// value:  (x, y, z) = (values, old_values, returns), p0 = clip (< 0: none)
+struct LossParams {
+  int64_t kind;
+  double p0, p1, p2;
 };
 
-// Per-token loss, branch indicators and d loss / d logprobs (before the row weight).
-struct PolicyToken {
-  Vec loss, clipped, dual_hit, log_ratio, grad;
+// Per token: the loss, up to four statistics (policy: clipped, dual-clipped, k3 and k1 of
+// KL(old || new); value: clipped) and d loss / d x.
+template <typename V>
+struct Token {
+  V loss;
+  std::array<V, 4> stats;
+  V grad;
 };
 
-template <bool kGrad>
-inline PolicyToken policy_token(const Vec& lp, const Vec& old, const Vec& adv, const PolicyParams& p) {
-  const Vec raw = lp - old;
-  const Vec log_ratio = at::vec::clamp(raw, Vec(-kLogRatioLimit), Vec(kLogRatioLimit));
-  const Vec ratio = exp_fast(log_ratio);
-  const Vec neg_adv = adv.neg();
-  const Vec lo(static_cast<float>(p.ratio_lo)), hi(static_cast<float>(p.ratio_hi));
-  const Vec unclipped = neg_adv * ratio;
-  const Vec clipped = neg_adv * at::vec::clamp(ratio, lo, hi);
-  const Vec loss = at::vec::maximum(unclipped, clipped);
-  PolicyToken out{loss, clipped > unclipped, Vec(0.f), log_ratio, Vec(0.f)};
-  Vec grad;
-  if (kGrad) grad = max_grad(unclipped, clipped, unclipped, unclipped & ((ratio >= lo) & (ratio <= hi)));
-  if (p.has_dual) {
-    const Vec bound = neg_adv * Vec(static_cast<float>(p.dual));
-    const Vec negative = adv < Vec(0.f);
-    out.dual_hit = negative & (loss > bound);
-    out.loss = select(negative, at::vec::minimum(loss, bound), loss);
-    if (kGrad) grad = select(negative, select(loss < bound, grad, Vec(0.5f) * grad & (loss == bound)), grad);
+// d max(a, b) as torch.maximum: the larger branch's derivative, their mean on a tie.
+template <typename V>
+inline V max_grad(const V& a, const V& b, const V& da, const V& db) {
+  return select(a > b, da, select(b > a, db, V(0.5) * (da + db)));
+}
+
+template <typename V>
+inline Token<V> policy_token(const V& lp, const V& old, const V& adv, const LossParams& p) {
+  const V raw = lp - old, limit(kLogRatioLimit);
+  const V log_ratio = clamp(raw, V(0) - limit, limit);
+  const V ratio = exp_of(log_ratio), lo(p.p0), hi(p.p1), neg_adv = V(0) - adv;
+  const V unclipped = neg_adv * ratio, clipped = neg_adv * clamp(ratio, lo, hi);
+  V loss = maximum(unclipped, clipped);
+  V grad = max_grad(unclipped, clipped, unclipped, keep(both(ratio >= lo, ratio <= hi), unclipped));
+  V dual_hit = V(0);
+  if (p.p2 > 0.0) {
+    const V bound = neg_adv * V(p.p2);
+    const auto negative = adv < V(0);
+    dual_hit = indicator(both(negative, loss > bound));
+    // min(loss, bound) as torch.minimum, on the A < 0 tokens only
+    grad = select(negative, select(loss < bound, grad, keep(loss == bound, V(0.5) * grad)), grad);
+    loss = select(negative, minimum(loss, bound), loss);
   }
-  if (kGrad) out.grad = grad & ((raw >= Vec(-kLogRatioLimit)) & (raw <= Vec(kLogRatioLimit)));
-  return out;
+  grad = keep(both(raw >= V(0) - limit, raw <= limit), grad);
+  return {loss, {indicator(clipped > unclipped), dual_hit, exp_minus_1_minus_x(log_ratio), V(0) - log_ratio}, grad};
 }
 
-template <typename A>
-struct PolicyTokenScalar {
-  A loss, clipped, dual_hit, log_ratio, grad;
-};
+template <typename V>
+inline Token<V> value_token(const V& v, const V& old, const V& ret, const LossParams& p) {
+  const V err = v - ret, unclipped = err * err;
+  if (p.p0 < 0.0) return {V(0.5) * unclipped, {V(0), V(0), V(0), V(0)}, err};
+  const V lo = old - V(p.p0), hi = old + V(p.p0);
+  const V clipped_err = clamp(v, lo, hi) - ret, clipped = clipped_err * clipped_err;
+  return {V(0.5) * maximum(unclipped, clipped), {indicator(clipped > unclipped), V(0), V(0), V(0)},
+          max_grad(unclipped, clipped, err, keep(both(v >= lo, v <= hi), clipped_err))};
+}
 
-template <typename A>
-inline PolicyTokenScalar<A> policy_token(A lp, A old, A adv, const PolicyParams& p) {
-  const A raw = lp - old, limit = kLogRatioLimit;
-  const A log_ratio = std::min(std::max(raw, -limit), limit);
-  const A ratio = std::exp(log_ratio), lo = p.ratio_lo, hi = p.ratio_hi;
-  const A unclipped = -adv * ratio, clipped = -adv * std::min(std::max(ratio, lo), hi);
-  const A loss = std::max(unclipped, clipped);
-  PolicyTokenScalar<A> out{loss, A(clipped > unclipped), A(0), log_ratio, A(0)};
-  A grad = max_grad(unclipped, clipped, unclipped, ratio >= lo && ratio <= hi ? unclipped : A(0));
-  if (p.has_dual && adv < A(0)) {
-    const A bound = -adv * A(p.dual);
-    out.dual_hit = A(loss > bound);
-    out.loss = std::min(loss, bound);
-    grad = loss < bound ? grad : (loss == bound ? A(0.5) * grad : A(0));
+template <typename V>
+inline Token<V> loss_token(const V& x, const V& y, const V& z, const LossParams& p) {
+  return p.kind == kPolicy ? policy_token(x, y, z, p) : value_token(x, y, z, p);
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& y, const at::Tensor& z, const at::Tensor& mask) {
+  for (const at::Tensor* t : {&x, &y, &z, &mask}) {
+    TORCH_CHECK(t->dim() == 2 && t->sizes() == x.sizes() && (t->size(1) <= 1 || t->stride(1) == 1),
+                "the loss inputs and mask must be (B, T) tensors of one shape with unit stride along T");
   }
-  out.grad = raw >= -limit && raw <= limit ? grad : A(0);
-  return out;
+  TORCH_CHECK(y.scalar_type() == x.scalar_type() && z.scalar_type() == x.scalar_type(),
+              "the loss inputs must have one dtype");
 }
 
-struct ValueParams {
-  double clip;
-  bool has_clip;
-};
-
-struct ValueToken {
-  Vec loss, clipped, grad;
-};
-
-template <bool kGrad>
-inline ValueToken value_token(const Vec& v, const Vec& old, const Vec& ret, const ValueParams& p) {
-  const Vec err = v - ret;
-  const Vec unclipped = err * err;
-  if (!p.has_clip) return {Vec(0.5f) * unclipped, Vec(0.f), err};
-  const Vec clip(static_cast<float>(p.clip));
-  const Vec lo = old - clip, hi = old + clip;
-  const Vec clipped_err = at::vec::clamp(v, lo, hi) - ret;
-  const Vec clipped = clipped_err * clipped_err;
-  ValueToken out{Vec(0.5f) * at::vec::maximum(unclipped, clipped), clipped > unclipped, Vec(0.f)};
-  if (kGrad) out.grad = max_grad(unclipped, clipped, err, clipped_err & ((v >= lo) & (v <= hi)));
-  return out;
-}
-
-template <typename A>
-inline std::array<A, 3> value_token(A v, A old, A ret, const ValueParams& p) {  // loss, clipped, grad
-  const A err = v - ret, unclipped = err * err;
-  if (!p.has_clip) return {A(0.5) * unclipped, A(0), err};
-  const A lo = old - A(p.clip), hi = old + A(p.clip);
-  const A clipped_err = std::min(std::max(v, lo), hi) - ret, clipped = clipped_err * clipped_err;
-  return {A(0.5) * std::max(unclipped, clipped), A(clipped > unclipped),
-          max_grad(unclipped, clipped, err, v >= lo && v <= hi ? clipped_err : A(0))};
-}
-
-// Per-row sums: [0] loss, [1] response tokens, then op-specific statistics.
-constexpr int kSums = 6;
-using RowSums = std::array<double, kSums>;
-
-// Applies `token` to every response token of every row; `token(lp, old, adv, mask, n, sums)` for
-// vectors and the scalar path are supplied by the op.
-template <typename RowFn>
-std::vector<RowSums> row_sums(int64_t B, int64_t T, RowFn&& row_fn) {
-  std::vector<RowSums> sums(B);
-  at::parallel_for(0, B, ppo_row_grain(T), [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) sums[b] = row_fn(b);
+// Calls f(b, x_row, y_row, z_row, mask_row) for every row b, in parallel.
+template <typename F>
+void for_each_row(const at::Tensor& x, const at::Tensor& y, const at::Tensor& z, const at::Tensor& mask, F&& f) {
+  const int64_t B = x.size(0), T = x.size(1);
+  dispatch_values_and_mask(x.scalar_type(), mask, [&](auto tag, const auto& ms) {
+    using S = decltype(tag);
+    const Rows<S> xs = rows_of<S>(x), ys = rows_of<S>(y), zs = rows_of<S>(z);
+    at::parallel_for(0, B, ppo_row_grain(T), [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) f(b, xs.row(b), ys.row(b), zs.row(b), ms.row(b));
+    });
   });
-  return sums;
 }
+
+template <typename P>
+using Elem = std::remove_cv_t<std::remove_pointer_t<P>>;
+
+// Per-row sums: [0] loss, [1] response tokens, [2..5] the statistics.
+using RowSums = std::array<double, 6>;
 
 // Row weights and the weighted loss; stats[1..] = sums[2..] / N. Returns (stats, weights).
 std::tuple<at::Tensor, at::Tensor> finish(const std::vector<RowSums>& sums, int64_t agg, int n_stats,
@@ -147,7 +119,6 @@ std::tuple<at::Tensor, at::Tensor> finish(const std::vector<RowSums>& sums, int6
   }
   at::Tensor weights = at::empty({B}, options.dtype(at::kDouble));
   double* w = weights.data_ptr<double>();
-  double loss = 0.0;
   std::vector<double> totals(n_stats, 0.0);
   for (int64_t b = 0; b < B; ++b) {
     const double n = sums[b][1];
@@ -156,228 +127,62 @@ std::tuple<at::Tensor, at::Tensor> finish(const std::vector<RowSums>& sums, int6
     } else {
       w[b] = n == 0.0 ? 0.0 : (agg == kSeqMeanTokenMean ? 1.0 / (n * rows) : 1.0 / rows);
     }
-    loss += w[b] * sums[b][0];
+    totals[0] += w[b] * sums[b][0];
     for (int i = 1; i < n_stats; ++i) totals[i] += sums[b][i + 1];
   }
   at::Tensor stats = at::empty({n_stats}, options.dtype(at::kDouble));
   double* st = stats.data_ptr<double>();
-  st[0] = loss;
+  st[0] = totals[0];
   for (int i = 1; i < n_stats; ++i) st[i] = tokens > 0.0 ? totals[i] / tokens : 0.0;
   const at::ScalarType dtype = options.dtype().toScalarType();
   return {stats.to(dtype), weights.to(dtype)};
 }
 
-void check_inputs(std::initializer_list<std::pair<const at::Tensor*, const char*>> tensors, const at::Tensor& mask) {
-  const at::Tensor& first = *tensors.begin()->first;
-  TORCH_CHECK(first.dim() == 2, "expected (B, T) tensors");
-  for (const auto& [t, name] : tensors) {
-    TORCH_CHECK(t->sizes() == first.sizes() && t->scalar_type() == first.scalar_type() &&
-                    (t->size(1) <= 1 || t->stride(1) == 1),
-                name, " must be (B, T) like the first input, of the same dtype, with unit stride along T");
-  }
-  TORCH_CHECK(mask.sizes() == first.sizes() && (mask.size(1) <= 1 || mask.stride(1) == 1),
-              "mask must be (B, T) with unit stride along T");
-}
-
-at::TensorOptions acc_options(const at::Tensor& x) {
-  return x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-}
-
-// Walks one row in kLanes steps; f(x0, x1, x2, m, grad_out_offset) gets three input vectors and
-// the mask vector (tail lanes off).
-template <typename T, typename M, typename F>
-inline void for_each_vector(const T* x0, const T* x1, const T* x2, const M* mask, int64_t T_len, F&& f) {
-  int64_t t = 0;
-  for (; t + kLanes <= T_len; t += kLanes) {
-    f(load_floats(x0 + t), load_floats(x1 + t), load_floats(x2 + t), mask_vec(mask + t), t, kLanes);
-  }
-  if (t < T_len) {
-    const int64_t n = T_len - t;
-    f(load_floats(x0 + t, n), load_floats(x1 + t, n), load_floats(x2 + t, n), mask_vec(mask + t, n), t, n);
-  }
-}
-
-template <typename T>
-inline void store_floats(T* dst, const Vec& x, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (n == kLanes) {
-      x.store(dst);
-    } else {
-      x.store(dst, n);
-    }
-  } else {
-    alignas(64) float buf[kLanes];
-    x.store(buf);
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(buf[i]);
-  }
-}
-
-// ---- policy loss ---------------------------------------------------------------------------------
-
-std::tuple<at::Tensor, at::Tensor> ppo_policy_loss_fwd(const at::Tensor& logprobs, const at::Tensor& old_logprobs,
-                                                       const at::Tensor& advantages, const at::Tensor& mask,
-                                                       double clip_low, double clip_high, double dual_clip,
-                                                       int64_t agg) {
-  check_inputs({{&logprobs, "logprobs"}, {&old_logprobs, "old_logprobs"}, {&advantages, "advantages"}}, mask);
-  const int64_t B = logprobs.size(0), T = logprobs.size(1);
-  const PolicyParams p{1.0 - clip_low, 1.0 + clip_high, dual_clip, dual_clip > 0.0};
-  std::vector<RowSums> sums;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logprobs.scalar_type(), "ppo_policy_loss_fwd", [&] {
-    const Rows<scalar_t> lp = rows_of<scalar_t>(logprobs), old = rows_of<scalar_t>(old_logprobs);
-    const Rows<scalar_t> adv = rows_of<scalar_t>(advantages);
-    dispatch_mask(mask, [&](const auto* mask_data) {
-      using M = std::remove_cv_t<std::remove_pointer_t<decltype(mask_data)>>;
-      const Rows<M> ms{mask_data, mask.stride(0)};
-      sums = row_sums(B, T, [&](int64_t b) {
-        RowSums s{};
-        if constexpr (std::is_same_v<scalar_t, double>) {
-          const M* m = ms.row(b);
-          for (int64_t t = 0; t < T; ++t) {
-            if (m[t] == M(0)) continue;
-            const auto tok = policy_token<double>(lp.row(b)[t], old.row(b)[t], adv.row(b)[t], p);
-            s[0] += tok.loss, s[1] += 1.0, s[2] += tok.clipped, s[3] += tok.dual_hit;
-            s[4] += std::expm1(tok.log_ratio) - tok.log_ratio, s[5] -= tok.log_ratio;
-          }
-        } else {
-          LaneSum loss, count, clipped, dual, kl3, kl1;
-          for_each_vector(lp.row(b), old.row(b), adv.row(b), ms.row(b), T,
-                          [&](const Vec& x, const Vec& o, const Vec& a, const Vec& m, int64_t, int64_t) {
-                            const PolicyToken tok = policy_token<false>(x, o, a, p);
-                            loss.add(tok.loss & m);
-                            count.add(ones_where(m));
-                            clipped.add(ones_where(tok.clipped & m));
-                            dual.add(ones_where(tok.dual_hit & m));
-                            kl3.add(exp_minus_1_minus_x(tok.log_ratio) & m);
-                            kl1.add(tok.log_ratio.neg() & m);
-                          });
-          s = {loss.value(), count.value(), clipped.value(), dual.value(), kl3.value(), kl1.value()};
-        }
-        return s;
-      });
+// Returns (stats, row_weights): stats = [loss, clipfrac, dual_clipfrac, approx_kl, approx_kl_k1] for
+// the policy loss, [loss, clipfrac] for the value loss; fp32 (fp64 for fp64 inputs).
+std::tuple<at::Tensor, at::Tensor> ppo_loss_fwd(const at::Tensor& x, const at::Tensor& y, const at::Tensor& z,
+                                                const at::Tensor& mask, int64_t kind, double p0, double p1, double p2,
+                                                int64_t agg) {
+  check_inputs(x, y, z, mask);
+  const LossParams p{kind, p0, p1, p2};
+  const int64_t B = x.size(0), T = x.size(1);
+  std::vector<RowSums> sums(B);
+  for_each_row(x, y, z, mask, [&](int64_t b, const auto* xr, const auto* yr, const auto* zr, const auto* mr) {
+    using S = Elem<decltype(xr)>;
+    std::array<LaneSum, 6> row{};
+    walk_row<S>(T, [&](int64_t t, int64_t n) {
+      const auto m = mask_lanes<S>(mr + t, n);
+      const auto token = loss_token(load_lanes(xr + t, n), load_lanes(yr + t, n), load_lanes(zr + t, n), p);
+      row[0].add(keep(m, token.loss));
+      row[1].add(indicator(m));
+      for (int i = 0; i < 4; ++i) row[2 + i].add(keep(m, token.stats[i]));
     });
+    for (int i = 0; i < 6; ++i) sums[b][i] = row[i].value();
   });
-  return finish(sums, agg, 5, acc_options(logprobs));
+  const auto options = x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  return finish(sums, agg, kind == kPolicy ? 5 : 2, options);
 }
 
-// grad_loss: 0-d; row_weights (B,) from the forward. Returns d loss / d logprobs, (B, T) contiguous,
-// logprobs' dtype, 0 on masked positions.
-at::Tensor ppo_policy_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& logprobs, const at::Tensor& old_logprobs,
-                               const at::Tensor& advantages, const at::Tensor& mask, const at::Tensor& row_weights,
-                               double clip_low, double clip_high, double dual_clip) {
-  check_inputs({{&logprobs, "logprobs"}, {&old_logprobs, "old_logprobs"}, {&advantages, "advantages"}}, mask);
-  const int64_t B = logprobs.size(0), T = logprobs.size(1);
+// grad_loss: 0-d; row_weights (B,) from the forward. Returns d loss / d x, (B, T) contiguous, x's
+// dtype, 0 on masked positions.
+at::Tensor ppo_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& y, const at::Tensor& z,
+                        const at::Tensor& mask, const at::Tensor& row_weights, int64_t kind, double p0, double p1,
+                        double p2) {
+  check_inputs(x, y, z, mask);
+  const int64_t B = x.size(0), T = x.size(1);
   TORCH_CHECK(row_weights.numel() == B && row_weights.is_contiguous(), "row_weights must be (B,) contiguous");
-  const PolicyParams p{1.0 - clip_low, 1.0 + clip_high, dual_clip, dual_clip > 0.0};
+  const LossParams p{kind, p0, p1, p2};
   const double g = grad_loss.item<double>();
   const at::Tensor weights = row_weights.to(at::kDouble);
   const double* w = weights.const_data_ptr<double>();
-  at::Tensor grad = at::empty({B, T}, logprobs.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logprobs.scalar_type(), "ppo_policy_loss_bwd", [&] {
-    const Rows<scalar_t> lp = rows_of<scalar_t>(logprobs), old = rows_of<scalar_t>(old_logprobs);
-    const Rows<scalar_t> adv = rows_of<scalar_t>(advantages);
-    scalar_t* out = grad.data_ptr<scalar_t>();
-    dispatch_mask(mask, [&](const auto* mask_data) {
-      using M = std::remove_cv_t<std::remove_pointer_t<decltype(mask_data)>>;
-      const Rows<M> ms{mask_data, mask.stride(0)};
-      at::parallel_for(0, B, ppo_row_grain(T), [&](int64_t begin, int64_t end) {
-        for (int64_t b = begin; b < end; ++b) {
-          scalar_t* o = out + b * T;
-          if constexpr (std::is_same_v<scalar_t, double>) {
-            const M* m = ms.row(b);
-            for (int64_t t = 0; t < T; ++t) {
-              o[t] = m[t] == M(0) ? 0.0 : g * w[b] * policy_token<double>(lp.row(b)[t], old.row(b)[t], adv.row(b)[t], p).grad;
-            }
-          } else {
-            const Vec scale(static_cast<float>(g * w[b]));
-            for_each_vector(lp.row(b), old.row(b), adv.row(b), ms.row(b), T,
-                            [&](const Vec& x, const Vec& ol, const Vec& a, const Vec& m, int64_t t, int64_t n) {
-                              store_floats(o + t, (scale * policy_token<true>(x, ol, a, p).grad) & m, n);
-                            });
-          }
-        }
-      });
-    });
-  });
-  return grad;
-}
-
-// ---- value loss ----------------------------------------------------------------------------------
-
-std::tuple<at::Tensor, at::Tensor> ppo_value_loss_fwd(const at::Tensor& values, const at::Tensor& old_values,
-                                                      const at::Tensor& returns, const at::Tensor& mask, double clip,
-                                                      int64_t agg) {
-  check_inputs({{&values, "values"}, {&old_values, "old_values"}, {&returns, "returns"}}, mask);
-  const int64_t B = values.size(0), T = values.size(1);
-  const ValueParams p{clip, clip >= 0.0};
-  std::vector<RowSums> sums;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, values.scalar_type(), "ppo_value_loss_fwd", [&] {
-    const Rows<scalar_t> vs = rows_of<scalar_t>(values), old = rows_of<scalar_t>(old_values);
-    const Rows<scalar_t> rs = rows_of<scalar_t>(returns);
-    dispatch_mask(mask, [&](const auto* mask_data) {
-      using M = std::remove_cv_t<std::remove_pointer_t<decltype(mask_data)>>;
-      const Rows<M> ms{mask_data, mask.stride(0)};
-      sums = row_sums(B, T, [&](int64_t b) {
-        RowSums s{};
-        if constexpr (std::is_same_v<scalar_t, double>) {
-          const M* m = ms.row(b);
-          for (int64_t t = 0; t < T; ++t) {
-            if (m[t] == M(0)) continue;
-            const auto tok = value_token<double>(vs.row(b)[t], old.row(b)[t], rs.row(b)[t], p);
-            s[0] += tok[0], s[1] += 1.0, s[2] += tok[1];
-          }
-        } else {
-          LaneSum loss, count, clipped;
-          for_each_vector(vs.row(b), old.row(b), rs.row(b), ms.row(b), T,
-                          [&](const Vec& v, const Vec& o, const Vec& r, const Vec& m, int64_t, int64_t) {
-                            const ValueToken tok = value_token<false>(v, o, r, p);
-                            loss.add(tok.loss & m);
-                            count.add(ones_where(m));
-                            clipped.add(ones_where(tok.clipped & m));
-                          });
-          s[0] = loss.value(), s[1] = count.value(), s[2] = clipped.value();
-        }
-        return s;
-      });
-    });
-  });
-  return finish(sums, agg, 2, acc_options(values));
-}
-
-at::Tensor ppo_value_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& values, const at::Tensor& old_values,
-                              const at::Tensor& returns, const at::Tensor& mask, const at::Tensor& row_weights,
-                              double clip) {
-  check_inputs({{&values, "values"}, {&old_values, "old_values"}, {&returns, "returns"}}, mask);
-  const int64_t B = values.size(0), T = values.size(1);
-  TORCH_CHECK(row_weights.numel() == B && row_weights.is_contiguous(), "row_weights must be (B,) contiguous");
-  const ValueParams p{clip, clip >= 0.0};
-  const double g = grad_loss.item<double>();
-  const at::Tensor weights = row_weights.to(at::kDouble);
-  const double* w = weights.const_data_ptr<double>();
-  at::Tensor grad = at::empty({B, T}, values.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, values.scalar_type(), "ppo_value_loss_bwd", [&] {
-    const Rows<scalar_t> vs = rows_of<scalar_t>(values), old = rows_of<scalar_t>(old_values);
-    const Rows<scalar_t> rs = rows_of<scalar_t>(returns);
-    scalar_t* out = grad.data_ptr<scalar_t>();
-    dispatch_mask(mask, [&](const auto* mask_data) {
-      using M = std::remove_cv_t<std::remove_pointer_t<decltype(mask_data)>>;
-      const Rows<M> ms{mask_data, mask.stride(0)};
-      at::parallel_for(0, B, ppo_row_grain(T), [&](int64_t begin, int64_t end) {
-        for (int64_t b = begin; b < end; ++b) {
-          scalar_t* o = out + b * T;
-          if constexpr (std::is_same_v<scalar_t, double>) {
-            const M* m = ms.row(b);
-            for (int64_t t = 0; t < T; ++t) {
-              o[t] = m[t] == M(0) ? 0.0 : g * w[b] * value_token<double>(vs.row(b)[t], old.row(b)[t], rs.row(b)[t], p)[2];
-            }
-          } else {
-            const Vec scale(static_cast<float>(g * w[b]));
-            for_each_vector(vs.row(b), old.row(b), rs.row(b), ms.row(b), T,
-                            [&](const Vec& v, const Vec& ol, const Vec& r, const Vec& m, int64_t t, int64_t n) {
-                              store_floats(o + t, (scale * value_token<true>(v, ol, r, p).grad) & m, n);
-                            });
-          }
-        }
-      });
+  at::Tensor grad = at::empty({B, T}, x.options());
+  for_each_row(x, y, z, mask, [&](int64_t b, const auto* xr, const auto* yr, const auto* zr, const auto* mr) {
+    using S = Elem<decltype(xr)>;
+    const Lanes<S> scale(g * w[b]);
+    S* out = grad.data_ptr<S>() + b * T;
+    walk_row<S>(T, [&](int64_t t, int64_t n) {
+      const auto token = loss_token(load_lanes(xr + t, n), load_lanes(yr + t, n), load_lanes(zr + t, n), p);
+      store_lanes<S>(out + t, keep(mask_lanes<S>(mr + t, n), scale * token.grad), n);
     });
   });
   return grad;
@@ -387,19 +192,13 @@ at::Tensor ppo_value_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& val
 }  // namespace cai
 
 TORCH_LIBRARY_FRAGMENT(cai_kernels_cpu, m) {
-  m.def("ppo_policy_loss_fwd(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, float clip_low, "
-        "float clip_high, float dual_clip, int agg) -> (Tensor, Tensor)");
-  m.def("ppo_policy_loss_bwd(Tensor grad_loss, Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, "
-        "Tensor row_weights, float clip_low, float clip_high, float dual_clip) -> Tensor");
-  m.def("ppo_value_loss_fwd(Tensor values, Tensor old_values, Tensor returns, Tensor mask, float clip, int agg) "
+  m.def("ppo_loss_fwd(Tensor x, Tensor y, Tensor z, Tensor mask, int kind, float p0, float p1, float p2, int agg) "
         "-> (Tensor, Tensor)");
-  m.def("ppo_value_loss_bwd(Tensor grad_loss, Tensor values, Tensor old_values, Tensor returns, Tensor mask, "
-        "Tensor row_weights, float clip) -> Tensor");
+  m.def("ppo_loss_bwd(Tensor grad_loss, Tensor x, Tensor y, Tensor z, Tensor mask, Tensor row_weights, int kind, "
+        "float p0, float p1, float p2) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(cai_kernels_cpu, CPU, m) {
-  m.impl("ppo_policy_loss_fwd", &cai::ppo_policy_loss_fwd);
-  m.impl("ppo_policy_loss_bwd", &cai::ppo_policy_loss_bwd);
-  m.impl("ppo_value_loss_fwd", &cai::ppo_value_loss_fwd);
-  m.impl("ppo_value_loss_bwd", &cai::ppo_value_loss_bwd);
+  m.impl("ppo_loss_fwd", &cai::ppo_loss_fwd);
+  m.impl("ppo_loss_bwd", &cai::ppo_loss_bwd);
 }
