@@ -2,7 +2,10 @@
 #   make test   create .venv, install torch (CPU build here), the project with its C++ extension and
 #               test extras, then run the whole test suite
 #   make demo   the same set-up, then the main job
-# Others: make bench (benchmark suite), make bench-quick, make test-fast (skips slow tests), make clean.
+# Others: make bench (benchmark suite: results, table and plots in benchmarks/results/, README section),
+#         make bench-quick (3-minute subset), make test-fast (skips slow tests), make clean.
+# GPU:    make gpu-wheels here (downloads the GPU peers' wheels into .whl/), then on the lent GPU machine
+#         `bash benchmarks/gpu.sh test|bench-logprobs|bench-rest` (or `make bench-gpu`: all parts at once).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,7 +17,7 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo bench bench-quick clean
+.PHONY: install test test-fast demo bench-deps bench bench-quick bench-gpu gpu-wheels clean
 
 install: $(STAMP)
 
@@ -36,11 +39,32 @@ test-fast: install
 demo: install
 	$(PY) -m cai_kernels demo
 
-bench: install
-	$(PY) -m pytest benchmarks --benchmark-only $(PYTEST_ARGS)
+# TRL is a peer of the benchmarks only (--no-deps: it would pull another torch and more).
+bench-deps: install
+	$(PY) -c "import trl" 2>/dev/null || $(PIP) install -q --no-deps trl
 
-bench-quick: install
-	$(PY) -m pytest benchmarks --benchmark-only -m quick $(PYTEST_ARGS)
+bench: bench-deps
+	mkdir -p benchmarks/results
+	name=$$($(PY) -m benchmarks.report --name) && \
+	$(PY) -m pytest benchmarks --benchmark-only -p no:cacheprovider \
+		--benchmark-json=benchmarks/results/$$name.json $(PYTEST_ARGS) && \
+	$(PY) -m benchmarks.report benchmarks/results/$$name.json --readme README.md
+
+bench-quick: bench-deps
+	mkdir -p benchmarks/results/quick
+	name=$$($(PY) -m benchmarks.report --name) && \
+	$(PY) -m pytest benchmarks --benchmark-only -m quick -p no:cacheprovider \
+		--benchmark-json=benchmarks/results/quick/$$name.json $(PYTEST_ARGS) && \
+	$(PY) -m benchmarks.report benchmarks/results/quick/$$name.json
+
+bench-gpu:
+	bash benchmarks/gpu.sh all
+
+# Pure-Python wheels of the GPU peers, for a GPU machine without internet (benchmarks/gpu.sh installs them).
+gpu-wheels: install
+	mkdir -p .whl
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl liger-kernel cut-cross-entropy trl
 
 clean:
 	rm -rf build *.egg-info cai_kernels/_C_*.so .pytest_cache
