@@ -40,6 +40,19 @@ OPS: dict[str, Op] = {op.name: op for op in (
     # Family 1: log-prob scoring
     Op("token_logprobs", "cai_kernels.reference.logprobs:token_logprobs",
        ("token_logprobs_fwd", "token_logprobs_bwd"), "cai_kernels.triton.logprobs"),
+    # Family 2: preference-model losses
+    Op("pairwise_loss", "cai_kernels.reference.pairwise:pairwise_loss",
+       ("pairwise_loss_fwd", "pairwise_loss_bwd"), "cai_kernels.triton.pairwise"),
+    Op("last_token_rewards", "cai_kernels.reference.pairwise:last_token_rewards",
+       ("last_token_rewards_fwd", "last_token_rewards_bwd"), "cai_kernels.triton.pairwise"),
+    Op("reward_pairwise_loss", "cai_kernels.reference.pairwise:reward_pairwise_loss",
+       ("last_token_rewards_fwd", "last_token_rewards_bwd", "pairwise_loss_fwd", "pairwise_loss_bwd"),
+       "cai_kernels.triton.pairwise"),
+    Op("ranked_pairwise_loss", "cai_kernels.reference.pairwise:ranked_pairwise_loss",
+       ("ranked_pairwise_loss_fwd", "ranked_pairwise_loss_bwd"), "cai_kernels.triton.pairwise"),
+    Op("reward_ranked_loss", "cai_kernels.reference.pairwise:reward_ranked_loss",
+       ("last_token_rewards_fwd", "last_token_rewards_bwd", "ranked_pairwise_loss_fwd", "ranked_pairwise_loss_bwd"),
+       "cai_kernels.triton.pairwise"),
 )}
 
 

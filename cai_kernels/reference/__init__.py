@@ -2,5 +2,8 @@
 fallback when no compiled backend is present. One function per op; nobody re-derives them."""
 
 from .logprobs import token_logprobs
+from .pairwise import (last_token_rewards, pairwise_loss, ranked_pairwise_loss, reward_pairwise_loss,
+                       reward_ranked_loss)
 
-__all__ = ["token_logprobs"]
+__all__ = ["token_logprobs", "pairwise_loss", "last_token_rewards", "reward_pairwise_loss", "ranked_pairwise_loss",
+           "reward_ranked_loss"]

@@ -1,0 +1,128 @@
+"""The run config: one dataclass per stage (defined next to the stage), gathered in RunConfig.
+
+Presets live in cai/presets/<name>.yaml (`tiny`, `paper`); a config is a preset name or a YAML file whose
+keys override the dataclass defaults (unknown keys are errors). `--set stage.key=value` overrides one key
+(the value is read as YAML: `--set label.principles=4`, `--set label.clamp=[0.3,0.7]`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .data import PromptsConfig
+from .stages.critique_revise import CritiqueReviseConfig
+from .stages.evaluate import EvaluateConfig
+from .stages.label import LabelConfig
+from .stages.ppo import PPOConfig
+from .stages.sample_pairs import SamplePairsConfig
+from .stages.sft import SFTConfig
+from .stages.train_pm import TrainPMConfig
+
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+STAGES = ("critique_revise", "sft", "sample_pairs", "label", "train_pm", "ppo", "evaluate")
+
+
+@dataclass
+class RunConfig:
+    name: str = "custom"
+    seed: int = 0
+    model: str = "embedded"  # base model: policy init, feedback model, PM init (HF id, local folder, "embedded")
+    constitution: str = "default"  # "default", a YAML file, or a folder of the paper's JSON files
+    device: str = "auto"
+    dtype: str = "auto"
+    allow_download: bool = False  # let transformers / datasets fetch from the Hub
+    trust_remote_code: bool = False
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    critique_revise: CritiqueReviseConfig = field(default_factory=CritiqueReviseConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    sample_pairs: SamplePairsConfig = field(default_factory=SamplePairsConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)
+    train_pm: TrainPMConfig = field(default_factory=TrainPMConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _check_value(where: str, f: dataclasses.Field, value):
+    annotation = str(f.type)
+    if value is None:
+        if "None" not in annotation:
+            raise ConfigError(f"{where}: may not be null (expected {annotation})")
+        return value
+    base = annotation.split("|")[0].strip()
+    expected = {"int": int, "float": (int, float), "str": str, "bool": bool}.get(base)
+    if base.startswith("list"):
+        expected = list
+    if expected is not None and (not isinstance(value, expected) or (base in ("int", "float") and
+                                                                     isinstance(value, bool))):
+        raise ConfigError(f"{where}: expected {annotation}, got {value!r}")
+    return float(value) if base == "float" else value
+
+
+def _build(cls, data, where: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(fields)}")
+    values = {}
+    for name, value in data.items():
+        f = fields[name]
+        key = f"{where}.{name}" if where else name
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            values[name] = _build(type(default), value, key)
+        else:
+            values[name] = _check_value(key, f, value)
+    config = cls(**values)
+    if cls is RunConfig:
+        bad = [s for s in config.stages if s not in STAGES]
+        if bad:
+            raise ConfigError(f"stages: unknown stage(s) {bad}; the stages are {list(STAGES)}")
+    return config
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    return _build(RunConfig, data, "")
+
+
+def config_to_dict(config: RunConfig) -> dict:
+    return dataclasses.asdict(config)
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def load_config(spec: str, overrides: list[str] = ()) -> RunConfig:
+    """A preset name or a YAML path, then `key.sub=value` overrides."""
+    path = PRESETS_DIR / f"{spec}.yaml" if (PRESETS_DIR / f"{spec}.yaml").is_file() else Path(spec)
+    if not path.is_file():
+        raise ConfigError(f"{spec}: neither a preset ({', '.join(preset_names())}) nor a YAML file")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. label.principles=4")
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        return config_from_dict(data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None

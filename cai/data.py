@@ -1,0 +1,140 @@
+"""Prompt sets and multiple-choice eval files.
+
+Prompt sources (a list in the run config):
+    builtin:red_team, builtin:helpful   our own small sets in cai/data/ (red-team style requests, everyday
+                                        helpfulness questions)
+    path/to/file.jsonl | .json | .csv   rows with a `prompt` field, or a raw `\\n\\nHuman: ...` transcript in
+                                        `transcript` / `chosen` (the first human turn becomes the prompt);
+                                        an optional `kind` field ("red_team" rows get critiqued and revised)
+    hf:NAME[:SPLIT]                     an HF dataset (from the local HF cache unless downloads are allowed),
+                                        read the same way
+Each prompt row is {"id", "prompt", "kind"}.
+
+Multiple-choice files use the paper's eval format: one JSON object per line with `prompt` and the option
+strings `corrects` and `incorrects` (continuations of the prompt). `paper:NAME` finds NAME in the folder of
+the paper's published data ($CAI_PAPER_DATA, or ../shared/data/anthropic-cai next to the checkout).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .constitution import parse_raw_transcript
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+BUILTIN = {"red_team": DATA_DIR / "red_team.jsonl", "helpful": DATA_DIR / "helpful.jsonl",
+           "harmless_mc": DATA_DIR / "harmless_mc.jsonl"}
+
+
+@dataclass
+class PromptsConfig:
+    sources: list[str] = field(default_factory=lambda: ["builtin:red_team", "builtin:helpful"])
+    limit_per_source: int | None = None  # first N prompts of each source (None: all)
+
+
+def paper_data_dir() -> Path | None:
+    """The folder of the paper's published files, if this machine has it (it is not part of the project)."""
+    candidates = [os.environ.get("CAI_PAPER_DATA")]
+    here = Path(__file__).resolve().parent.parent
+    candidates += [here.parent / "shared" / "data" / "anthropic-cai",
+                   here.parent.parent / "shared" / "data" / "anthropic-cai"]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "438HHHEvaluations.jsonl").is_file():
+            return Path(candidate)
+    return None
+
+
+def resolve_path(spec: str) -> Path | None:
+    """builtin:NAME / paper:NAME / a path -> a file path, or None when a paper: file is not on this machine."""
+    if spec.startswith("builtin:"):
+        name = spec.split(":", 1)[1]
+        if name not in BUILTIN:
+            raise ValueError(f"unknown builtin data set {spec!r}; have {sorted('builtin:' + k for k in BUILTIN)}")
+        return BUILTIN[name]
+    if spec.startswith("paper:"):
+        folder = paper_data_dir()
+        return folder / spec.split(":", 1)[1] if folder else None
+    return Path(spec)
+
+
+def read_records(spec: str, *, allow_download: bool = False) -> list[dict]:
+    """Rows of a JSONL / JSON / CSV file, a builtin set, or an HF dataset (hf:NAME[:SPLIT])."""
+    if spec.startswith("hf:"):
+        from datasets import load_dataset
+
+        name, _, split = spec[3:].partition(":")
+        if not allow_download:
+            os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        return load_dataset(name, split=split or "train").to_list()
+    path = resolve_path(spec)
+    if path is None:
+        raise FileNotFoundError(f"{spec}: the paper's data folder is not on this machine (set CAI_PAPER_DATA)")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        data = json.loads(text)
+        return data if isinstance(data, list) else data.get("data", [])
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _prompt_of(row: dict, where: str) -> str:
+    if isinstance(row.get("prompt"), str) and row["prompt"].strip():
+        text = row["prompt"]
+        if "\n\nHuman:" not in text:
+            return text.strip()
+    else:
+        text = next((row[k] for k in ("transcript", "chosen") if isinstance(row.get(k), str)), None)
+        if text is None:
+            raise ValueError(f"{where}: no 'prompt' field (nor a 'transcript' / 'chosen' transcript)")
+    human = [t for t in parse_raw_transcript(text[text.index("\n\nHuman:"):], where=where) if t.role == "human"]
+    return human[0].text
+
+
+def load_prompts(cfg: PromptsConfig, *, allow_download: bool = False) -> list[dict]:
+    """[{"id", "prompt", "kind"}] from every source, in order; ids unique."""
+    prompts, seen = [], set()
+    for spec in cfg.sources:
+        records = read_records(spec, allow_download=allow_download)
+        if cfg.limit_per_source is not None:
+            records = records[:cfg.limit_per_source]
+        tag = spec.split(":", 1)[1] if spec.startswith(("builtin:", "hf:")) else Path(spec).stem
+        for i, row in enumerate(records):
+            ident = str(row.get("id") or f"{tag}-{i:05d}")
+            if ident in seen:
+                ident = f"{tag}-{i:05d}"
+            seen.add(ident)
+            prompts.append({"id": ident, "prompt": _prompt_of(row, f"{spec} row {i}"),
+                            "kind": str(row.get("kind") or "red_team")})
+    if not prompts:
+        raise ValueError(f"no prompts in {cfg.sources}")
+    return prompts
+
+
+@dataclass(frozen=True)
+class MCQuestion:
+    """A multiple-choice question: `options[:num_correct]` are the correct continuations of `prompt`."""
+    prompt: str
+    options: tuple[str, ...]
+    num_correct: int = 1
+
+
+def load_mc_questions(spec: str, limit: int | None = None) -> list[MCQuestion]:
+    """Questions of a file in the paper's eval format (`prompt`, `corrects`, `incorrects`)."""
+    questions = []
+    for i, row in enumerate(read_records(spec)):
+        corrects, incorrects = row.get("corrects"), row.get("incorrects")
+        if not isinstance(row.get("prompt"), str) or not corrects or incorrects is None:
+            raise ValueError(f"{spec} row {i}: expected 'prompt' (text), 'corrects' and 'incorrects' (lists of "
+                             f"option strings)")
+        questions.append(MCQuestion(row["prompt"], tuple(corrects) + tuple(incorrects), len(corrects)))
+        if limit is not None and len(questions) >= limit:
+            break
+    return questions

@@ -1,0 +1,118 @@
+"""label: AI preference labels. The feedback model answers "which response is better? (A) ... (B) ...".
+
+For every pair, `principles` choice principles are drawn at random (from the seed and the pair's id, so a
+resumed run draws the same ones). Each principle makes one multiple-choice question, with the few-shot
+labelling examples in front; the soft label is the normalized probability of the continuation " (A)" vs
+" (B)" (`cai.scoring`: prompt encoded once, options share its KV cache, LM head only at option tokens).
+Options:
+  * both_orders: ask again with the responses swapped and average, which cancels position bias;
+  * chain_of_thought: the model first writes its reasoning ("Let's think step by step:"), then the answer is
+    scored after it; those probabilities are clamped to `clamp` (the paper: 0.4-0.6), since reasoning makes
+    the model over-confident;
+  * the ensemble: p_a is the mean over the drawn principles.
+Without chain-of-thought, the few-shot examples are written with the constitution's first choice principle,
+so they are the same text for every question and are encoded once per batch.
+
+Output rows: the pair (id, prompt, kind, response_a, response_b) and p_a (probability that response_a is
+the better one), principle_ids, principle_probs (p_a per principle), first_position_prob (mean probability
+given to whichever response was shown as (A): 0.5 = no position bias), reasoning (chain-of-thought texts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..constitution import Turn
+from ..models import generate
+from ..prompts import (choice_question, cot_answer_cue, cot_cue, label_fewshot, option_strings,
+                       pick_label_examples, rng_for, seed_for)
+from ..scoring import score_options
+from .common import Context, run_batches
+
+NAME = "label"
+_ANSWER_CUE = "The answer is:"
+
+
+@dataclass
+class LabelConfig:
+    model: str | None = None  # the feedback model; default: the run's base model
+    principles: int = 1  # principles drawn per pair (ensemble size)
+    few_shot: int | None = None  # labelling examples in front (None: all)
+    both_orders: bool = True
+    chain_of_thought: bool = False
+    cot_max_new_tokens: int = 96
+    cot_temperature: float = 0.0  # 0: greedy reasoning
+    clamp: list[float] | None = field(default_factory=lambda: [0.4, 0.6])  # for chain-of-thought labels
+    batch_size: int = 8  # pairs per batch (= per shard)
+    max_batch_tokens: int = 2048
+
+
+def draw_principles(ctx: Context, pair_id: str, count: int) -> list:
+    principles = ctx.constitution.choice_principles
+    picks = rng_for(ctx.seed, NAME, pair_id).sample(range(len(principles)), min(count, len(principles)))
+    return [principles[j] for j in picks]
+
+
+def label(pairs: list[dict], cfg: LabelConfig, ctx: Context) -> list[dict]:
+    model, tokenizer = ctx.load(cfg.model)
+    examples = pick_label_examples(ctx.constitution, len(ctx.constitution.label_examples) if cfg.few_shot is None
+                                   else cfg.few_shot, cfg.chain_of_thought)
+    fixed_prefix = label_fewshot(examples, ctx.constitution.choice_principles[0].text)
+    clamp = tuple(cfg.clamp) if cfg.chain_of_thought and cfg.clamp else None
+    orders = (False, True) if cfg.both_orders else (False,)
+
+    def process(batch_index: int, batch: list[dict]) -> list[dict]:
+        # one question per (pair, principle, order)
+        questions = []
+        for i, row in enumerate(batch):
+            for principle in draw_principles(ctx, row["id"], cfg.principles):
+                for swapped in orders:
+                    responses = [row["response_b"], row["response_a"]] if swapped else [row["response_a"],
+                                                                                         row["response_b"]]
+                    text = choice_question([Turn("human", row["prompt"])], principle.text, responses)
+                    questions.append({"pair": i, "principle": principle, "swapped": swapped, "text": text})
+        reasoning = [""] * len(questions)
+        if cfg.chain_of_thought:
+            probs = [None] * len(questions)
+            by_principle = {}
+            for n, q in enumerate(questions):
+                by_principle.setdefault(q["principle"].id, []).append(n)
+            for principle_id, members in by_principle.items():
+                prefix = label_fewshot(examples, questions[members[0]]["principle"].text, chain_of_thought=True)
+                asks = [prefix + questions[n]["text"][:-len(_ANSWER_CUE)] + cot_cue() for n in members]
+                thoughts = generate(model, tokenizer, asks, prefix=prefix, max_new_tokens=cfg.cot_max_new_tokens,
+                                    temperature=cfg.cot_temperature, batch_size=len(asks),
+                                    seed=seed_for(ctx.seed, NAME, batch_index, principle_id),
+                                    stop=("So the answer", "The answer is", "\n\n\n", "Consider the following"))
+                scored = score_options(model, tokenizer, [a + " " + t + cot_answer_cue() for a, t in zip(asks, thoughts)],
+                                       [option_strings(2)] * len(asks), prefix=prefix, clamp=clamp,
+                                       max_batch_tokens=cfg.max_batch_tokens)
+                for n, thought, p in zip(members, thoughts, scored.probs):
+                    reasoning[n], probs[n] = thought, p
+        else:
+            probs = score_options(model, tokenizer, [fixed_prefix + q["text"] for q in questions],
+                                  [option_strings(2)] * len(questions), prefix=fixed_prefix,
+                                  max_batch_tokens=cfg.max_batch_tokens).probs
+        rows = []
+        for i, row in enumerate(batch):
+            per_principle, first_position, thoughts = {}, [], []
+            for n, q in enumerate(questions):
+                if q["pair"] != i:
+                    continue
+                p_first, p_second = probs[n][0], probs[n][1]
+                p_a = p_second if q["swapped"] else p_first
+                per_principle.setdefault(q["principle"].id, []).append(p_a)
+                first_position.append(p_first)
+                if reasoning[n]:
+                    thoughts.append(reasoning[n])
+            principle_probs = [sum(v) / len(v) for v in per_principle.values()]
+            rows.append({"id": row["id"], "prompt": row["prompt"], "kind": row["kind"],
+                         "response_a": row["response_a"], "response_b": row["response_b"],
+                         "p_a": sum(principle_probs) / len(principle_probs), "principle_ids": list(per_principle),
+                         "principle_probs": principle_probs,
+                         "first_position_prob": sum(first_position) / len(first_position), "reasoning": thoughts})
+        ctx.run.metrics.log(NAME, batch_index, mean_p_a=sum(r["p_a"] for r in rows) / len(rows),
+                            first_position_prob=sum(r["first_position_prob"] for r in rows) / len(rows))
+        return rows
+
+    return run_batches(ctx, NAME, pairs, cfg.batch_size, process, desc=NAME, fingerprint=vars(cfg))

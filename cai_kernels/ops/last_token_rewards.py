@@ -1,0 +1,136 @@
+"""last_token_rewards: a scalar reward head applied only at each sequence's last real token.
+
+A preference model's reward is ``head(hidden[b, last real token])``. Stacks usually apply the head to
+every position and then gather (HF's sequence classifiers), reading all of (B, T, H) forward and
+writing a dense GEMM gradient backward. Here the custom op ``cai_kernels::last_token_rewards`` reads
+one hidden row per sequence (plus the mask, from the end). Its backward still returns a dense (.., T, H)
+gradient for the hidden states, because autograd requires a gradient of the input's shape and strided
+layout (sparse gradients exist, but the backward of whatever produced the hidden states, a final
+LayerNorm for instance, cannot consume one); it is written in one pass, zeros except the gathered rows,
+and skipped entirely when the hidden states do not require grad (a frozen backbone).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _registry
+from .._validation import check_float_tensor
+from ..reference import pairwise as reference
+from ..reference.logprobs import accumulate_dtype
+from ._preference_args import check_head, check_mask, check_real_token_values, pack_head
+
+
+@torch.library.custom_op("cai_kernels::last_token_rewards", mutates_args=())
+def _last_token_rewards(hidden: torch.Tensor, mask: torch.Tensor, active: torch.Tensor, weight: torch.Tensor,
+                        bias: torch.Tensor, mask_name: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "cpu":  # checks for sequences without a real token while it scans the masks
+        return torch.ops.cai_kernels_cpu.last_token_rewards_fwd(hidden, mask, active, weight, bias, mask_name)
+    from ..triton import pairwise
+    rewards, index = pairwise.last_token_rewards_fwd(hidden, mask, active, weight, bias)
+    check_real_token_values(mask_name, index, active, hidden.size(1))
+    return rewards, index
+
+
+@_last_token_rewards.register_fake
+def _(hidden, mask, active, weight, bias, mask_name, backend):
+    n_seq = hidden.size(0) * hidden.size(1)
+    return (hidden.new_empty(n_seq, dtype=accumulate_dtype(hidden.dtype)),
+            hidden.new_empty(n_seq, dtype=torch.int64))
+
+
+@torch.library.custom_op("cai_kernels::last_token_rewards_backward", mutates_args=())
+def _last_token_rewards_backward(grad_rewards: torch.Tensor, hidden: torch.Tensor, index: torch.Tensor,
+                                 weight: torch.Tensor, need_hidden: bool, need_weight: bool, backend: str
+                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if backend == "cpu":
+        kernels = torch.ops.cai_kernels_cpu
+    else:
+        from ..triton import pairwise as kernels
+    return kernels.last_token_rewards_bwd(grad_rewards, hidden, index, weight, need_hidden, need_weight)
+
+
+@_last_token_rewards_backward.register_fake
+def _(grad_rewards, hidden, index, weight, need_hidden, need_weight, backend):
+    return (hidden.new_empty(hidden.shape if need_hidden else (0,)),
+            weight.new_empty(weight.numel() if need_weight else 0), weight.new_empty(1 if need_weight else 0))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, mask, active, weight, bias, mask_name, backend = inputs
+    _, index = output
+    ctx.save_for_backward(hidden, index, weight)
+    ctx.constants = (bias.numel() > 0, backend)
+
+
+def _backward(ctx, grad_rewards, _grad_index):
+    hidden, index, weight = ctx.saved_tensors
+    has_bias, backend = ctx.constants
+    need_hidden = ctx.needs_input_grad[0]
+    need_weight = ctx.needs_input_grad[3] or (has_bias and ctx.needs_input_grad[4])
+    grad_hidden, grad_weight, grad_bias = _last_token_rewards_backward(
+        grad_rewards.to(weight.dtype).contiguous(), hidden, index, weight, need_hidden, need_weight, backend)
+    return (grad_hidden if need_hidden else None, None, None, grad_weight if need_weight else None,
+            grad_bias if need_weight and has_bias else None, None, None)
+
+
+_last_token_rewards.register_autograd(_backward, setup_context=_setup_context)
+
+
+def sequence_rewards(hidden: torch.Tensor, mask: torch.Tensor, active: torch.Tensor, head_weight: torch.Tensor,
+                     head_bias: torch.Tensor | None, mask_name: str, backend: str) -> torch.Tensor:
+    """(N,) rewards of the sequences of an (outer, inner, T, H) view, through the custom op (no checks)."""
+    weight, bias = pack_head(head_weight, head_bias, accumulate_dtype(hidden.dtype))
+    rewards, _ = _last_token_rewards(hidden, mask, active, weight, bias, mask_name, backend)
+    return rewards
+
+
+def check_hidden_and_mask(hidden_name: str, hidden, mask_name: str, mask, ndim: int) -> torch.Tensor:
+    """hidden: float, ``ndim`` dims (..., T, H) with T, H >= 1; mask: bool / integer of shape hidden.shape[:-1]."""
+    check_float_tensor(hidden_name, hidden, ndim=ndim)
+    if hidden.size(-2) == 0 or hidden.size(-1) == 0:
+        raise ValueError(f"{hidden_name} must have at least one position and one hidden unit; "
+                         f"got shape {tuple(hidden.shape)}")
+    check_mask(mask_name, mask, hidden.shape[:-1], f"{hidden_name}.shape[:-1]")
+    if mask.device != hidden.device:
+        raise ValueError(f"{mask_name} must be on the same device as {hidden_name} ({hidden.device}); "
+                         f"got {mask.device}")
+    return hidden
+
+
+def check_real_tokens_reference(mask_name: str, mask: torch.Tensor, active: torch.Tensor | None = None) -> None:
+    """The reference path's check that every (active) sequence has a real token; skipped while compiling."""
+    if torch.compiler.is_compiling():
+        return
+    index = reference.last_token_index(mask).reshape(-1)
+    check_real_token_values(mask_name, index, None if active is None else active.reshape(-1),
+                            mask.size(1) if mask.dim() == 3 else 1)
+
+
+def last_token_rewards(hidden: torch.Tensor, mask: torch.Tensor, head_weight: torch.Tensor,
+                       head_bias: torch.Tensor | None = None, *, backend: str | None = None) -> torch.Tensor:
+    """The scalar reward head at each sequence's last real token: ``hidden[..., t_last, :] . w + b``.
+
+    Args:
+        hidden: (B, T, H) or (B, K, T, H), fp32 / bf16 / fp16 (fp64 accepted), any strides.
+        mask: hidden.shape[:-1], bool or integer, nonzero = real token. "Last" is the highest position whose
+            mask is nonzero: right padding, left padding and masks with holes all work. A sequence without a
+            real token is a ValueError.
+        head_weight: (H,) or (1, H); head_bias: a 0-d / 1-element tensor or None.
+        backend: "reference" | "cpu" | "triton" | None (auto).
+    Returns:
+        rewards hidden.shape[:-2], fp32 (fp64 for fp64 hidden), computed in fp32. Differentiable w.r.t.
+        hidden (a dense gradient, nonzero only at the last tokens), head_weight and head_bias.
+    """
+    if isinstance(hidden, torch.Tensor) and hidden.dim() not in (3, 4):
+        raise ValueError(f"hidden must have shape (B, T, H) or (B, K, T, H); got shape {tuple(hidden.shape)}")
+    check_hidden_and_mask("hidden", hidden, "mask", mask, hidden.dim() if isinstance(hidden, torch.Tensor) else 3)
+    check_head(head_weight, head_bias, hidden.size(-1), hidden.device)
+    selected = _registry.select_backend("last_token_rewards", hidden.device, backend)
+    if selected == "reference":
+        check_real_tokens_reference("mask", mask)
+        return reference.last_token_rewards(hidden, mask, head_weight, head_bias)
+    hidden4d, mask3d = (hidden, mask) if hidden.dim() == 4 else (hidden.unsqueeze(1), mask.unsqueeze(1))
+    rewards = sequence_rewards(hidden4d, mask3d, mask.new_empty(0, dtype=torch.bool), head_weight, head_bias,
+                               "mask", selected)
+    return rewards.view(hidden.shape[:-2])

@@ -1,0 +1,106 @@
+"""ranked_pairwise_loss: InstructGPT's loss over all pairs of K ranked responses, without a K x K matrix.
+
+The custom op ``cai_kernels::ranked_pairwise_loss`` returns one loss per row (its pairs' mean); the
+kernels loop over pairs in O(B K) memory, forward and backward. The reduction over rows is plain
+PyTorch on (B,) values.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _registry
+from .._validation import check_float_tensor
+from ..reference import pairwise as reference
+from ..reference.logprobs import accumulate_dtype
+from ._preference_args import check_num_valid, check_num_valid_values, check_reduction
+
+
+def _kernels(backend: str):
+    if backend == "cpu":
+        return torch.ops.cai_kernels_cpu
+    from ..triton import pairwise
+    return pairwise
+
+
+@torch.library.custom_op("cai_kernels::ranked_pairwise_loss", mutates_args=())
+def _ranked_pairwise_loss(rewards: torch.Tensor, num_valid: torch.Tensor, backend: str) -> torch.Tensor:
+    if backend != "cpu" and num_valid.numel():  # the C++ kernel checks the counts while it reads them
+        check_num_valid_values(num_valid, rewards.size(1))
+    return _kernels(backend).ranked_pairwise_loss_fwd(rewards, num_valid)
+
+
+@_ranked_pairwise_loss.register_fake
+def _(rewards, num_valid, backend):
+    return rewards.new_empty(rewards.size(0), dtype=accumulate_dtype(rewards.dtype))
+
+
+@torch.library.custom_op("cai_kernels::ranked_pairwise_loss_backward", mutates_args=())
+def _ranked_pairwise_loss_backward(grad_rows: torch.Tensor, rewards: torch.Tensor, num_valid: torch.Tensor,
+                                   backend: str) -> torch.Tensor:
+    return _kernels(backend).ranked_pairwise_loss_bwd(grad_rows, rewards, num_valid)
+
+
+@_ranked_pairwise_loss_backward.register_fake
+def _(grad_rows, rewards, num_valid, backend):
+    return rewards.new_empty(rewards.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    rewards, num_valid, backend = inputs
+    ctx.save_for_backward(rewards, num_valid)
+    ctx.backend = backend
+
+
+def _backward(ctx, grad_rows):
+    rewards, num_valid = ctx.saved_tensors
+    grad_rows = grad_rows.to(accumulate_dtype(rewards.dtype)).contiguous()
+    return _ranked_pairwise_loss_backward(grad_rows, rewards, num_valid, ctx.backend), None, None
+
+
+_ranked_pairwise_loss.register_autograd(_backward, setup_context=_setup_context)
+
+
+def reduce_rows(row_loss: torch.Tensor, num_valid: torch.Tensor | None, K: int, reduction: str) -> torch.Tensor:
+    """"mean" over the rows with at least one pair (0 if there is none), "sum", or "none"."""
+    if reduction == "none":
+        return row_loss
+    if reduction == "sum":
+        return row_loss.sum()
+    rows_with_pairs = (num_valid >= 2).sum().clamp_min(1) if num_valid is not None else max(
+        row_loss.numel() if K >= 2 else 0, 1)
+    return row_loss.sum() / rows_with_pairs
+
+
+def ranked_loss_rows(rewards: torch.Tensor, num_valid: torch.Tensor | None, backend: str) -> torch.Tensor:
+    """(B,) per-row losses through the custom op (arguments already checked)."""
+    counts = rewards.new_empty(0, dtype=torch.int64) if num_valid is None else num_valid.to(torch.int64).contiguous()
+    return _ranked_pairwise_loss(rewards.contiguous(), counts, backend)
+
+
+def ranked_pairwise_loss(rewards: torch.Tensor, *, num_valid: torch.Tensor | None = None, reduction: str = "mean",
+                         backend: str | None = None) -> torch.Tensor:
+    """InstructGPT's ranking loss: each row holds K responses' rewards ranked best first; every pair (i ranked
+    above j) contributes -logsigmoid(r_i - r_j), averaged over the row's K (K - 1) / 2 pairs.
+
+    Args:
+        rewards: (B, K) fp32 / bf16 / fp16 (fp64 accepted), row b ranked best first.
+        num_valid: (B,) integers in [0, K] (else ValueError): row b's first n_b responses are real, the rest
+            padding (ignored, zero gradient). None means all K.
+        reduction: "mean" (over the rows that have at least one pair, so every prompt weighs the same
+            whatever its number of responses; 0 if no row has a pair) | "sum" | "none" (the (B,) per-row
+            losses, 0 for rows with fewer than two responses).
+        backend: "reference" | "cpu" | "triton" | None (auto).
+    Returns:
+        fp32 (fp64 for fp64 rewards). Differentiable w.r.t. rewards.
+    Memory: O(B K); the kernels loop over the pairs, never building the (B, K, K) matrix.
+    """
+    check_float_tensor("rewards", rewards, ndim=2)
+    num_valid = check_num_valid(num_valid, rewards.size(0), rewards.device)
+    check_reduction(reduction)
+    selected = _registry.select_backend("ranked_pairwise_loss", rewards.device, backend)
+    if selected == "reference":
+        if num_valid is not None and not torch.compiler.is_compiling():
+            check_num_valid_values(num_valid, rewards.size(1))
+        return reference.ranked_pairwise_loss(rewards, num_valid=num_valid, reduction=reduction)
+    return reduce_rows(ranked_loss_rows(rewards, num_valid, selected), num_valid, rewards.size(1), reduction)

@@ -1,0 +1,195 @@
+// pairwise_loss: the soft-label Bradley–Terry loss of a preference model, forward and backward.
+//
+// Per pair, with d = chosen - rejected - margin and p = P(chosen preferred):
+//   loss  = -(p logsigmoid(d) + (1 - p) logsigmoid(-d)) = p softplus(-d) + (1 - p) softplus(d)
+//         = log1p(e^-|d|) + d * (d > 0 ? 1 - p : -p)        (both terms >= 0: no cancellation)
+//   dloss/dd = sigmoid(d) - p = (1 - p) sigmoid(d) - p sigmoid(-d)
+// Rows are processed in blocks of kBlock: converted to the accumulation type, then evaluated on SIMD
+// vectors. Sums go through per-block partials in double, added in block order, so the result does
+// not depend on the thread count.
+#include <torch/library.h>
+
+#include <vector>
+
+#include "logistic.h"
+
+namespace cai {
+namespace {
+
+constexpr int64_t kBlock = 1024;
+constexpr int64_t kGrainBlocks = 8;  // ~8k rows per task: below that, threading costs more than it saves
+enum Reduction : int64_t { kNone = 0, kSum = 1, kMean = 2 };
+
+template <typename T, typename Acc>
+struct PairInputs {
+  const T* chosen;
+  const T* rejected;
+  const Acc* labels;  // nullptr: every row has label_value
+  Acc label_value;
+  const Acc* margin;  // nullptr: every row has margin_value
+  Acc margin_value;
+
+  // d and p of rows [begin, begin + n) into d[0, n), p[0, n).
+  void load(int64_t begin, int64_t n, Acc* d, Acc* p) const {
+    for (int64_t i = 0; i < n; ++i) {
+      const Acc m = margin ? margin[begin + i] : margin_value;
+      d[i] = (static_cast<Acc>(chosen[begin + i]) - static_cast<Acc>(rejected[begin + i])) - m;
+      p[i] = labels ? labels[begin + i] : label_value;
+    }
+  }
+};
+
+template <typename V>
+inline V pair_loss(const V& d, const V& p) {
+  const V coef = V::blendv(V(0) - p, V(1) - p, d > V(0));
+  return log1p_exp_neg_abs(d) + d * coef;
+}
+
+template <typename V>
+inline V pair_loss_grad(const V& d, const V& p) {
+  V sig, sig_neg;
+  sigmoid_pair(d, sig, sig_neg);
+  return (V(1) - p) * sig - p * sig_neg;
+}
+
+struct Shapes {
+  int64_t n_rows;
+  bool has_labels, has_margin;
+};
+
+Shapes check_inputs(const at::Tensor& chosen, const at::Tensor& rejected, const at::Tensor& labels,
+                    const at::Tensor& margin) {
+  TORCH_CHECK(chosen.dim() == 1 && chosen.is_contiguous() && rejected.is_contiguous() &&
+                  rejected.sizes() == chosen.sizes() && rejected.scalar_type() == chosen.scalar_type(),
+              "chosen and rejected must be contiguous 1-D tensors of one shape and dtype");
+  const int64_t n = chosen.numel();
+  const auto acc = chosen.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  for (const at::Tensor* t : {&labels, &margin}) {
+    TORCH_CHECK(t->numel() == 0 || (t->is_contiguous() && t->numel() == n && t->scalar_type() == acc),
+                "labels and margin must be empty or contiguous, one per row, in the accumulation dtype");
+  }
+  return {n, labels.numel() > 0 && n > 0, margin.numel() > 0 && n > 0};
+}
+
+template <typename T, typename Acc = at::opmath_type<T>>
+PairInputs<T, Acc> pair_inputs(const at::Tensor& chosen, const at::Tensor& rejected, const at::Tensor& labels,
+                               double label_value, const at::Tensor& margin, double margin_value, const Shapes& s) {
+  return {chosen.const_data_ptr<T>(), rejected.const_data_ptr<T>(),
+          s.has_labels ? labels.const_data_ptr<Acc>() : nullptr, static_cast<Acc>(label_value),
+          s.has_margin ? margin.const_data_ptr<Acc>() : nullptr, static_cast<Acc>(margin_value)};
+}
+
+// chosen, rejected: (N,) contiguous, fp32 / bf16 / fp16 / fp64. labels, margin: (N,) contiguous in the
+// accumulation dtype, or empty (then label_value / margin_value for every row). Returns the (N,)
+// per-pair losses (reduction 0), or their sum (1) or mean (2) as a 0-d tensor; fp32 (fp64 for fp64).
+at::Tensor pairwise_loss_fwd(const at::Tensor& chosen, const at::Tensor& rejected, const at::Tensor& labels,
+                             double label_value, const at::Tensor& margin, double margin_value, int64_t reduction) {
+  const Shapes s = check_inputs(chosen, rejected, labels, margin);
+  TORCH_CHECK(reduction == kNone || reduction == kSum || reduction == kMean, "reduction must be 0, 1 or 2");
+  const auto options = chosen.options().dtype(chosen.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  at::Tensor out = reduction == kNone ? at::empty({s.n_rows}, options) : at::empty({}, options);
+  const int64_t n_blocks = (s.n_rows + kBlock - 1) / kBlock;
+  std::vector<double> block_sums(n_blocks, 0.0);
+  FirstBadRow bad_label;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, chosen.scalar_type(), "pairwise_loss_fwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using V = VecOf<acc_t>;
+    const auto in = pair_inputs<scalar_t>(chosen, rejected, labels, label_value, margin, margin_value, s);
+    acc_t* rows_out = reduction == kNone ? out.data_ptr<acc_t>() : nullptr;
+    at::parallel_for(0, n_blocks, kGrainBlocks, [&](int64_t first, int64_t last) {
+      acc_t d[kBlock], p[kBlock];
+      for (int64_t block = first; block < last; ++block) {
+        const int64_t begin = block * kBlock, n = std::min(kBlock, s.n_rows - begin);
+        in.load(begin, n, d, p);
+        if (s.has_labels) {
+          for (int64_t i = 0; i < n; ++i) {
+            if (!(p[i] >= acc_t(0) && p[i] <= acc_t(1))) bad_label.record(begin + i);  // NaN fails too
+          }
+        }
+        double total = 0.0;
+        V partial(0);
+        for (int64_t i = 0; i < n; i += V::size()) {
+          const int64_t count = std::min<int64_t>(V::size(), n - i);
+          const V loss = pair_loss(V::loadu(d + i, count), V::loadu(p + i, count));
+          if (rows_out) {
+            loss.store(rows_out + begin + i, count);
+          } else {
+            partial = partial + V::set(V(0), loss, count);
+            // few additions per lane in the working precision, the running total in double
+            if ((i / V::size()) % 8 == 7) {
+              total += vec_sum<acc_t>(partial);
+              partial = V(0);
+            }
+          }
+        }
+        block_sums[block] = total + vec_sum<acc_t>(partial);
+      }
+    });
+  });
+  const int64_t bad = bad_label.get();
+  TORCH_CHECK_VALUE(bad < 0, "soft_labels must lie in [0, 1]; got ", bad < 0 ? 0.0 : labels[bad].item<double>(),
+                    " for pair ", bad);
+  if (reduction != kNone) {
+    double total = 0.0;
+    for (double b : block_sums) total += b;
+    out.fill_(reduction == kMean ? total / static_cast<double>(s.n_rows) : total);
+  }
+  return out;
+}
+
+// Gradients of pairwise_loss_fwd w.r.t. chosen and rejected ((N,), their dtype). grad is the (N,)
+// upstream gradient for reduction 0, else a 0-d tensor (the gradient of the sum or mean).
+std::tuple<at::Tensor, at::Tensor> pairwise_loss_bwd(const at::Tensor& grad, const at::Tensor& chosen,
+                                                     const at::Tensor& rejected, const at::Tensor& labels,
+                                                     double label_value, const at::Tensor& margin,
+                                                     double margin_value, int64_t reduction) {
+  const Shapes s = check_inputs(chosen, rejected, labels, margin);
+  const auto acc = chosen.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(grad.scalar_type() == acc && grad.is_contiguous() &&
+                  (reduction == kNone ? grad.numel() == s.n_rows : grad.numel() == 1),
+              "grad must be contiguous, in the accumulation dtype, one per row (reduction 0) or one value");
+  at::Tensor grad_chosen = at::empty_like(chosen), grad_rejected = at::empty_like(rejected);
+  const int64_t n_blocks = (s.n_rows + kBlock - 1) / kBlock;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, chosen.scalar_type(), "pairwise_loss_bwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using V = VecOf<acc_t>;
+    const auto in = pair_inputs<scalar_t>(chosen, rejected, labels, label_value, margin, margin_value, s);
+    const acc_t* grad_rows = reduction == kNone ? grad.const_data_ptr<acc_t>() : nullptr;
+    const double upstream = reduction == kNone || s.n_rows == 0 ? 0.0 : grad.item<double>();
+    const V scale(static_cast<acc_t>(reduction == kMean ? upstream / static_cast<double>(s.n_rows) : upstream));
+    scalar_t* out_chosen = grad_chosen.data_ptr<scalar_t>();
+    scalar_t* out_rejected = grad_rejected.data_ptr<scalar_t>();
+    at::parallel_for(0, n_blocks, kGrainBlocks, [&](int64_t first, int64_t last) {
+      acc_t d[kBlock], p[kBlock];
+      for (int64_t block = first; block < last; ++block) {
+        const int64_t begin = block * kBlock, n = std::min(kBlock, s.n_rows - begin);
+        in.load(begin, n, d, p);
+        for (int64_t i = 0; i < n; i += V::size()) {
+          const int64_t count = std::min<int64_t>(V::size(), n - i);
+          const V g = grad_rows ? V::loadu(grad_rows + begin + i, count) : scale;
+          (pair_loss_grad(V::loadu(d + i, count), V::loadu(p + i, count)) * g).store(d + i, count);
+        }
+        for (int64_t i = 0; i < n; ++i) {  // d now holds dloss/dchosen
+          out_chosen[begin + i] = static_cast<scalar_t>(d[i]);
+          out_rejected[begin + i] = static_cast<scalar_t>(-d[i]);
+        }
+      }
+    });
+  });
+  return {grad_chosen, grad_rejected};
+}
+
+}  // namespace
+}  // namespace cai
+
+TORCH_LIBRARY_FRAGMENT(cai_kernels_cpu, m) {
+  m.def("pairwise_loss_fwd(Tensor chosen, Tensor rejected, Tensor labels, float label_value, Tensor margin, "
+        "float margin_value, int reduction) -> Tensor");
+  m.def("pairwise_loss_bwd(Tensor grad, Tensor chosen, Tensor rejected, Tensor labels, float label_value, "
+        "Tensor margin, float margin_value, int reduction) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(cai_kernels_cpu, CPU, m) {
+  m.impl("pairwise_loss_fwd", &cai::pairwise_loss_fwd);
+  m.impl("pairwise_loss_bwd", &cai::pairwise_loss_bwd);
+}
