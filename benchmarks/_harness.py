@@ -130,6 +130,34 @@ def drop_grads(*tensors: torch.Tensor) -> Callable[[], None]:
     return setup
 
 
+def _scalar(out) -> torch.Tensor:
+    """The first tensor of an op's output, summed: what a training step backpropagates from."""
+    while isinstance(out, (tuple, list)):
+        out = out[0]
+    return out.float().sum()
+
+
+def step_for(mode: str, call: Callable[[], Any], grad_inputs: tuple[torch.Tensor, ...] = (), *,
+             bytes_fwd: int | None = None, bytes_bwd: int | None = None, flops: int | None = None) -> Step:
+    """fwd: ``call()`` with no gradient tracked. fwd+bwd: ``call()``, then backward of its first output's
+    sum into ``grad_inputs`` (their gradients dropped before every round). Bytes: ``bytes_fwd`` for a
+    forward, plus ``bytes_bwd`` for the backward."""
+    if mode == "fwd":
+        def forward():
+            with torch.no_grad():
+                return call()
+        return Step(forward, bytes=bytes_fwd, flops=flops)
+    for t in grad_inputs:
+        t.requires_grad_(True)
+    total = bytes_fwd + bytes_bwd if bytes_fwd is not None and bytes_bwd is not None else None
+    return Step(lambda: _scalar(call()).backward(), setup=drop_grads(*grad_inputs), bytes=total,
+                flops=None if flops is None else 3 * flops)
+
+
+def nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
 def fmt_shape(shape) -> str:
     return "x".join(str(s) for s in shape)
 
