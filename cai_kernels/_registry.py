@@ -40,6 +40,8 @@ OPS: dict[str, Op] = {op.name: op for op in (
     # Family 1: log-prob scoring
     Op("token_logprobs", "cai_kernels.reference.logprobs:token_logprobs",
        ("token_logprobs_fwd", "token_logprobs_bwd"), "cai_kernels.triton.logprobs"),
+    Op("linear_token_logprobs", "cai_kernels.reference.logprobs:linear_token_logprobs",
+       ("linear_token_logprobs_fwd", "linear_token_logprobs_bwd"), "cai_kernels.triton.linear_logprobs"),
     # Family 2: preference-model losses
     Op("pairwise_loss", "cai_kernels.reference.pairwise:pairwise_loss",
        ("pairwise_loss_fwd", "pairwise_loss_bwd"), "cai_kernels.triton.pairwise"),

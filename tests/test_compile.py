@@ -43,3 +43,41 @@ def test_compiled_module_has_no_graph_break_and_matches_eager(backend):
     compiled_loss.backward()
     assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-5)
     assert_close(model.head.weight.grad, eager_grad, rtol=1e-4, atol=1e-6)
+
+
+class TinyFusedPolicyHead(torch.nn.Module):
+    """The same pass with the LM head fused into the log-probs: the logits are never formed."""
+
+    def __init__(self, backend):
+        super().__init__()
+        self.head = torch.nn.Linear(16, 97)
+        self.backend = backend
+
+    def forward(self, hidden, targets):
+        logp, entropy = cai_kernels.linear_token_logprobs(hidden[:, :-1], self.head.weight, targets,
+                                                          bias=self.head.bias, temperature=0.9, ignore_index=-100,
+                                                          return_entropy=True, backend=self.backend)
+        return logp.sum() - 0.01 * entropy.sum()
+
+
+@pytest.mark.parametrize("backend", [pytest.param("reference", id="reference")]
+                         + compiled_backends("linear_token_logprobs", DEVICE))
+def test_compiled_fused_head_has_no_graph_break_and_matches_eager(backend):
+    torch._dynamo.reset()
+    model = TinyFusedPolicyHead(backend).to(DEVICE)
+    hidden = torch.randn(2, 6, 16, device=DEVICE, requires_grad=True)
+    targets = torch.randint(0, 97, (2, 5), device=DEVICE)
+    targets[0, -1] = -100
+
+    eager_loss = model(hidden, targets)
+    eager_loss.backward()
+    eager_grads = [model.head.weight.grad.clone(), model.head.bias.grad.clone(), hidden.grad.clone()]
+    model.zero_grad()
+    hidden.grad = None
+
+    compiled = torch.compile(model, fullgraph=True)
+    compiled_loss = compiled(hidden, targets)
+    compiled_loss.backward()
+    assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-5)
+    for got, expected in zip([model.head.weight.grad, model.head.bias.grad, hidden.grad], eager_grads):
+        assert_close(got, expected, rtol=1e-4, atol=1e-6)

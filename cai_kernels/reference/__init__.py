@@ -1,9 +1,9 @@
 """The math of every op in plain PyTorch: ground truth for tests, baseline for benchmarks,
 fallback when no compiled backend is present. One function per op; nobody re-derives them."""
 
-from .logprobs import token_logprobs
+from .logprobs import choice_logprobs, linear_token_logprobs, option_scores, token_logprobs
 from .pairwise import (last_token_rewards, pairwise_loss, ranked_pairwise_loss, reward_pairwise_loss,
                        reward_ranked_loss)
 
-__all__ = ["token_logprobs", "pairwise_loss", "last_token_rewards", "reward_pairwise_loss", "ranked_pairwise_loss",
-           "reward_ranked_loss"]
+__all__ = ["choice_logprobs", "linear_token_logprobs", "option_scores", "token_logprobs", "pairwise_loss",
+           "last_token_rewards", "reward_pairwise_loss", "ranked_pairwise_loss", "reward_ranked_loss"]

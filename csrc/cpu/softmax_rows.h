@@ -109,6 +109,24 @@ struct OnlineSoftmax {
     sum_exp *= scale;
     max_z = new_max;
   }
+
+  // Folds in the statistics of another part of the same row (another vocabulary block), exactly
+  // as if its elements had been fed to update(): both move to the larger reference, then add.
+  void merge(OnlineSoftmax other) {
+    if (max_z == kNegInf || other.max_z == kNegInf) {  // a side that saw only -inf (or NaN, kept in sum_exp)
+      const bool nan = sum_exp != sum_exp || other.sum_exp != other.sum_exp;
+      if (max_z == kNegInf) *this = other;
+      if (nan) sum_exp = NAN;
+      return;
+    }
+    if (other.max_z > max_z) {
+      rebase(other.max_z);
+    } else {
+      other.rebase(max_z);
+    }
+    sum_exp += other.sum_exp;
+    weighted += other.weighted;
+  }
 };
 
 // Writes dL/dx_k for k in [0, n) of one row chunk (the target correction g / T is the caller's:
@@ -171,6 +189,23 @@ struct OnlineSoftmax64 {
       sum_exp += e;
       if (kEntropy && e > 0.0) weighted += e * z;
     }
+  }
+
+  void merge(const OnlineSoftmax64& other) {
+    if (max_z != max_z || other.max_z != other.max_z) {
+      max_z = NAN;
+      return;
+    }
+    if (other.max_z == -std::numeric_limits<double>::infinity()) return;
+    if (max_z == -std::numeric_limits<double>::infinity()) {
+      *this = other;
+      return;
+    }
+    const double m = std::max(max_z, other.max_z), shift = max_z - m, other_shift = other.max_z - m;
+    const double scale = std::exp(shift), other_scale = std::exp(other_shift);
+    weighted = scale * (weighted + sum_exp * shift) + other_scale * (other.weighted + other.sum_exp * other_shift);
+    sum_exp = scale * sum_exp + other_scale * other.sum_exp;
+    max_z = m;
   }
 };
 

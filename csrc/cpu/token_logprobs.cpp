@@ -3,32 +3,13 @@
 // logits and one write of the gradient, recomputing p from the saved per-row log-sum-exp.
 #include <torch/library.h>
 
-#include <atomic>
-
 #include "softmax_rows.h"
+#include "targets.h"
 
 namespace cai {
 namespace {
 
 constexpr int64_t kChunk = 4096;  // elements per chunk: 16 KB of fp32, stays in L1 for the 2nd read
-
-// A target outside [0, V) that is not ignore_index: record the first offending row, then raise
-// after the parallel loop (exceptions must not cross OpenMP regions).
-struct BadTarget {
-  std::atomic<int64_t> row{-1};
-  void record(int64_t r) {
-    int64_t expected = -1;
-    row.compare_exchange_strong(expected, r);
-  }
-};
-
-void check_targets(const BadTarget& bad, const int64_t* targets, int64_t V) {
-  const int64_t r = bad.row.load();
-  TORCH_CHECK_VALUE(r < 0, "targets must lie in [0, ", V, ") or equal ignore_index; got targets[", r,
-                    "] = ", r < 0 ? 0 : targets[r]);
-}
-
-bool is_ignored(int64_t t, bool has_ignore, int64_t ignore_index) { return has_ignore && t == ignore_index; }
 
 template <bool kEntropy, typename T, typename Acc = typename Accumulate<T>::type>
 void forward_rows(const T* base, const RowLayout& layout, int64_t n_rows, int64_t V, const int64_t* targets,

@@ -1,0 +1,44 @@
+// Target-index bookkeeping shared by the log-prob kernels: ignore_index, and the range check that
+// turns a bad target into a Python ValueError instead of an out-of-bounds read.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <atomic>
+
+namespace cai {
+
+inline bool is_ignored(int64_t t, bool has_ignore, int64_t ignore_index) { return has_ignore && t == ignore_index; }
+
+// A target outside [0, V) that is not ignore_index: record the first offending row, then raise
+// after the parallel loop (exceptions must not cross OpenMP regions).
+struct BadTarget {
+  std::atomic<int64_t> row{-1};
+  void record(int64_t r) {
+    int64_t expected = -1;
+    row.compare_exchange_strong(expected, r);
+  }
+};
+
+inline void check_targets(const BadTarget& bad, const int64_t* targets, int64_t V) {
+  const int64_t r = bad.row.load();
+  TORCH_CHECK_VALUE(r < 0, "targets must lie in [0, ", V, ") or equal ignore_index; got targets[", r,
+                    "] = ", r < 0 ? 0 : targets[r]);
+}
+
+// The same check as a serial pass up front, for kernels that would otherwise do expensive work
+// (GEMMs) before reaching the bad row.
+inline void check_targets_in_range(const int64_t* targets, int64_t n_rows, int64_t V, bool has_ignore,
+                                   int64_t ignore_index) {
+  BadTarget bad;
+  for (int64_t r = 0; r < n_rows; ++r) {
+    const int64_t t = targets[r];
+    if ((t < 0 || t >= V) && !is_ignored(t, has_ignore, ignore_index)) {
+      bad.record(r);
+      break;
+    }
+  }
+  check_targets(bad, targets, V);
+}
+
+}  // namespace cai

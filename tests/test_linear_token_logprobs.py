@@ -1,0 +1,297 @@
+"""linear_token_logprobs: every compiled backend against the float64 reference (full logits)."""
+
+import importlib
+import math
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import given, settings
+
+import cai_kernels
+from cai_kernels.reference import linear_token_logprobs as reference
+from tests._backends import LOW_PRECISION, assert_close, compiled_backends
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BACKENDS = compiled_backends("linear_token_logprobs", DEVICE)
+op_module = importlib.import_module("cai_kernels.ops.linear_token_logprobs")
+
+
+@pytest.fixture
+def blocks(monkeypatch):
+    """Set (vocab_block, token_chunk) of every compiled backend: small blocks put many blocks, a
+    ragged last block and several token chunks into inputs small enough for Triton's interpreter."""
+    from cai_kernels.triton import linear_logprobs
+
+    def set_blocks(vocab_block, token_chunk):
+        monkeypatch.setitem(op_module.BLOCKING, "cpu", (vocab_block, token_chunk))
+        monkeypatch.setattr(linear_logprobs, "VOCAB_BLOCK", vocab_block)
+        monkeypatch.setattr(linear_logprobs, "TOKEN_CHUNK", token_chunk)
+
+    return set_blocks
+
+
+def make_inputs(lead, hidden_size, vocab, *, dtype=torch.float32, with_bias=True, logit_scale=3.0):
+    """hidden, weight, bias scaled so that the logits have standard deviation ~ logit_scale."""
+    hidden = torch.randn(*lead, hidden_size, dtype=torch.float64)
+    weight = torch.randn(vocab, hidden_size, dtype=torch.float64) * (logit_scale / math.sqrt(hidden_size))
+    bias = torch.randn(vocab, dtype=torch.float64) if with_bias else None
+    cast = lambda t: None if t is None else t.to(dtype).to(DEVICE)  # noqa: E731
+    return cast(hidden), cast(weight), cast(bias)
+
+
+def grad_tolerance(dtype, expected):
+    """One rounding to the input dtype on top of fp32 accumulation over H, V and rows: the absolute
+    part is relative to the gradient's largest entry (entries near 0 come from cancellations)."""
+    scale = expected.abs().max().item()
+    if dtype == torch.bfloat16:
+        return {"rtol": 1e-2, "atol": 1e-4 * scale}
+    if dtype == torch.float16:
+        return {"rtol": 2e-3, "atol": 1e-4 * scale}
+    if dtype == torch.float64:
+        return {"rtol": 1e-9, "atol": 1e-12 * scale}
+    return {"rtol": 1e-4, "atol": 1e-5 * scale}
+
+
+def check_forward_backward(hidden, weight, bias, targets, backend, *, temperature=1.0, ignore_index=None,
+                           entropy_weight=0.37):
+    """Forward (log-probs + entropy) and the gradients of a weighted sum w.r.t. hidden, weight, bias,
+    each against the reference in float64 on the very values the kernel saw."""
+    kwargs = dict(temperature=temperature, ignore_index=ignore_index, return_entropy=True)
+    leaves = [None if t is None else t.detach().requires_grad_() for t in (hidden, weight, bias)]
+    logp, entropy = cai_kernels.linear_token_logprobs(leaves[0], leaves[1], targets, bias=leaves[2], backend=backend,
+                                                      **kwargs)
+    out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    assert logp.dtype == entropy.dtype == out_dtype
+    assert logp.shape == entropy.shape == targets.shape
+
+    ref_leaves = [None if t is None else t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
+    ref_logp, ref_entropy = reference(ref_leaves[0], ref_leaves[1], targets, bias=ref_leaves[2], **kwargs)
+    tol = 1e-10 if hidden.dtype == torch.float64 else 2e-5
+    assert_close(logp, ref_logp, rtol=tol, atol=tol, msg="log-probs")
+    assert_close(entropy, ref_entropy, rtol=tol, atol=tol, msg="entropy")
+
+    weights = torch.rand_like(ref_logp)
+    (logp * weights.to(logp.dtype)).sum().add((entropy * entropy_weight).sum()).backward()
+    (ref_logp * weights).sum().add((ref_entropy * entropy_weight).sum()).backward()
+    for name, leaf, ref_leaf in zip(("hidden", "weight", "bias"), leaves, ref_leaves):
+        if leaf is None:
+            continue
+        assert leaf.grad.dtype == leaf.dtype and leaf.grad.shape == leaf.shape
+        assert_close(leaf.grad, ref_leaf.grad, **grad_tolerance(leaf.dtype, ref_leaf.grad), msg=f"grad of {name}")
+    return logp, entropy, [None if leaf is None else leaf.grad for leaf in leaves]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_matches_reference_across_blocks_and_chunks(backend, dtype, blocks):
+    blocks(256, 4)  # V = 1000 = 3 * 256 + 232; 10 rows = 2 * 4 + 2
+    hidden, weight, bias = make_inputs((2, 5), 16, 1000, dtype=dtype)
+    targets = torch.randint(0, 1000, (2, 5), device=DEVICE)
+    check_forward_backward(hidden, weight, bias, targets, backend, temperature=0.8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_default_blocking_with_vocab_not_a_block_multiple(backend):
+    hidden, weight, bias = make_inputs((4,), 8, 49157)
+    targets = torch.tensor([0, 49156, 1024, 4096], device=DEVICE)  # block edges of either backend
+    check_forward_backward(hidden, weight, bias, targets, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("vocab_block,token_chunk", [(1, 1), (7, 3), (1000, 100)])
+def test_extreme_blockings(backend, vocab_block, token_chunk, blocks):
+    blocks(vocab_block, token_chunk)
+    hidden, weight, bias = make_inputs((6,), 5, 33)
+    targets = torch.randint(0, 33, (6,), device=DEVICE)
+    check_forward_backward(hidden, weight, bias, targets, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_temperature_and_ignore_index(backend, blocks):
+    blocks(64, 4)
+    hidden, weight, bias = make_inputs((2, 5), 12, 201)
+    targets = torch.randint(0, 201, (2, 5), device=DEVICE)
+    targets[0, 3] = targets[1, 0] = -100
+    logp, entropy, (grad_hidden, _, _) = check_forward_backward(hidden, weight, bias, targets, backend,
+                                                                temperature=0.6, ignore_index=-100)
+    assert logp[0, 3] == 0 and entropy[1, 0] == 0
+    assert torch.all(grad_hidden[0, 3] == 0) and torch.all(grad_hidden[1, 0] == 0), \
+        "ignored positions must get zero gradient"
+    assert torch.all(logp[targets != -100] < 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_rows_ignored_gives_zero_gradients(backend):
+    hidden, weight, bias = make_inputs((4,), 6, 50)
+    targets = torch.full((4,), -1, device=DEVICE)
+    logp, entropy, grads = check_forward_backward(hidden, weight, bias, targets, backend, ignore_index=-1)
+    assert torch.all(logp == 0) and torch.all(entropy == 0)
+    assert all(torch.all(g == 0) for g in grads)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("view", ["transpose", "time_slice", "column_stride", "expanded", "weight_transposed"])
+def test_non_contiguous_views(backend, dtype, view, blocks):
+    blocks(64, 4)
+    hidden, weight, bias = make_inputs((2, 5), 24, 100, dtype=dtype)
+    if view == "transpose":
+        hidden = hidden.transpose(0, 1)                          # (T, B, H) view of (B, T, H)
+    elif view == "time_slice":
+        hidden = hidden[:, :-1]                                  # the positions that predict a next token
+    elif view == "column_stride":
+        hidden = make_inputs((24,), 10, 1, dtype=dtype)[0].view(24, 2, 5).permute(1, 2, 0)  # stride(-1) != 1
+    elif view == "expanded":
+        hidden = hidden[:1, :4].expand(2, 4, 24)                 # stride 0
+    else:
+        weight = weight.t().contiguous().t()                     # (V, H) view of an (H, V) matrix
+    targets = torch.randint(0, 100, hidden.shape[:-1], device=DEVICE)
+    check_forward_backward(hidden, weight, bias, targets, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_without_bias_and_frozen_head(backend, blocks):
+    blocks(32, 5)
+    hidden, weight, _ = make_inputs((7,), 10, 100, with_bias=False)
+    targets = torch.randint(0, 100, (7,), device=DEVICE)
+    check_forward_backward(hidden, weight, None, targets, backend)
+    # a frozen LM head: only hidden gets a gradient (the kernel skips the weight GEMM)
+    leaf = hidden.detach().requires_grad_()
+    cai_kernels.linear_token_logprobs(leaf, weight, targets, backend=backend).sum().backward()
+    ref_leaf = hidden.detach().double().requires_grad_()
+    reference(ref_leaf, weight.double(), targets).sum().backward()
+    assert weight.grad is None
+    assert_close(leaf.grad, ref_leaf.grad, **grad_tolerance(torch.float32, ref_leaf.grad))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_vocabulary_through_minus_inf_bias(backend, blocks):
+    blocks(32, 4)
+    hidden, weight, bias = make_inputs((4,), 8, 100)
+    bias[:40] = -math.inf                                        # the first 40 tokens can never be produced
+    targets = torch.tensor([45, 50, 99, 70], device=DEVICE)
+    logp, entropy, (_, grad_weight, grad_bias) = check_forward_backward(hidden, weight, bias, targets, backend)
+    assert torch.isfinite(logp).all() and torch.isfinite(entropy).all()
+    assert torch.all(grad_weight[:40] == 0) and torch.all(grad_bias[:40] == 0)
+    masked = cai_kernels.linear_token_logprobs(hidden, weight, torch.tensor([5, 50, 7, 70], device=DEVICE), bias=bias,
+                                               backend=backend)
+    assert masked[0] == -math.inf and masked[2] == -math.inf and torch.isfinite(masked[[1, 3]]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_poisons_only_its_row(backend):
+    hidden, weight, bias = make_inputs((3,), 8, 300)
+    hidden[1, 4] = math.nan
+    logp, entropy = cai_kernels.linear_token_logprobs(hidden, weight, torch.tensor([1, 2, 3], device=DEVICE),
+                                                      bias=bias, return_entropy=True, backend=backend)
+    assert torch.isnan(logp[1]) and torch.isnan(entropy[1])
+    assert torch.isfinite(logp[[0, 2]]).all() and torch.isfinite(entropy[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_row_scalar_target_and_empty_batch(backend):
+    hidden, weight, bias = make_inputs((), 8, 77)
+    target = torch.tensor(5, device=DEVICE)
+    logp = cai_kernels.linear_token_logprobs(hidden, weight, target, bias=bias, backend=backend)
+    assert logp.shape == ()
+    assert_close(logp, reference(hidden.double(), weight.double(), target, bias=bias.double()))
+    empty = torch.empty(0, 8, device=DEVICE, requires_grad=True)
+    logp = cai_kernels.linear_token_logprobs(empty, weight, torch.empty(0, dtype=torch.long, device=DEVICE),
+                                             backend=backend)
+    assert logp.shape == (0,)
+    logp.sum().backward()
+    assert empty.grad.shape == (0, 8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_float64(backend, blocks):
+    blocks(4, 3)  # 9 = 2 * 4 + 1 vocabulary rows, 4 = 3 + 1 tokens
+    hidden, weight, bias = (t.requires_grad_() for t in make_inputs((2, 2), 3, 9, dtype=torch.float64))
+    targets = torch.randint(0, 9, (2, 2), device=DEVICE)
+    targets[1, 1] = -1
+
+    def both_outputs(h, w, b):
+        return cai_kernels.linear_token_logprobs(h, w, targets, bias=b, temperature=0.7, ignore_index=-1,
+                                                 return_entropy=True, backend=backend)
+
+    # the interpreter runs each Triton program in Python: random projections instead of the full Jacobian
+    assert torch.autograd.gradcheck(both_outputs, (hidden, weight, bias), fast_mode=backend == "triton")
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    lead=st.lists(st.integers(1, 4), min_size=0, max_size=2),
+    hidden_size=st.integers(1, 40),
+    vocab=st.integers(1, 300),
+    dtype=st.sampled_from(LOW_PRECISION + (torch.float64,)),
+    temperature=st.floats(0.1, 5.0),
+    scale=st.floats(0.0, 10.0),
+    use_bias=st.booleans(),
+    use_ignore=st.booleans(),
+    vocab_block=st.integers(1, 128),
+    token_chunk=st.integers(1, 9),
+    backend=st.sampled_from([p.values[0] for p in BACKENDS]),
+)
+def test_property_matches_reference(lead, hidden_size, vocab, dtype, temperature, scale, use_bias, use_ignore,
+                                    vocab_block, token_chunk, backend):
+    hidden, weight, bias = make_inputs(lead, hidden_size, vocab, dtype=dtype, with_bias=use_bias, logit_scale=scale)
+    targets = torch.randint(0, vocab, tuple(lead), device=DEVICE)
+    ignore_index = None
+    if use_ignore and targets.numel():
+        ignore_index = -100
+        targets.view(-1)[0] = -100
+    with pytest.MonkeyPatch.context() as patch:
+        from cai_kernels.triton import linear_logprobs
+        patch.setitem(op_module.BLOCKING, "cpu", (vocab_block, token_chunk))
+        patch.setattr(linear_logprobs, "VOCAB_BLOCK", vocab_block)
+        patch.setattr(linear_logprobs, "TOKEN_CHUNK", token_chunk)
+        logp, entropy = cai_kernels.linear_token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
+                                                          ignore_index=ignore_index, return_entropy=True,
+                                                          backend=backend)
+    ref_logp, ref_entropy = reference(hidden.double(), weight.double(), targets,
+                                      bias=None if bias is None else bias.double(), temperature=temperature,
+                                      ignore_index=ignore_index, return_entropy=True)
+    # fp32 rounding of the logits is relative to their magnitude, ~ (scale + bias) / temperature
+    tol = 4e-6 * (1 + (scale + 4) / temperature)
+    assert_close(logp, ref_logp, rtol=tol, atol=tol)
+    assert_close(entropy, ref_entropy, rtol=tol, atol=tol)
+
+
+def test_backends_agree_with_each_other():
+    hidden, weight, bias = make_inputs((5, 7), 32, 1234, dtype=torch.bfloat16)
+    targets = torch.randint(0, 1234, (5, 7), device=DEVICE)
+    outs = [cai_kernels.linear_token_logprobs(hidden, weight, targets, bias=bias, backend=p.values[0])
+            for p in BACKENDS]
+    for out in outs[1:]:
+        assert_close(out, outs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_matches_token_logprobs_on_materialized_logits():
+    hidden, weight, bias = make_inputs((4, 6), 16, 500)
+    targets = torch.randint(0, 500, (4, 6), device=DEVICE)
+    fused = cai_kernels.linear_token_logprobs(hidden, weight, targets, bias=bias, temperature=1.3)
+    unfused = cai_kernels.token_logprobs(torch.nn.functional.linear(hidden, weight, bias), targets, temperature=1.3)
+    assert_close(fused, unfused, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the C++ kernels run on CPU tensors")
+def test_cpu_results_are_bitwise_the_same_for_any_thread_count(blocks):
+    # threads take vocabulary blocks in any order, but commit into shared rows in block order
+    blocks(64, 6)
+    hidden, weight, bias = make_inputs((20,), 16, 1000, dtype=torch.bfloat16)
+    targets = torch.randint(0, 1000, (20,), device=DEVICE)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            leaves = [t.detach().requires_grad_() for t in (hidden, weight, bias)]
+            logp, entropy = cai_kernels.linear_token_logprobs(*leaves[:2], targets, bias=leaves[2], return_entropy=True,
+                                                              backend="cpu")
+            (logp.sum() + entropy.sum()).backward()
+            results.append([logp, entropy] + [leaf.grad for leaf in leaves])
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
