@@ -289,7 +289,7 @@ def memory_step(module: str, variant: str, case: dict):
 def best_rate(key: tuple, fn: Callable[[], Any], work: float) -> float:
     """``work`` per second of ``fn`` (min time of repeats), measured once per key in this run."""
     if key not in _RATES:
-        _RATES[key] = work / _machine.best_time(fn, repeat=3)
+        _RATES[key] = work / _machine.best_time(fn, repeat=2)
     return _RATES[key]
 
 
