@@ -153,8 +153,11 @@ CPU_CLAIMS = [
           "{:.1f} MB", lambda v: v <= 40),
     Claim("gae [256, 1024] >= 50x the Python loop (OpenRLHF / veRL)", "gae", "fwd", {"batch": 256, "length": 1024},
           _speedup_vs("peer", "python GAE loop (openrlhf/verl)"), "{:.0f}x", lambda v: v >= 50),
-    Claim("ppo_advantages [256, 1024] >= 1.5x the composition of reference ops", "ppo_advantages", "fwd",
-          {"batch": 256, "length": 1024}, _speedup_vs("reference"), "{:.2f}x", lambda v: v >= 1.5),
+    Claim("ppo_advantages [256, 1024] >= 1.5x the composition of the single ops (kl_penalty, shaping, gae, "
+          "masked_whiten)", "ppo_advantages", "fwd", {"batch": 256, "length": 1024},
+          _speedup_vs("baseline", "composition of cai_kernels ops"), "{:.2f}x", lambda v: v >= 1.5),
+    Claim("ppo_advantages [256, 1024] vs the reference (Python GAE loop inside) >= 1.5x", "ppo_advantages", "fwd",
+          {"batch": 256, "length": 1024}, _speedup_vs("reference"), "{:.0f}x", lambda v: v >= 1.5),
 ]
 
 
