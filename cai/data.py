@@ -98,6 +98,19 @@ def _prompt_of(row: dict, where: str) -> str:
     return human[0].text
 
 
+def prompt_rows(records: list[dict], tag: str, seen: set | None = None) -> list[dict]:
+    """Records (a `prompt` field or a raw transcript; optional `id`, `kind`) -> [{"id", "prompt", "kind"}]."""
+    seen = set() if seen is None else seen
+    rows = []
+    for i, row in enumerate(records):
+        ident = str(row.get("id") or f"{tag}-{i:05d}")
+        if ident in seen:
+            ident = f"{tag}-{i:05d}"
+        seen.add(ident)
+        rows.append({"id": ident, "prompt": _prompt_of(row, f"{tag} row {i}"), "kind": str(row.get("kind") or "red_team")})
+    return rows
+
+
 def load_prompts(cfg: PromptsConfig, *, allow_download: bool = False) -> list[dict]:
     """[{"id", "prompt", "kind"}] from every source, in order; ids unique."""
     prompts, seen = [], set()
@@ -106,13 +119,7 @@ def load_prompts(cfg: PromptsConfig, *, allow_download: bool = False) -> list[di
         if cfg.limit_per_source is not None:
             records = records[:cfg.limit_per_source]
         tag = spec.split(":", 1)[1] if spec.startswith(("builtin:", "hf:")) else Path(spec).stem
-        for i, row in enumerate(records):
-            ident = str(row.get("id") or f"{tag}-{i:05d}")
-            if ident in seen:
-                ident = f"{tag}-{i:05d}"
-            seen.add(ident)
-            prompts.append({"id": ident, "prompt": _prompt_of(row, f"{spec} row {i}"),
-                            "kind": str(row.get("kind") or "red_team")})
+        prompts += prompt_rows(records, tag, seen)
     if not prompts:
         raise ValueError(f"no prompts in {cfg.sources}")
     return prompts

@@ -11,14 +11,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import cai_kernels
+
 from .models import PromptFormat, load_model, pad_rows
-from .training import encode_dialogue, last_token_index, save_pretrained, trunk_hidden
+from .training import encode_dialogue, save_pretrained, trunk_hidden
 
 HEAD_FILE = "score_head.safetensors"
 
 
 class ScalarHead(nn.Module):
-    """w (H,), b (): the reward (or value) read off a hidden state."""
+    """w (H,), b (): a scalar read off hidden states, hidden . w + b (the PM's reward head, PPO's value head)."""
 
     def __init__(self, hidden_size: int):
         super().__init__()
@@ -52,9 +54,7 @@ class RewardModel(nn.Module):
 
     def rewards(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B,) fp32 rewards."""
-        hidden = self.hidden(ids, mask)
-        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(mask)]
-        return self.head(last)
+        return cai_kernels.last_token_rewards(self.hidden(ids, mask), mask, self.head.weight, self.head.bias)
 
     @torch.no_grad()
     def score(self, prompts: list[str], responses: list[str], *, batch_size: int = 8,

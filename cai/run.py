@@ -14,7 +14,7 @@ import yaml
 
 from .config import STAGES, RunConfig, config_from_dict, config_to_dict
 from .constitution import load_constitution
-from .data import load_prompts
+from .data import load_prompts, prompt_rows, read_records
 from .rundir import RunDir, atomic_write_text, load_rows, save_dataset
 from .stages.common import Context
 from .stages.critique_revise import critique_revise
@@ -70,21 +70,17 @@ def stage_input(name: str, config: RunConfig, ctx: Context, input_path: str | Pa
     if name == "evaluate":
         return {s: load_rows(ctx.run.dataset_path(s)) for s in ("critique_revise", "train_pm", "ppo")
                 if ctx.run.is_done(s)}
+    source = STAGE_INPUT[name]
     if input_path is not None:
         path = Path(input_path)
-        return load_rows(path) if path.is_dir() else [dict(r) for r in _read_jsonl(path)]
-    source = STAGE_INPUT[name]
+        rows = load_rows(path) if path.is_dir() else read_records(str(path))
+        return prompt_rows(rows, path.stem) if source == "prompts" else rows
     if source == "prompts":
         return prompts_of(config, ctx)
     if not ctx.run.is_done(source):
         raise RuntimeError(f"stage {name} reads the output of {source}, which has not finished in {ctx.run.root}; "
                            f"run `cai {source.replace('_', '-')}` first or give --input")
     return load_rows(ctx.run.dataset_path(source))
-
-
-def _read_jsonl(path: Path):
-    import json
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def run_stage(name: str, config: RunConfig, ctx: Context, *, input_path=None, log=print) -> None:

@@ -99,9 +99,11 @@ class Shards:
 
     def write(self, index: int, rows: list[dict]) -> None:
         atomic_write_text(self.path(index), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        delay = float(os.environ.get("CAI_DEBUG_SHARD_DELAY", "0") or 0)
-        if delay:  # lets the resume tests kill a run between two shards deterministically
-            time.sleep(delay)
+        # CAI_DEBUG_SHARD_DELAY=<stage>:<seconds> pauses after each shard of that stage, so the resume
+        # tests can kill a run between two shards
+        stage, _, delay = os.environ.get("CAI_DEBUG_SHARD_DELAY", "").partition(":")
+        if delay and stage == self.folder.parent.name:
+            time.sleep(float(delay))
 
     def read(self, index: int) -> list[dict]:
         with open(self.path(index), encoding="utf-8") as f:

@@ -112,16 +112,6 @@ def save_pretrained(model, tokenizer, target: Path, extra: dict[str, torch.Tenso
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def last_token_index(mask: torch.Tensor) -> torch.Tensor:
-    """(B,) index of the last real token of each row of a (B, T) 0/1 mask (left or right padding)."""
-    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-    return torch.where(mask.bool(), positions, -1).amax(-1).clamp(min=0)
-
-
-def batches_of(indices: list[int], size: int) -> list[list[int]]:
-    return [indices[i:i + size] for i in range(0, len(indices), size)]
-
-
 IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
 
 

@@ -6,8 +6,8 @@ chosen per call by the tensors' device (``backend=`` or env CAI_KERNELS_BACKEND 
 """
 
 from ._registry import BACKENDS, OPS, select_backend
-from .ops import (last_token_rewards, linear_token_logprobs, pairwise_loss, ranked_pairwise_loss, reward_pairwise_loss,
-                  reward_ranked_loss, token_logprobs)
+from .ops import (last_token_rewards, linear_token_logprobs, pairwise_loss, ranked_pairwise_loss,
+                  reward_pairwise_loss, reward_ranked_loss, token_logprobs)
 
 __version__ = "0.1.0"
 

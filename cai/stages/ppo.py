@@ -60,6 +60,10 @@ class PPOConfig:
     prompt_format: str = "auto"
 
 
+def _scalar(value) -> float:
+    return value.detach().float().mean().item() if torch.is_tensor(value) else float(value)
+
+
 def policy_outputs(policy, value_head, seq, attention_mask, prompt_width, *, with_values=True):
     """(log-probs (B, Tr), values (B, Tr) or None) of the response block seq[:, prompt_width:]."""
     hidden = trunk_hidden(policy, seq, attention_mask)[:, prompt_width - 1:-1]
@@ -125,8 +129,8 @@ def ppo(prompts: list[dict], cfg: PPOConfig, ctx: Context) -> list[dict]:
                 torch.nn.utils.clip_grad_norm_(params + list(value_head.parameters()), cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                step_stats = {"pg_loss": pg_loss.item(), "vf_loss": vf_loss.item(), "vf_clipfrac": float(vf_clipfrac)}
-                step_stats.update({k: float(v) for k, v in pg_stats.items()})
+                step_stats = {"pg_loss": pg_loss.item(), "vf_loss": vf_loss.item(), "vf_clipfrac": _scalar(vf_clipfrac)}
+                step_stats.update({k: _scalar(v) for k, v in pg_stats.items()})
                 for k, v in step_stats.items():
                     stats_sum[k] = stats_sum.get(k, 0.0) + v
                 updates += 1
