@@ -160,22 +160,25 @@ def last_token_grad_hidden_kernel(grad_rewards_ptr, index_ptr, weight_ptr, grad_
 
 @triton.jit
 def last_token_grad_weight_kernel(
-    grad_rewards_ptr, index_ptr, hidden_ptr, grad_weight_ptr,
+    grad_rewards_ptr, index_ptr, hidden_ptr, partial_ptr,
     n_seq, inner, H, h_stride_outer, h_stride_inner, h_stride_t, h_stride_h,
-    BLOCK_H: tl.constexpr,
+    SEQ_CHUNK: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """grad_weight[h] = sum_s g[s] hidden[s, index[s], h]: one program per slice of H, looping over the
-    sequences in order (deterministic, no atomics)."""
+    """partial[c, h] = sum over the SEQ_CHUNK sequences s of chunk c of g[s] hidden[s, index[s], h]; the launcher
+    adds the chunks in order (deterministic, no atomics). Grid: (H slices, sequence chunks)."""
     h = tl.program_id(0).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
-    acc = tl.zeros((BLOCK_H,), grad_weight_ptr.dtype.element_ty)
-    for seq in range(0, n_seq):
-        last = tl.load(index_ptr + seq)
-        g = tl.load(grad_rewards_ptr + seq)
+    chunk = tl.program_id(1).to(tl.int64)
+    acc = tl.zeros((BLOCK_H,), partial_ptr.dtype.element_ty)
+    for step in tl.static_range(SEQ_CHUNK):  # unrolled: the sequences' loads are independent
+        seq = chunk * SEQ_CHUNK + step
+        in_range = seq < n_seq
+        last = tl.load(index_ptr + seq, mask=in_range, other=-1)
+        g = tl.load(grad_rewards_ptr + seq, mask=in_range, other=0.0)
         row = (hidden_ptr + (seq // inner) * h_stride_outer + (seq % inner) * h_stride_inner
                + tl.maximum(last, 0) * h_stride_t)
         x = tl.load(row + h * h_stride_h, mask=h < tl.where(last >= 0, H, 0), other=0.0)
         acc += g * x.to(acc.dtype)
-    tl.store(grad_weight_ptr + h, acc, mask=h < H)
+    tl.store(partial_ptr + chunk * H + h, acc, mask=h < H)
 
 
 @triton.jit
@@ -226,10 +229,19 @@ def ranked_pairwise_loss_bwd_kernel(grad_rows_ptr, rewards_ptr, num_valid_ptr, g
 # ---------------------------------------------------------------------------------------------- launchers
 
 PAIR_BLOCK = 1024
+ROW_BLOCK = 512               # mask positions / hidden units per step of the per-sequence kernels
+GRAD_WEIGHT_BLOCK_H = 512
+GRAD_WEIGHT_SEQ_CHUNK = 16
 
 
 def _block(n: int, cap: int) -> int:
     return min(triton.next_power_of_2(max(n, 16)), cap)
+
+
+def _vector_warps(block: int, like: torch.Tensor) -> int:
+    """Warps such that each thread holds 16 bytes of a block of ``like``'s dtype (one 128-bit load)."""
+    per_thread = max(16 // like.element_size(), 1)
+    return max(1, min(8, block // (32 * per_thread)))
 
 
 def _per_row_if_fp64(values: torch.Tensor, value: float, like: torch.Tensor) -> torch.Tensor:
@@ -296,7 +308,7 @@ def last_token_rewards_fwd(hidden: torch.Tensor, mask: torch.Tensor, active: tor
             hidden, mask, active if active.numel() else mask, weight, bias if bias.numel() else weight,
             rewards, index, inner, T, H, *hidden.stride(), *mask.stride(),
             HAS_ACTIVE=active.numel() > 0, HAS_BIAS=bias.numel() > 0,
-            BLOCK_T=_block(T, 1024), BLOCK_H=_block(H, 1024), num_warps=4)
+            BLOCK_T=_block(T, ROW_BLOCK), BLOCK_H=_block(H, ROW_BLOCK), num_warps=4)
     return rewards, index
 
 
@@ -312,14 +324,16 @@ def last_token_rewards_bwd(grad_rewards: torch.Tensor, hidden: torch.Tensor, ind
         grad_hidden = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)
         if n_seq and H:
             last_token_grad_hidden_kernel[(n_seq,)](grad_rewards, index, weight, grad_hidden, T, H,
-                                                    BLOCK_H=_block(H, 1024), num_warps=4)
+                                                    BLOCK_H=_block(H, ROW_BLOCK), num_warps=4)
     if need_weight:
-        grad_weight = torch.empty_like(weight)
-        block_h = _block(H, 256)
-        if H:
-            last_token_grad_weight_kernel[(triton.cdiv(H, block_h),)](
-                grad_rewards, index, hidden, grad_weight, n_seq, inner, H, *hidden.stride(), BLOCK_H=block_h,
-                num_warps=4)
+        block_h = _block(H, GRAD_WEIGHT_BLOCK_H)
+        chunks = max(triton.cdiv(n_seq, GRAD_WEIGHT_SEQ_CHUNK), 1)
+        partial = torch.zeros((chunks, H), dtype=weight.dtype, device=weight.device)
+        if n_seq:
+            last_token_grad_weight_kernel[(triton.cdiv(H, block_h), chunks)](
+                grad_rewards, index, hidden, partial, n_seq, inner, H, *hidden.stride(),
+                SEQ_CHUNK=GRAD_WEIGHT_SEQ_CHUNK, BLOCK_H=block_h, num_warps=_vector_warps(block_h, hidden))
+        grad_weight = partial.sum(0)
         grad_bias = torch.where(index >= 0, grad_rewards, 0.0).sum().reshape(1)
     return grad_hidden, grad_weight, grad_bias
 
@@ -380,7 +394,8 @@ def _aot_specs():
          "rewards_ptr": "*fp32", "index_ptr": "*i64", "inner": "i64", "T": "i64", "H": "i64"} | strides
         | {"m_stride_outer": "i64", "m_stride_inner": "i64", "m_stride_t": "constexpr", "HAS_ACTIVE": "constexpr",
            "HAS_BIAS": "constexpr", "BLOCK_T": "constexpr", "BLOCK_H": "constexpr"},
-        {"h_stride_h": 1, "m_stride_t": 1, "HAS_ACTIVE": False, "HAS_BIAS": True, "BLOCK_T": 1024, "BLOCK_H": 1024},
+        {"h_stride_h": 1, "m_stride_t": 1, "HAS_ACTIVE": False, "HAS_BIAS": True, "BLOCK_T": ROW_BLOCK,
+         "BLOCK_H": ROW_BLOCK},
         aligned=("hidden_ptr", "mask_ptr", "weight_ptr", "rewards_ptr", "index_ptr", "T", "H", "h_stride_outer",
                  "h_stride_inner", "h_stride_t", "m_stride_outer", "m_stride_inner"),
         label="bf16"))
@@ -388,16 +403,16 @@ def _aot_specs():
         "last_token_grad_hidden_kernel",
         {"grad_rewards_ptr": "*fp32", "index_ptr": "*i64", "weight_ptr": "*fp32", "grad_hidden_ptr": "*bf16",
          "T": "i64", "H": "i64", "BLOCK_H": "constexpr"},
-        {"BLOCK_H": 1024},
+        {"BLOCK_H": ROW_BLOCK},
         aligned=("grad_rewards_ptr", "index_ptr", "weight_ptr", "grad_hidden_ptr", "T", "H"), label="bf16"))
     specs.append(AotSpec(
         "last_token_grad_weight_kernel",
-        {"grad_rewards_ptr": "*fp32", "index_ptr": "*i64", "hidden_ptr": "*bf16", "grad_weight_ptr": "*fp32",
-         "n_seq": "i64", "inner": "i64", "H": "i64"} | strides | {"BLOCK_H": "constexpr"},
-        {"h_stride_h": 1, "BLOCK_H": 256},
-        aligned=("grad_rewards_ptr", "index_ptr", "hidden_ptr", "grad_weight_ptr", "H", "h_stride_outer",
+        {"grad_rewards_ptr": "*fp32", "index_ptr": "*i64", "hidden_ptr": "*bf16", "partial_ptr": "*fp32",
+         "n_seq": "i64", "inner": "i64", "H": "i64"} | strides | {"SEQ_CHUNK": "constexpr", "BLOCK_H": "constexpr"},
+        {"h_stride_h": 1, "SEQ_CHUNK": GRAD_WEIGHT_SEQ_CHUNK, "BLOCK_H": GRAD_WEIGHT_BLOCK_H},
+        aligned=("grad_rewards_ptr", "index_ptr", "hidden_ptr", "partial_ptr", "H", "h_stride_outer",
                  "h_stride_inner", "h_stride_t"),
-        label="bf16"))
+        num_warps=GRAD_WEIGHT_BLOCK_H // (32 * 8), label="bf16"))
 
     # The ranked kernels do O(K^2) exp/log per O(K) rewards loaded (and the inner loop loads one scalar per
     # step): compute-bound, so 128-bit loads are not required of them.
