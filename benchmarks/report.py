@@ -219,6 +219,26 @@ def group_table(members: list[Row]) -> list[str]:
     return lines
 
 
+def pipeline_table(members: list[Row]) -> list[str]:
+    """End-to-end rows: seconds, and questions/s where the row scored questions."""
+    scoring = any("questions_per_s" in r.info for r in members)
+    header = ["step", "seconds"] + (["questions/s", "accuracy", "max |p - p_other scorer|"] if scoring else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in sorted(members, key=lambda r: r.x if r.x_name == "stage" else -r.min_s):
+        cells = [r.variant, f"{r.min_s:.1f}"]
+        if scoring:
+            cells += [_num(r.info, "questions_per_s", "{:.2f}"), _num(r.info, "accuracy", "{:.3f}"),
+                      _num(r.info, "max_prob_difference_vs_other_scorer", "{:.1e}")]
+        lines.append("| " + " | ".join(cells) + " |")
+    if not scoring:
+        lines.append(f"| **total** | {sum(r.min_s for r in members):.1f} |")
+    return lines
+
+
+def _is_pipeline(members: list[Row]) -> bool:
+    return all(r.kind == "pipeline" for r in members)
+
+
 def machine_lines(machine: dict) -> list[str]:
     flags = machine.get("cpu_flags", {})
     bandwidth = machine.get("read_bandwidth", {})
@@ -270,6 +290,10 @@ def markdown(data: dict, *, plots: list[str], title: str) -> str:
     for name, members in groups.items():
         by_op[members[0].op].append(name)
     for op, names in by_op.items():
+        if _is_pipeline(groups[names[0]]):
+            for name in names:
+                lines += [f"## {name}", "", *pipeline_table(groups[name]), ""]
+            continue
         lines += [f"## {op}", ""]
         for name in sorted(names, key=lambda n: (groups[n][0].mode, groups[n][0].case.get("dtype", ""),
                                                   groups[n][0].x, n)):
@@ -366,7 +390,11 @@ def readme_section(data: dict, *, md_path: str, plots: list[str], readme_dir: st
     if kind == "CPU":
         lines += [*claims_table(evaluate_claims(groups, CPU_CLAIMS)), ""]
     lines += [*summary_table(groups), ""]
-    for p in plots[:2]:
+    for name, members in groups.items():
+        if _is_pipeline(members):
+            lines += [f"{name}:", "", *pipeline_table(members), ""]
+    headline = [p for p in plots if "-token-logprobs-fwd-dtype-float32" in p] or plots[:2]
+    for p in headline[:2]:
         lines.append(f"![{os.path.basename(p)}]({os.path.relpath(p, readme_dir)})")
     return "\n".join(lines).rstrip() + "\n"
 
