@@ -186,15 +186,16 @@ def measure(benchmark, request, *, module: str, op: str, variant: Variant, case:
         pytest.skip(f"{variant.name}: {variant.unavailable}")
     benchmark.group = group
     bench_module = importlib.import_module(module)
-    built = bench_module.build_step(variant.name, **case)
     start = time.perf_counter()
     try:
+        built = bench_module.build_step(variant.name, **case)
+        start = time.perf_counter()
         built()  # warm-up: compiles, starts thread pools, allocates the gradients once
-    except Exception as error:  # a peer that cannot take these inputs is a skip, not a suite failure
+        _machine.synchronize()
+    except Exception as error:  # a peer that cannot import or take these inputs is a skip, not a failure
         if variant.kind != "peer":
             raise
-        pytest.skip(f"{variant.name} failed on these inputs: {type(error).__name__}: {str(error)[:200]}")
-    _machine.synchronize()
+        pytest.skip(f"{variant.name} failed here: {type(error).__name__}: {str(error)[:200]}")
     first = time.perf_counter() - start
     if torch.cuda.is_available():
         benchmark.pedantic(lambda: (built.fn(), torch.cuda.synchronize()), setup=built.setup,

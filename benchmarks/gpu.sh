@@ -6,12 +6,16 @@
 # Here (with internet), once:   make gpu-wheels          # .whl/: liger-kernel, cut-cross-entropy, trl
 # There, one call per line (carry .whl), e.g.:
 #   bash benchmarks/gpu.sh test                # install, build the C++ extension, pytest tests on CUDA
-#   bash benchmarks/gpu.sh bench-logprobs      # token_logprobs, linear_token_logprobs, choice_logprobs
-#   bash benchmarks/gpu.sh bench-rest          # pairwise, PPO and pipeline benches, then the report
+#   bash benchmarks/gpu.sh bench-logprobs      # token_logprobs
+#   bash benchmarks/gpu.sh bench-linear        # linear_token_logprobs, choice_logprobs
+#   bash benchmarks/gpu.sh bench-rest report   # preference-model, PPO and pipeline benches; the report
 # or `bash benchmarks/gpu.sh all` where one command may run longer.
-# Each bench part writes benchmarks/results/<device>-<date>-<part>.json; `report` (run by bench-rest
-# and all) merges the parts into benchmarks/results/<device>-<date>.json, writes the .md table and the
-# plots, and copies the JSON, the table and the logs to $OUT.
+# Each bench part writes benchmarks/results/<device>-<date>-<part>.json and copies it to $OUT at once
+# (a machine given back between calls loses its files). `report` merges the parts it finds into
+# benchmarks/results/<device>-<date>.json, writes the .md table and the plots, updates README.md and
+# copies the JSON and the table to $OUT. Parts fetched from $OUT can also be merged here:
+#   python -m benchmarks.report <stem>-logprobs.json <stem>-linear.json <stem>-rest.json \
+#       --merge-into benchmarks/results/<stem>.json --readme README.md
 #
 # --dry-run: print what would run, run nothing (checks the script on a machine without a GPU).
 set -euo pipefail
@@ -22,8 +26,8 @@ PARTS=()
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
-    test|bench-logprobs|bench-rest|report|all|setup) PARTS+=("$arg") ;;
-    *) echo "usage: $0 [setup|test|bench-logprobs|bench-rest|report|all]... [--dry-run]" >&2; exit 2 ;;
+    test|bench-logprobs|bench-linear|bench-rest|report|all|setup) PARTS+=("$arg") ;;
+    *) echo "usage: $0 [setup|test|bench-logprobs|bench-linear|bench-rest|report|all]... [--dry-run]" >&2; exit 2 ;;
   esac
 done
 [ ${#PARTS[@]} -gt 0 ] || PARTS=(all)
@@ -65,7 +69,10 @@ setup() {
 part_test() {
   echo "== tests on CUDA"
   set +e
-  run timeout "$TIME_LIMIT" "$PY" -m pytest tests -q -x -p no:cacheprovider -o addopts="-ra" 2>&1 | tee "$OUT/tests.log"
+  # not slow: the slow tests run the embedded CPU model, which is not carried (98 MB); GPU_TEST_ARGS overrides
+  # shellcheck disable=SC2086
+  run timeout "$TIME_LIMIT" "$PY" -m pytest tests -q -p no:cacheprovider -o addopts="-ra" ${GPU_TEST_ARGS:--m "not slow"} \
+      2>&1 | tee "$OUT/tests.log"
   local rc=${PIPESTATUS[0]}
   set -e
   [ "$DRY_RUN" = 1 ] || [ "$rc" = 0 ] || { echo "tests failed (exit $rc): see $OUT/tests.log"; exit "$rc"; }
@@ -77,13 +84,14 @@ part_bench() {  # $1: part name, $2...: benchmark files
   echo "== benchmarks $part -> $json"
   run timeout "$TIME_LIMIT" "$PY" -m pytest "$@" --benchmark-only -q -p no:cacheprovider \
       --benchmark-json="$json" 2>&1 | tee "$OUT/bench-$part.log"
+  if [ "$DRY_RUN" = 0 ] && [ -f "$json" ]; then cp "$json" "$OUT/"; fi
 }
 
 part_report() {
   local stem="benchmarks/results/$(name)"
   echo "== report $stem"
   local parts=()
-  for p in logprobs rest; do
+  for p in logprobs linear rest; do
     [ "$DRY_RUN" = 1 ] || [ -f "$stem-$p.json" ] && parts+=("$stem-$p.json")
   done
   run "$PY" -m benchmarks.report "${parts[@]}" --merge-into "$stem.json" --readme README.md
@@ -93,23 +101,26 @@ part_report() {
   fi
 }
 
-LOGPROB_BENCHES=(benchmarks/test_bench_token_logprobs.py)
+LINEAR_BENCHES=()
 for f in benchmarks/test_bench_linear_token_logprobs.py benchmarks/test_bench_choice_logprobs.py; do
-  [ -f "$f" ] && LOGPROB_BENCHES+=("$f")
+  [ -f "$f" ] && LINEAR_BENCHES+=("$f")
 done
 REST_BENCHES=()
 for f in benchmarks/test_bench_*.py; do
-  case " ${LOGPROB_BENCHES[*]} " in *" $f "*) ;; *) REST_BENCHES+=("$f") ;; esac
+  case " benchmarks/test_bench_token_logprobs.py ${LINEAR_BENCHES[*]} " in *" $f "*) ;; *) REST_BENCHES+=("$f") ;; esac
 done
 
 for part in "${PARTS[@]}"; do
   case "$part" in
     setup) setup ;;
     test) setup; part_test ;;
-    bench-logprobs) setup; part_bench logprobs "${LOGPROB_BENCHES[@]}" ;;
-    bench-rest) setup; [ ${#REST_BENCHES[@]} -eq 0 ] || part_bench rest "${REST_BENCHES[@]}"; part_report ;;
+    bench-logprobs) setup; part_bench logprobs benchmarks/test_bench_token_logprobs.py ;;
+    bench-linear) setup; [ ${#LINEAR_BENCHES[@]} -eq 0 ] || part_bench linear "${LINEAR_BENCHES[@]}" ;;
+    bench-rest) setup; [ ${#REST_BENCHES[@]} -eq 0 ] || part_bench rest "${REST_BENCHES[@]}" ;;
     report) part_report ;;
-    all) setup; part_test; part_bench logprobs "${LOGPROB_BENCHES[@]}"
-         [ ${#REST_BENCHES[@]} -eq 0 ] || part_bench rest "${REST_BENCHES[@]}"; part_report ;;
+    all) setup; part_test; part_bench logprobs benchmarks/test_bench_token_logprobs.py
+         [ ${#LINEAR_BENCHES[@]} -eq 0 ] || part_bench linear "${LINEAR_BENCHES[@]}"
+         [ ${#REST_BENCHES[@]} -eq 0 ] || part_bench rest "${REST_BENCHES[@]}"
+         part_report ;;
   esac
 done
