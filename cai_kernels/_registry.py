@@ -42,6 +42,9 @@ OPS: dict[str, Op] = {op.name: op for op in (
        ("token_logprobs_fwd", "token_logprobs_bwd"), "cai_kernels.triton.logprobs"),
     Op("linear_token_logprobs", "cai_kernels.reference.logprobs:linear_token_logprobs",
        ("linear_token_logprobs_fwd", "linear_token_logprobs_bwd"), "cai_kernels.triton.linear_logprobs"),
+    Op("choice_logprobs", "cai_kernels.reference.logprobs:choice_logprobs",
+       ("token_logprobs_fwd", "token_logprobs_bwd", "linear_token_logprobs_fwd", "linear_token_logprobs_bwd",
+        "option_scores"), "cai_kernels.triton.choice"),
     # Family 2: preference-model losses
     Op("pairwise_loss", "cai_kernels.reference.pairwise:pairwise_loss",
        ("pairwise_loss_fwd", "pairwise_loss_bwd"), "cai_kernels.triton.pairwise"),

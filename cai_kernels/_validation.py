@@ -93,3 +93,36 @@ def check_targets_in_range(name: str, targets: torch.Tensor, num_classes: int,
         value = int(targets.flatten()[first])
         raise ValueError(f"{name} must lie in [0, {num_classes}) or equal ignore_index={ignore_index}; "
                          f"got {name}.flatten()[{first}] = {value}")
+
+
+def check_option_layout(option_ids: torch.Tensor, num_options: torch.Tensor) -> None:
+    """Multiple-choice layout (reads the data: a sync on GPU): every question has >= 1 option, every
+    option id lies in [0, O) with O = num_options.sum(), and every option has at least one token."""
+    small = num_options < 1
+    if bool(small.any()):
+        q = int(small.nonzero()[0, 0])
+        raise ValueError(f"num_options must be >= 1 for every question; got num_options[{q}] = {int(num_options[q])}")
+    num_opts = int(num_options.sum())
+    bad = (option_ids < 0) | (option_ids >= num_opts)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"option_ids must lie in [0, {num_opts}) (O = num_options.sum()); "
+                         f"got option_ids[{i}] = {int(option_ids[i])}")
+    empty = torch.bincount(option_ids, minlength=num_opts) == 0
+    if bool(empty.any()):
+        o = int(empty.nonzero()[0, 0])
+        raise ValueError(f"every option must have at least one token; option {o} has none "
+                         f"(option_ids must cover [0, O), O = num_options.sum() = {num_opts})")
+
+
+def check_clamp(name: str, value) -> tuple[float, float] | None:
+    """None, or a pair (lo, hi) of numbers with 0 <= lo <= hi <= 1 (bounds for probabilities)."""
+    if value is None:
+        return None
+    if (not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 2
+            or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value)):
+        raise TypeError(f"{name} must be None or a pair (lo, hi) of numbers; got {value!r}")
+    lo, hi = float(value[0]), float(value[1])
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"{name} must satisfy 0 <= lo <= hi <= 1; got ({lo}, {hi})")
+    return lo, hi

@@ -81,3 +81,44 @@ def test_compiled_fused_head_has_no_graph_break_and_matches_eager(backend):
     assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-5)
     for got, expected in zip([model.head.weight.grad, model.head.bias.grad, hidden.grad], eager_grads):
         assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+class TinyChoiceScorer(torch.nn.Module):
+    """Multiple-choice scoring with the LM head applied at option tokens only (the feedback model's labels)."""
+
+    def __init__(self, backend):
+        super().__init__()
+        self.head = torch.nn.Linear(16, 50)
+        self.backend = backend
+
+    def forward(self, hidden, targets, option_ids, num_options, labels):
+        option_logprobs, probs = cai_kernels.choice_logprobs(targets, option_ids, num_options, hidden=hidden,
+                                                             weight=self.head.weight, bias=self.head.bias,
+                                                             clamp=(0.4, 0.6), backend=self.backend)
+        # the probability of each question's labelled option; K is data-dependent under torch.compile, and
+        # inductor (torch 2.13) cannot lower a column select probs[:, k] of such a tensor: gather / narrow work
+        return probs.gather(1, labels[:, None]).sum() + 0.1 * option_logprobs.narrow(1, 0, 1).sum()
+
+
+@pytest.mark.parametrize("backend", compiled_backends("choice_logprobs", DEVICE))
+def test_compiled_choice_scorer_has_no_graph_break_and_matches_eager(backend):
+    # K = max(num_options) is read from the data: the op's fake gives the output an unbacked size
+    torch._dynamo.reset()
+    model = TinyChoiceScorer(backend).to(DEVICE)
+    num_options = torch.tensor([2, 9, 3], device=DEVICE)
+    option_ids = torch.repeat_interleave(torch.arange(14, device=DEVICE), torch.tensor([1, 2, 3, 4] * 3 + [1, 2],
+                                                                                       device=DEVICE))
+    hidden = torch.randn(len(option_ids), 16, device=DEVICE)
+    targets = torch.randint(0, 50, option_ids.shape, device=DEVICE)
+    labels = torch.tensor([1, 7, 0], device=DEVICE)
+
+    eager_loss = model(hidden, targets, option_ids, num_options, labels)
+    eager_loss.backward()
+    eager_grad = model.head.weight.grad.clone()
+    model.zero_grad()
+
+    compiled = torch.compile(model, fullgraph=True)
+    compiled_loss = compiled(hidden, targets, option_ids, num_options, labels)
+    compiled_loss.backward()
+    assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-5)
+    assert_close(model.head.weight.grad, eager_grad, rtol=1e-4, atol=1e-6)

@@ -23,7 +23,7 @@ def aot_results():
 
 def test_every_family_is_checked(aot_results):
     families = {r["family"] for r in aot_results}
-    assert {"logprobs", "pairwise"} <= families
+    assert {"logprobs", "linear_logprobs", "choice", "pairwise"} <= families
     assert {r["arch"] for r in aot_results} == {"sm_80", "sm_90a"}
 
 

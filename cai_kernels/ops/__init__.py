@@ -1,5 +1,6 @@
 """Public ops: validation, backend dispatch, torch.library registration and autograd."""
 
+from .choice_logprobs import choice_logprobs
 from .last_token_rewards import last_token_rewards
 from .linear_token_logprobs import linear_token_logprobs
 from .pairwise_loss import pairwise_loss
@@ -7,5 +8,5 @@ from .ranked_pairwise_loss import ranked_pairwise_loss
 from .reward_losses import reward_pairwise_loss, reward_ranked_loss
 from .token_logprobs import token_logprobs
 
-__all__ = ["token_logprobs", "linear_token_logprobs", "pairwise_loss", "last_token_rewards", "reward_pairwise_loss",
-           "ranked_pairwise_loss", "reward_ranked_loss"]
+__all__ = ["token_logprobs", "linear_token_logprobs", "choice_logprobs", "pairwise_loss", "last_token_rewards",
+           "reward_pairwise_loss", "ranked_pairwise_loss", "reward_ranked_loss"]

@@ -85,9 +85,9 @@ def option_scores(token_logprobs: torch.Tensor, option_ids: torch.Tensor, num_op
     option_logprobs = option_logprobs.index_put((question, slot), option_sums)
     probs = option_logprobs.softmax(dim=-1)
     if clamp is not None:
-        real = torch.arange(max_options, device=num_options.device) < num_options[:, None]
-        probs = probs.clamp(*clamp).masked_fill(~real, 0.0)
-    return option_logprobs, probs
+        probs = probs.clamp(*clamp)
+    real = torch.arange(max_options, device=num_options.device) < num_options[:, None]
+    return option_logprobs, probs.masked_fill(~real, 0.0)
 
 
 def choice_logprobs(targets: torch.Tensor, option_ids: torch.Tensor, num_options: torch.Tensor, *,
