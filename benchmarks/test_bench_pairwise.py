@@ -2,8 +2,8 @@
 
 Cases (PM training shapes): pairwise_loss and ranked_pairwise_loss on reward tensors (B pairs, or
 B prompts x K ranked responses); last_token_rewards, reward_pairwise_loss and reward_ranked_loss on
-the final hidden states (B, T, H) of right-padded sequences (lengths uniform in [T/4, T]) with the
-scalar head (H,). Soft labels in (0, 1). fwd+bwd: backward of the loss into the rewards / hidden
+the final hidden states (B, T, H) of padded sequences (lengths uniform in [T/4, T]; chosen right-padded,
+rejected left-padded) with the scalar head (H,). Soft labels in (0, 1). fwd+bwd: backward of the loss into the rewards / hidden
 states and the head.
 
 Peers: TRL's and OpenRLHF's reward-model loss ``-logsigmoid(chosen - rejected - margin).mean()``
@@ -33,7 +33,8 @@ _SCALE = 4 if torch.cuda.is_available() else 1
 # op -> [(case, in the quick subset?)]. PM batches are small (64-512 pairs): latency matters there; the
 # million-pair case shows the bandwidth.
 CASES = {
-    "pairwise_loss": [(dict(batch=512, dtype=F32, mode="fwd+bwd"), True),
+    "pairwise_loss": [(dict(batch=512, dtype=F32, mode="fwd+bwd"), False),
+                      (dict(batch=65536, dtype=F32, mode="fwd+bwd"), True),
                       (dict(batch=1048576 * _SCALE, dtype=F32, mode="fwd"), False),
                       (dict(batch=1048576 * _SCALE, dtype=F32, mode="fwd+bwd"), False)],
     "ranked_pairwise_loss": [(dict(batch=4096, k=8, dtype=F32, mode="fwd+bwd"), True),
@@ -86,9 +87,10 @@ def hf_reward_pairwise_loss(chosen_hidden, chosen_mask, rejected_hidden, rejecte
 
 # -- inputs and steps ----------------------------------------------------------------------------------
 
-def _right_padded_mask(generator, batch, length, *shape_prefix):
+def _padded_mask(generator, batch, length, *shape_prefix, left=False):
     lengths = torch.randint(length // 4, length + 1, (*shape_prefix, batch), generator=generator, device=device())
-    return torch.arange(length, device=device()) < lengths[..., None]
+    positions = torch.arange(length, device=device())
+    return positions >= (length - lengths)[..., None] if left else positions < lengths[..., None]
 
 
 def build_step(variant: str, *, op: str, mode: str, dtype: torch.dtype, **sizes) -> Step:
@@ -125,16 +127,16 @@ def build_step(variant: str, *, op: str, mode: str, dtype: torch.dtype, **sizes)
     head_weight, head_bias = randn(h, dt=torch.float32) / h ** 0.5, randn(1, dt=torch.float32)[0]
     if op == "reward_ranked_loss":
         k = sizes["k"]
-        hidden, mask = randn(b, k, t, h), _right_padded_mask(g, k, t, b)
+        hidden, mask = randn(b, k, t, h), _padded_mask(g, k, t, b)
         rows = b * k * h * hidden.element_size()
         return step_for(mode, lambda: impl(hidden, mask, head_weight, head_bias), (hidden, head_weight),
                         bytes_fwd=rows + nbytes(mask), bytes_bwd=rows + nbytes(hidden))
-    hidden, mask = randn(b, t, h), _right_padded_mask(g, b, t)
+    hidden, mask = randn(b, t, h), _padded_mask(g, b, t)
     rows = b * h * hidden.element_size()
     if op == "last_token_rewards":
         return step_for(mode, lambda: impl(hidden, mask, head_weight, head_bias), (hidden, head_weight),
                         bytes_fwd=rows + nbytes(mask), bytes_bwd=rows + nbytes(hidden))
-    rejected_hidden, rejected_mask = randn(b, t, h), _right_padded_mask(g, b, t)
+    rejected_hidden, rejected_mask = randn(b, t, h), _padded_mask(g, b, t, left=True)
     labels = torch.rand(b, generator=g, **dev)
     args = (hidden, mask, rejected_hidden, rejected_mask, head_weight, head_bias)
     call = (lambda: impl(*args)) if peer else (lambda: impl(*args, soft_labels=labels))

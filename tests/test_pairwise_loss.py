@@ -10,16 +10,9 @@ from hypothesis import given, settings
 import cai_kernels
 from cai_kernels.reference import pairwise_loss as reference
 from tests._backends import LOW_PRECISION, assert_close, compiled_backends, grad_tolerance
+from tests._preference import DEVICE, FP32_TOL, REDUCTIONS, random_rewards
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = compiled_backends("pairwise_loss", DEVICE)
-REDUCTIONS = ("mean", "sum", "none")
-# the acceptance bar for fp32: forward and backward within 1e-6 of the float64 reference
-FP32_TOL = {"rtol": 1e-6, "atol": 1e-6}
-
-
-def random_rewards(*shape, dtype=torch.float32, scale=3.0):
-    return (torch.randn(shape, dtype=torch.float64) * scale).to(dtype).to(DEVICE)
 
 
 def as_double(value):

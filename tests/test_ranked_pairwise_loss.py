@@ -12,15 +12,9 @@ import cai_kernels
 from cai_kernels.reference import ranked_pairwise_loss as reference
 from cai_kernels.reference import reward_ranked_loss as reference_reward
 from tests._backends import LOW_PRECISION, assert_close, compiled_backends, grad_tolerance
+from tests._preference import DEVICE, FP32_TOL, REDUCTIONS, random_rewards
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = compiled_backends("ranked_pairwise_loss", DEVICE)
-REDUCTIONS = ("mean", "sum", "none")
-FP32_TOL = {"rtol": 1e-6, "atol": 1e-6}
-
-
-def random_rewards(*shape, dtype=torch.float32, scale=2.0):
-    return (torch.randn(shape, dtype=torch.float64) * scale).to(dtype).to(DEVICE)
 
 
 def check_forward_backward(rewards, backend, *, num_valid=None, reduction="mean"):

@@ -10,10 +10,9 @@ from cai_kernels.reference import last_token_rewards as reference_rewards
 from cai_kernels.reference import reward_pairwise_loss as reference
 from cai_kernels.reference.pairwise import last_token_index
 from tests._backends import LOW_PRECISION, assert_close, compiled_backends, grad_tolerance
+from tests._preference import DEVICE, FP32_TOL
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = compiled_backends("reward_pairwise_loss", DEVICE)
-FP32_TOL = {"rtol": 1e-6, "atol": 1e-6}  # the acceptance bar for fp32, forward and backward
 
 
 def random_hidden(*shape, dtype=torch.float32):

@@ -36,11 +36,7 @@ def check_per_row_arg(name: str, value, shape: torch.Size, device: torch.device,
         check_float_tensor(name, value)
         if value.device != device:
             raise ValueError(f"{name} must be on the same device as the rewards ({device}); got {value.device}")
-        try:
-            broadcast = torch.broadcast_shapes(value.shape, shape)
-        except RuntimeError:
-            broadcast = None
-        if broadcast != shape:
+        if not _broadcasts_to(value.shape, shape):
             raise ValueError(f"{name} must be broadcastable to the rewards' shape {tuple(shape)}; "
                              f"got {_describe(value)}")
         return value
@@ -52,11 +48,21 @@ def check_per_row_arg(name: str, value, shape: torch.Size, device: torch.device,
     return float(value)
 
 
+def _broadcasts_to(value_shape: torch.Size, shape: torch.Size) -> bool:
+    """torch.broadcast_shapes(value_shape, shape) == shape, without its (slow, Python) general case."""
+    if len(value_shape) > len(shape):
+        return False
+    return all(v in (1, s) for v, s in zip(reversed(value_shape), reversed(shape)))
+
+
 def pack_per_row(value, default: float, shape: torch.Size, acc: torch.dtype, device: torch.device):
     """(per-row tensor or empty, scalar) as the kernels take them: a tensor is detached (labels and margins
     are targets, no gradient), broadcast and flattened to one contiguous entry per pair in ``acc``."""
     if isinstance(value, torch.Tensor):
-        return value.detach().to(acc).expand(shape).reshape(-1).contiguous(), default
+        value = value.detach()
+        if value.shape != shape:
+            value = value.expand(shape)
+        return value.to(acc).reshape(-1).contiguous(), default
     return torch.empty(0, dtype=acc, device=device), default if value is None else value
 
 

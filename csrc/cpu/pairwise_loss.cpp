@@ -4,9 +4,9 @@
 //   loss  = -(p logsigmoid(d) + (1 - p) logsigmoid(-d)) = p softplus(-d) + (1 - p) softplus(d)
 //         = log1p(e^-|d|) + d * (d > 0 ? 1 - p : -p)        (both terms >= 0: no cancellation)
 //   dloss/dd = sigmoid(d) - p = (1 - p) sigmoid(d) - p sigmoid(-d)
-// Rows are processed in blocks of kBlock: converted to the accumulation type, then evaluated on SIMD
-// vectors. Sums go through per-block partials in double, added in block order, so the result does
-// not depend on the thread count.
+// Rows are read one SIMD vector at a time in the accumulation type; threads take blocks of kBlock rows.
+// Sums go through per-block partials in double, added in block order, so the result does not depend on
+// the thread count.
 #include <torch/library.h>
 
 #include <vector>
@@ -20,8 +20,33 @@ constexpr int64_t kBlock = 1024;
 constexpr int64_t kGrainBlocks = 8;  // ~8k rows per task: below that, threading costs more than it saves
 enum Reduction : int64_t { kNone = 0, kSum = 1, kMean = 2 };
 
+// count <= V::size() values of type T as a vector of Acc (zeros past count).
+template <typename Acc, typename T>
+inline VecOf<Acc> load_as(const T* p, int64_t count) {
+  if constexpr (std::is_same_v<T, Acc>) {
+    return VecOf<Acc>::loadu(p, count);
+  } else {
+    __at_align__ Acc values[VecOf<Acc>::size()] = {};
+    for (int64_t i = 0; i < count; ++i) values[i] = static_cast<Acc>(p[i]);
+    return VecOf<Acc>::loadu(values);
+  }
+}
+
+// Stores the first count lanes of v as T (one rounding from Acc).
+template <typename T, typename Acc>
+inline void store_as(T* p, const VecOf<Acc>& v, int64_t count) {
+  if constexpr (std::is_same_v<T, Acc>) {
+    v.store(p, count);
+  } else {
+    __at_align__ Acc values[VecOf<Acc>::size()];
+    v.store(values);
+    for (int64_t i = 0; i < count; ++i) p[i] = static_cast<T>(values[i]);
+  }
+}
+
 template <typename T, typename Acc>
 struct PairInputs {
+  using V = VecOf<Acc>;
   const T* chosen;
   const T* rejected;
   const Acc* labels;  // nullptr: every row has label_value
@@ -29,13 +54,22 @@ struct PairInputs {
   const Acc* margin;  // nullptr: every row has margin_value
   Acc margin_value;
 
-  // d and p of rows [begin, begin + n) into d[0, n), p[0, n).
-  void load(int64_t begin, int64_t n, Acc* d, Acc* p) const {
-    for (int64_t i = 0; i < n; ++i) {
-      const Acc m = margin ? margin[begin + i] : margin_value;
-      d[i] = (static_cast<Acc>(chosen[begin + i]) - static_cast<Acc>(rejected[begin + i])) - m;
-      p[i] = labels ? labels[begin + i] : label_value;
+  // d and p of rows [row, row + count), count <= V::size(); lanes past count hold d = -margin, p = 0 or the
+  // label value (callers mask them out).
+  void load(int64_t row, int64_t count, V& d, V& p) const {
+    d = load_as<Acc>(chosen + row, count) - load_as<Acc>(rejected + row, count);
+    d = d - (margin ? V::loadu(margin + row, count) : V(margin_value));
+    p = labels ? V::loadu(labels + row, count) : V(label_value);
+  }
+
+  // The first of rows [row, row + count) whose label is outside [0, 1] (NaN included), or -1.
+  int64_t bad_label(int64_t row, int64_t count, const V& p) const {
+    const int mask = ((p >= V(0)) & (p <= V(1))).zero_mask();  // bit set: comparison false
+    if (labels == nullptr || (mask & ((1 << count) - 1)) == 0) return -1;
+    for (int64_t i = 0; i < count; ++i) {
+      if (mask & (1 << i)) return row + i;
     }
+    return -1;
   }
 };
 
@@ -97,26 +131,25 @@ at::Tensor pairwise_loss_fwd(const at::Tensor& chosen, const at::Tensor& rejecte
     const auto in = pair_inputs<scalar_t>(chosen, rejected, labels, label_value, margin, margin_value, s);
     acc_t* rows_out = reduction == kNone ? out.data_ptr<acc_t>() : nullptr;
     at::parallel_for(0, n_blocks, kGrainBlocks, [&](int64_t first, int64_t last) {
-      acc_t d[kBlock], p[kBlock];
       for (int64_t block = first; block < last; ++block) {
-        const int64_t begin = block * kBlock, n = std::min(kBlock, s.n_rows - begin);
-        in.load(begin, n, d, p);
-        if (s.has_labels) {
-          for (int64_t i = 0; i < n; ++i) {
-            if (!(p[i] >= acc_t(0) && p[i] <= acc_t(1))) bad_label.record(begin + i);  // NaN fails too
-          }
-        }
+        const int64_t begin = block * kBlock, end = std::min(begin + kBlock, s.n_rows);
         double total = 0.0;
         V partial(0);
-        for (int64_t i = 0; i < n; i += V::size()) {
-          const int64_t count = std::min<int64_t>(V::size(), n - i);
-          const V loss = pair_loss(V::loadu(d + i, count), V::loadu(p + i, count));
+        for (int64_t row = begin; row < end; row += V::size()) {
+          const int64_t count = std::min<int64_t>(V::size(), end - row);
+          V d, p;
+          in.load(row, count, d, p);
+          if (s.has_labels) {
+            const int64_t bad = in.bad_label(row, count, p);
+            if (bad >= 0) bad_label.record(bad);
+          }
+          const V loss = pair_loss(d, p);
           if (rows_out) {
-            loss.store(rows_out + begin + i, count);
+            loss.store(rows_out + row, count);
           } else {
             partial = partial + V::set(V(0), loss, count);
-            // few additions per lane in the working precision, the running total in double
-            if ((i / V::size()) % 8 == 7) {
+            // a few additions per lane in the working precision, the running total in double
+            if (((row - begin) / V::size()) % 8 == 7) {
               total += vec_sum<acc_t>(partial);
               partial = V(0);
             }
@@ -160,19 +193,14 @@ std::tuple<at::Tensor, at::Tensor> pairwise_loss_bwd(const at::Tensor& grad, con
     scalar_t* out_chosen = grad_chosen.data_ptr<scalar_t>();
     scalar_t* out_rejected = grad_rejected.data_ptr<scalar_t>();
     at::parallel_for(0, n_blocks, kGrainBlocks, [&](int64_t first, int64_t last) {
-      acc_t d[kBlock], p[kBlock];
-      for (int64_t block = first; block < last; ++block) {
-        const int64_t begin = block * kBlock, n = std::min(kBlock, s.n_rows - begin);
-        in.load(begin, n, d, p);
-        for (int64_t i = 0; i < n; i += V::size()) {
-          const int64_t count = std::min<int64_t>(V::size(), n - i);
-          const V g = grad_rows ? V::loadu(grad_rows + begin + i, count) : scale;
-          (pair_loss_grad(V::loadu(d + i, count), V::loadu(p + i, count)) * g).store(d + i, count);
-        }
-        for (int64_t i = 0; i < n; ++i) {  // d now holds dloss/dchosen
-          out_chosen[begin + i] = static_cast<scalar_t>(d[i]);
-          out_rejected[begin + i] = static_cast<scalar_t>(-d[i]);
-        }
+      for (int64_t row = first * kBlock, end = std::min(last * kBlock, s.n_rows); row < end; row += V::size()) {
+        const int64_t count = std::min<int64_t>(V::size(), end - row);
+        V d, p;
+        in.load(row, count, d, p);
+        const V g = grad_rows ? V::loadu(grad_rows + row, count) : scale;
+        const V grad = pair_loss_grad(d, p) * g;
+        store_as(out_chosen + row, grad, count);
+        store_as(out_rejected + row, V(0) - grad, count);
       }
     });
   });
