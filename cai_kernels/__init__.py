@@ -6,11 +6,13 @@ chosen per call by the tensors' device (``backend=`` or env CAI_KERNELS_BACKEND 
 """
 
 from ._registry import BACKENDS, OPS, select_backend
-from .ops import (choice_logprobs, last_token_rewards, linear_token_logprobs, pairwise_loss, ranked_pairwise_loss,
+from .ops import (choice_logprobs, gae, kl_penalty, last_token_rewards, linear_token_logprobs, masked_whiten,
+                  pairwise_loss, ppo_advantages, ppo_policy_loss, ppo_value_loss, ranked_pairwise_loss,
                   reward_pairwise_loss, reward_ranked_loss, token_logprobs)
 
 __version__ = "0.1.0"
 
 __all__ = ["BACKENDS", "OPS", "select_backend", "token_logprobs", "linear_token_logprobs", "choice_logprobs",
            "pairwise_loss", "last_token_rewards", "reward_pairwise_loss", "ranked_pairwise_loss", "reward_ranked_loss",
+           "kl_penalty", "gae", "masked_whiten", "ppo_advantages", "ppo_policy_loss", "ppo_value_loss",
            "__version__"]

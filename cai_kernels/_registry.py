@@ -58,6 +58,17 @@ OPS: dict[str, Op] = {op.name: op for op in (
     Op("reward_ranked_loss", "cai_kernels.reference.pairwise:reward_ranked_loss",
        ("last_token_rewards_fwd", "last_token_rewards_bwd", "ranked_pairwise_loss_fwd", "ranked_pairwise_loss_bwd"),
        "cai_kernels.triton.pairwise"),
+    # Family 3: PPO advantages, KL and clipped losses
+    Op("kl_penalty", "cai_kernels.reference.ppo:kl_penalty",
+       ("kl_penalty_fwd", "kl_penalty_bwd"), "cai_kernels.triton.ppo"),
+    Op("gae", "cai_kernels.reference.ppo:gae", ("gae_fwd",), "cai_kernels.triton.ppo"),
+    Op("masked_whiten", "cai_kernels.reference.ppo:masked_whiten", ("masked_whiten_fwd",), "cai_kernels.triton.ppo"),
+    Op("ppo_advantages", "cai_kernels.reference.ppo:ppo_advantages", ("ppo_advantages_fwd",),
+       "cai_kernels.triton.ppo"),
+    Op("ppo_policy_loss", "cai_kernels.reference.ppo:ppo_policy_loss",
+       ("ppo_policy_loss_fwd", "ppo_policy_loss_bwd"), "cai_kernels.triton.ppo"),
+    Op("ppo_value_loss", "cai_kernels.reference.ppo:ppo_value_loss",
+       ("ppo_value_loss_fwd", "ppo_value_loss_bwd"), "cai_kernels.triton.ppo"),
 )}
 
 
