@@ -45,17 +45,18 @@ bench-deps: install
 
 bench: bench-deps
 	mkdir -p benchmarks/results
+	@echo "load average before the run: $$(cat /proc/loadavg)"
 	name=$$($(PY) -m benchmarks.report --name) && \
-	$(PY) -m pytest benchmarks --benchmark-only -p no:cacheprovider \
-		--benchmark-json=benchmarks/results/$$name.json $(PYTEST_ARGS) && \
-	$(PY) -m benchmarks.report benchmarks/results/$$name.json --readme README.md
+	{ $(PY) -m pytest benchmarks --benchmark-only -p no:cacheprovider \
+		--benchmark-json=benchmarks/results/$$name.json $(PYTEST_ARGS); rc=$$?; \
+	  $(PY) -m benchmarks.report benchmarks/results/$$name.json --readme README.md && exit $$rc; }
 
 bench-quick: bench-deps
 	mkdir -p benchmarks/results/quick
 	name=$$($(PY) -m benchmarks.report --name) && \
-	$(PY) -m pytest benchmarks --benchmark-only -m quick -p no:cacheprovider \
-		--benchmark-json=benchmarks/results/quick/$$name.json $(PYTEST_ARGS) && \
-	$(PY) -m benchmarks.report benchmarks/results/quick/$$name.json
+	{ $(PY) -m pytest benchmarks --benchmark-only -m quick -p no:cacheprovider \
+		--benchmark-json=benchmarks/results/quick/$$name.json $(PYTEST_ARGS); rc=$$?; \
+	  $(PY) -m benchmarks.report benchmarks/results/quick/$$name.json && exit $$rc; }
 
 bench-gpu:
 	bash benchmarks/gpu.sh all

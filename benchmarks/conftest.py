@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 from . import _machine  # noqa: E402
 
 _SKIPPED: list[dict] = []
+_LOAD_AT_START = os.getloadavg()
 
 
 def pytest_addoption(parser):
@@ -37,6 +38,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info.update(_machine.machine_info())
     machine_info["read_bandwidth"] = _machine.read_bandwidth()
     machine_info["slug"] = _machine.slug()
+    machine_info["load_average_start"] = _LOAD_AT_START
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):

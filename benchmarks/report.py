@@ -254,8 +254,10 @@ def machine_lines(machine: dict) -> list[str]:
     if bandwidth:
         lines.append(f"- read bandwidth (this run, {bandwidth.get('how', '')}): {bandwidth['gbps']:.1f} GB/s")
     if machine.get("load_average"):
-        lines.append("- load average when the run ended (1, 5, 15 min): "
-                     + ", ".join(f"{v:.2f}" for v in machine["load_average"]))
+        start = machine.get("load_average_start")
+        lines.append("- load average (1, 5, 15 min)"
+                     + (f" when the run started: {', '.join(f'{v:.2f}' for v in start)};" if start else "")
+                     + " when it ended: " + ", ".join(f"{v:.2f}" for v in machine["load_average"]))
     return lines
 
 
