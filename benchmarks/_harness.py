@@ -29,7 +29,7 @@ import torch
 
 from . import _machine
 
-TIME_BUDGET_S = float(os.environ.get("CAI_BENCH_TIME_BUDGET", "1.0"))
+TIME_BUDGET_S = float(os.environ.get("CAI_BENCH_TIME_BUDGET", "0.6"))
 MIN_ROUNDS, MAX_ROUNDS = 3, 30
 
 # One torch.compile per (function, shape): the default of 8 recompiles per code object would
