@@ -283,8 +283,11 @@ def markdown(data: dict, *, plots: list[str], title: str) -> str:
              "", "Time: the min over each benchmark's rounds (first call, with compilation, excluded). "
              "\"vs reference\" / \"vs torch.compile\": t(reference) / t(variant), higher is faster. "
              "GB/s: the fewest bytes the op must move over its time; % read BW: of the torch.sum bandwidth above. "
-             "Peak extra MB: resident memory above the inputs during the call "
-             "(CPU: peak RSS delta in a fresh process per variant; GPU: torch.cuda.max_memory_allocated).", ""]
+             "Above 100 % the inputs were cache-resident (small PPO / PM tensors). "
+             "Peak extra MB: resident memory above the inputs during the call, and for fwd+bwd above the "
+             "gradients themselves (CPU: peak RSS delta of the 2nd call in a fresh process per variant; GPU: "
+             "torch.cuda.max_memory_allocated). Compile: torch.compile of the reference, static shapes, "
+             "compilation excluded.", ""]
     if machine.get("device", "cpu") == "cpu":
         lines += ["## Claims of the kernel issues (this CPU)", "", *claims_table(evaluate_claims(groups, CPU_CLAIMS)),
                   ""]
