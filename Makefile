@@ -3,7 +3,10 @@
 #               test extras, then run the whole test suite
 #   make demo   the same set-up, then the whole Constitutional AI loop on the embedded SmolLM2-135M
 #               (cai run --config tiny --out runs/demo: a few minutes on 2 CPU cores) and its report
-# Others: make bench (benchmark suite), make bench-quick, make test-fast (skips slow tests), make clean.
+# Others: make bench (benchmark suite: results, table and plots in benchmarks/results/, README section),
+#         make bench-quick (3-minute subset), make test-fast (skips slow tests), make clean.
+# GPU:    make gpu-wheels here (downloads the GPU peers' wheels into .whl/), then on the lent GPU machine
+#         `bash benchmarks/gpu.sh test|bench-logprobs|bench-rest` (or `make bench-gpu`: all parts at once).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -21,7 +24,7 @@ STACKS_NO_DEPS := openrlhf==0.11.2 verl==0.9.1 tensordict==0.10.0
 STACKS_DIR := $(VENV)/stacks
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo bench bench-quick clean
+.PHONY: install test test-fast demo bench-deps bench bench-quick bench-gpu gpu-wheels clean
 
 install: $(STAMP)
 
@@ -49,11 +52,33 @@ demo: install
 	$(VENV)/bin/cai run --config tiny --out $(DEMO_OUT)
 	@echo "Report: $(abspath $(DEMO_OUT))/report.md (plots in $(abspath $(DEMO_OUT))/plots/)"
 
-bench: install
-	$(PY) -m pytest benchmarks --benchmark-only $(PYTEST_ARGS)
+# TRL is a peer of the benchmarks only (--no-deps: it would pull another torch and more).
+bench-deps: install
+	$(PY) -c "import trl" 2>/dev/null || $(PIP) install -q --no-deps trl
 
-bench-quick: install
-	$(PY) -m pytest benchmarks --benchmark-only -m quick $(PYTEST_ARGS)
+bench: bench-deps
+	mkdir -p benchmarks/results
+	@echo "load average before the run: $$(cat /proc/loadavg)"
+	name=$$($(PY) -m benchmarks.report --name) && \
+	{ $(PY) -m pytest benchmarks --benchmark-only -p no:cacheprovider \
+		--benchmark-json=benchmarks/results/$$name.json $(PYTEST_ARGS); rc=$$?; \
+	  $(PY) -m benchmarks.report benchmarks/results/$$name.json --readme README.md && exit $$rc; }
+
+bench-quick: bench-deps
+	mkdir -p benchmarks/results/quick
+	name=$$($(PY) -m benchmarks.report --name) && \
+	{ $(PY) -m pytest benchmarks --benchmark-only -m quick -p no:cacheprovider \
+		--benchmark-json=benchmarks/results/quick/$$name.json $(PYTEST_ARGS); rc=$$?; \
+	  $(PY) -m benchmarks.report benchmarks/results/quick/$$name.json && exit $$rc; }
+
+bench-gpu:
+	bash benchmarks/gpu.sh all
+
+# Pure-Python wheels of the GPU peers, for a GPU machine without internet (benchmarks/gpu.sh installs them).
+gpu-wheels: install
+	mkdir -p .whl
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl liger-kernel cut-cross-entropy trl
 
 clean:
 	rm -rf build *.egg-info cai_kernels/_C_*.so .pytest_cache

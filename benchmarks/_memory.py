@@ -35,17 +35,20 @@ def status(field):
         return int(re.search(field + r":\s+(\d+) kB", f.read()).group(1)) * 1024
 
 module, name = sys.argv[1].split(":")
-step = getattr(importlib.import_module(module), name)(**json.loads(sys.argv[2]))
-step()
-gc.collect()
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
-before = status("VmRSS")
-step()
-peak = status("VmHWM")
-print(json.dumps({"rss_before": before, "peak": peak}))
+factory = getattr(importlib.import_module(module), name)
+for kwargs in json.loads(sys.argv[2]):
+    step = factory(**kwargs)
+    step()
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status("VmRSS")
+    step()
+    peak = status("VmHWM")
+    print(json.dumps({"rss_before": before, "peak": peak}), flush=True)
+    del step  # frees this case's inputs before the next one is built
+    gc.collect()
 """
-
 
 @dataclass(frozen=True)
 class PeakMemory:
@@ -59,12 +62,21 @@ class PeakMemory:
 
 def peak_extra_bytes(factory: str, *, threads: int | None = None, timeout: float = 600, **kwargs) -> PeakMemory:
     """Measure one step built by ``factory`` ("package.module:function") in a fresh process."""
+    return peak_extra_bytes_each(factory, [kwargs], threads=threads, timeout=timeout)[0]
+
+
+def peak_extra_bytes_each(factory: str, kwargs_list: list[dict], *, threads: int | None = None,
+                          timeout: float = 600) -> list[PeakMemory]:
+    """Measure several steps, one after the other, in one fresh process (one interpreter start and
+    one import of torch for all of them). Each step's inputs are freed before the next is built, and
+    the high-water mark is reset before each measured call, so each result is that step's alone."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO_ROOT, env.get("PYTHONPATH")) if p)
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
-    run = subprocess.run([sys.executable, "-c", _CHILD, factory, json.dumps(kwargs)], capture_output=True,
+    run = subprocess.run([sys.executable, "-c", _CHILD, factory, json.dumps(kwargs_list)], capture_output=True,
                          text=True, env=env, cwd=_REPO_ROOT, timeout=timeout)
     if run.returncode != 0:
-        raise RuntimeError(f"measuring {factory}({kwargs}) failed:\n{run.stderr[-3000:]}")
-    return PeakMemory(**json.loads(run.stdout.strip().splitlines()[-1]))
+        raise RuntimeError(f"measuring {factory}({kwargs_list}) failed:\n{run.stderr[-3000:]}")
+    lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
+    return [PeakMemory(**json.loads(line)) for line in lines[-len(kwargs_list):]]

@@ -1,0 +1,1 @@
+"""The cai-kernels benchmark suite (pytest-benchmark): see README.md, section Benchmarks."""

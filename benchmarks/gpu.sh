@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# The test suite and the benchmark suite on a lent GPU machine (H100 / H200), in parts that each fit
+# the device tool's 10-minute command limit. That machine is a copy of this working tree with the
+# image's own python3 (PyTorch + Triton for CUDA), no internet, and $OUT for the files to bring back.
+#
+# Here (with internet), once:   make gpu-wheels          # .whl/: liger-kernel, cut-cross-entropy, trl
+# There, one call per line (carry .whl), e.g.:
+#   bash benchmarks/gpu.sh test                # install, build the C++ extension, pytest tests on CUDA
+#   bash benchmarks/gpu.sh bench-logprobs      # token_logprobs
+#   bash benchmarks/gpu.sh bench-linear        # linear_token_logprobs, choice_logprobs
+#   bash benchmarks/gpu.sh bench-rest report   # preference-model, PPO and pipeline benches; the report
+# or `bash benchmarks/gpu.sh all` where one command may run longer.
+# Each bench part writes benchmarks/results/<device>-<date>-<part>.json and copies it to $OUT at once
+# (a machine given back between calls loses its files). `report` merges the parts it finds into
+# benchmarks/results/<device>-<date>.json, writes the .md table and the plots, updates README.md and
+# copies the JSON and the table to $OUT. Parts fetched from $OUT can also be merged here:
+#   python -m benchmarks.report <stem>-logprobs.json <stem>-linear.json <stem>-rest.json \
+#       --merge-into benchmarks/results/<stem>.json --readme README.md
+#
+# --dry-run: print what would run, run nothing (checks the script on a machine without a GPU).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DRY_RUN=0
+PARTS=()
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY_RUN=1 ;;
+    test|bench-logprobs|bench-linear|bench-rest|report|all|setup) PARTS+=("$arg") ;;
+    *) echo "usage: $0 [setup|test|bench-logprobs|bench-linear|bench-rest|report|all]... [--dry-run]" >&2; exit 2 ;;
+  esac
+done
+[ ${#PARTS[@]} -gt 0 ] || PARTS=(all)
+
+PY=${PYTHON:-python3}
+OUT=${OUT:-benchmarks/results/gpu-out}
+SITE=/tmp/cai-site
+TIME_LIMIT=${PART_TIMEOUT:-560}   # seconds per part: inside the 600 s command limit, with room to copy
+export PYTHONUNBUFFERED=1 PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+run() {  # echo, then run unless --dry-run
+  echo "+ $*"
+  [ "$DRY_RUN" = 1 ] || "$@"
+}
+
+name() {
+  if [ "$DRY_RUN" = 1 ]; then echo "DEVICE-DATE"; else "$PY" -m benchmarks.report --name; fi
+}
+
+setup() {
+  mkdir -p "$OUT"
+  if compgen -G ".whl/*.whl" >/dev/null; then
+    # --no-deps: the image already has torch, triton, transformers; the wheels add the peers only
+    run "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
+  else
+    echo "no .whl/ carried: GPU peers that are not in the image are reported as skipped"
+  fi
+  # The C++ CPU kernels must be built against the image's torch (not this checkout's CPU one); kept
+  # between calls while the machine stays warm.
+  if [ "$DRY_RUN" = 1 ] || ! "$PY" -c "import cai_kernels, sys; from cai_kernels import _extension; sys.exit(0 if _extension.status().loaded else 1)" 2>/dev/null; then
+    local caps=avx2
+    grep -qw avx512f /proc/cpuinfo 2>/dev/null && caps=avx512,avx2
+    run env MAX_JOBS="$(nproc)" CAI_KERNELS_CAPABILITIES="$caps" "$PY" setup.py -q build_ext --inplace
+  fi
+  run "$PY" -m cai_kernels info
+  if [ "$DRY_RUN" = 0 ]; then nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv || true; fi
+}
+
+part_test() {
+  echo "== tests on CUDA"
+  set +e
+  # not slow: the slow tests run the embedded CPU model, which is not carried (98 MB); GPU_TEST_ARGS overrides
+  # shellcheck disable=SC2086
+  run timeout "$TIME_LIMIT" "$PY" -m pytest tests -q -p no:cacheprovider -o addopts="-ra" ${GPU_TEST_ARGS:--m "not slow"} \
+      2>&1 | tee "$OUT/tests.log"
+  local rc=${PIPESTATUS[0]}
+  set -e
+  [ "$DRY_RUN" = 1 ] || [ "$rc" = 0 ] || { echo "tests failed (exit $rc): see $OUT/tests.log"; exit "$rc"; }
+}
+
+part_bench() {  # $1: part name, $2...: benchmark files
+  local part=$1; shift
+  local json="benchmarks/results/$(name)-$part.json"
+  echo "== benchmarks $part -> $json"
+  run timeout "$TIME_LIMIT" "$PY" -m pytest "$@" --benchmark-only -q -p no:cacheprovider \
+      --benchmark-json="$json" 2>&1 | tee "$OUT/bench-$part.log"
+  if [ "$DRY_RUN" = 0 ] && [ -f "$json" ]; then cp "$json" "$OUT/"; fi
+}
+
+part_report() {
+  local stem="benchmarks/results/$(name)"
+  echo "== report $stem"
+  local parts=()
+  for p in logprobs linear rest; do
+    [ "$DRY_RUN" = 1 ] || [ -f "$stem-$p.json" ] && parts+=("$stem-$p.json")
+  done
+  run "$PY" -m benchmarks.report "${parts[@]}" --merge-into "$stem.json" --readme README.md
+  if [ "$DRY_RUN" = 0 ]; then
+    cp "$stem.json" "$stem.md" "$OUT/"
+    echo "results in $OUT: $(ls "$OUT")"
+  fi
+}
+
+LINEAR_BENCHES=()
+for f in benchmarks/test_bench_linear_token_logprobs.py benchmarks/test_bench_choice_logprobs.py; do
+  [ -f "$f" ] && LINEAR_BENCHES+=("$f")
+done
+REST_BENCHES=()
+for f in benchmarks/test_bench_*.py; do
+  case " benchmarks/test_bench_token_logprobs.py ${LINEAR_BENCHES[*]} " in *" $f "*) ;; *) REST_BENCHES+=("$f") ;; esac
+done
+
+for part in "${PARTS[@]}"; do
+  case "$part" in
+    setup) setup ;;
+    test) setup; part_test ;;
+    bench-logprobs) setup; part_bench logprobs benchmarks/test_bench_token_logprobs.py ;;
+    bench-linear) setup; [ ${#LINEAR_BENCHES[@]} -eq 0 ] || part_bench linear "${LINEAR_BENCHES[@]}" ;;
+    bench-rest) setup; [ ${#REST_BENCHES[@]} -eq 0 ] || part_bench rest "${REST_BENCHES[@]}" ;;
+    report) part_report ;;
+    all) setup; part_test; part_bench logprobs benchmarks/test_bench_token_logprobs.py
+         [ ${#LINEAR_BENCHES[@]} -eq 0 ] || part_bench linear "${LINEAR_BENCHES[@]}"
+         [ ${#REST_BENCHES[@]} -eq 0 ] || part_bench rest "${REST_BENCHES[@]}"
+         part_report ;;
+  esac
+done
