@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu.sh bench-logprobs      # token_logprobs
 #   bash benchmarks/gpu.sh bench-linear        # linear_token_logprobs, choice_logprobs
 #   bash benchmarks/gpu.sh bench-rest report   # preference-model, PPO and pipeline benches; the report
+#   bash benchmarks/gpu.sh test bench-quick     # a short lease: the tests, then the headline cases only
 # or `bash benchmarks/gpu.sh all` where one command may run longer.
 # Each bench part writes benchmarks/results/<device>-<date>-<part>.json and copies it to $OUT at once
 # (a machine given back between calls loses its files). `report` merges the parts it finds into
@@ -26,8 +27,8 @@ PARTS=()
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
-    test|bench-logprobs|bench-linear|bench-rest|report|all|setup) PARTS+=("$arg") ;;
-    *) echo "usage: $0 [setup|test|bench-logprobs|bench-linear|bench-rest|report|all]... [--dry-run]" >&2; exit 2 ;;
+    test|bench-logprobs|bench-linear|bench-rest|bench-quick|report|all|setup) PARTS+=("$arg") ;;
+    *) echo "usage: $0 [setup|test|bench-logprobs|bench-linear|bench-rest|bench-quick|report|all]... [--dry-run]" >&2; exit 2 ;;
   esac
 done
 [ ${#PARTS[@]} -gt 0 ] || PARTS=(all)
@@ -71,18 +72,25 @@ part_test() {
   set +e
   # not slow: the slow tests run the embedded CPU model, which is not carried (98 MB); GPU_TEST_ARGS overrides
   # shellcheck disable=SC2086
-  run timeout "$TIME_LIMIT" "$PY" -m pytest tests -q -p no:cacheprovider -o addopts="-ra" ${GPU_TEST_ARGS:--m "not slow"} \
-      2>&1 | tee "$OUT/tests.log"
+  # pytest-xdist (in the GPU image) spreads the files over the machine's cores; Triton's kernel cache
+  # is shared between the workers. Modules a test needs that the image lacks are importorskip skips.
+  local workers=()
+  "$PY" -c "import xdist" 2>/dev/null && workers=(-n "${TEST_WORKERS:-8}" --dist loadfile)
+  # shellcheck disable=SC2086
+  run timeout -s INT -k 20 "${TEST_TIMEOUT:-$TIME_LIMIT}" "$PY" -m pytest tests -q -p no:cacheprovider -o addopts="-ra" "${workers[@]}" \
+      --junitxml="$OUT/tests.xml" ${GPU_TEST_ARGS:--m not\ slow} 2>&1 | tee "$OUT/tests.log"
   local rc=${PIPESTATUS[0]}
   set -e
-  [ "$DRY_RUN" = 1 ] || [ "$rc" = 0 ] || { echo "tests failed (exit $rc): see $OUT/tests.log"; exit "$rc"; }
+  # KEEP_GOING=1: a short lease still runs the benchmarks after a failing test (the log says which)
+  [ "$DRY_RUN" = 1 ] || [ "$rc" = 0 ] || { echo "tests failed (exit $rc): see $OUT/tests.log";
+                                          [ "${KEEP_GOING:-0}" = 1 ] || exit "$rc"; }
 }
 
 part_bench() {  # $1: part name, $2...: benchmark files
   local part=$1; shift
   local json="benchmarks/results/$(name)-$part.json"
   echo "== benchmarks $part -> $json"
-  run timeout "$TIME_LIMIT" "$PY" -m pytest "$@" --benchmark-only -q -p no:cacheprovider \
+  run timeout -s INT -k 20 "$TIME_LIMIT" "$PY" -m pytest "$@" --benchmark-only -q -p no:cacheprovider \
       --benchmark-json="$json" 2>&1 | tee "$OUT/bench-$part.log"
   if [ "$DRY_RUN" = 0 ] && [ -f "$json" ]; then cp "$json" "$OUT/"; fi
 }
@@ -117,6 +125,9 @@ for part in "${PARTS[@]}"; do
     bench-logprobs) setup; part_bench logprobs benchmarks/test_bench_token_logprobs.py ;;
     bench-linear) setup; [ ${#LINEAR_BENCHES[@]} -eq 0 ] || part_bench linear "${LINEAR_BENCHES[@]}" ;;
     bench-rest) setup; [ ${#REST_BENCHES[@]} -eq 0 ] || part_bench rest "${REST_BENCHES[@]}" ;;
+    bench-quick) setup; part_bench quick -m quick benchmarks/test_bench_*.py
+                 run "$PY" -m benchmarks.report "benchmarks/results/$(name)-quick.json" --readme README.md || true
+                 [ "$DRY_RUN" = 1 ] || cp benchmarks/results/"$(name)"-quick.* README.md "$OUT/" 2>/dev/null || true ;;
     report) part_report ;;
     all) setup; part_test; part_bench logprobs benchmarks/test_bench_token_logprobs.py
          [ ${#LINEAR_BENCHES[@]} -eq 0 ] || part_bench linear "${LINEAR_BENCHES[@]}"
