@@ -19,8 +19,9 @@ def compiled_backends(op: str, device: torch.device) -> list:
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float = 2e-5, atol: float = 2e-5,
                  msg: str = "") -> None:
-    """Compare in float64; NaN must match NaN and infinities must match exactly."""
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol, equal_nan=True,
+    """Compare in float64 on the CPU (an expected value written as a CPU literal checks a CUDA result
+    too); NaN must match NaN and infinities must match exactly."""
+    torch.testing.assert_close(actual.detach().double().cpu(), expected.detach().double().cpu(), rtol=rtol, atol=atol, equal_nan=True,
                                msg=lambda m: f"{msg}\n{m}" if msg else m)
 
 

@@ -97,7 +97,8 @@ def test_mc_eval_and_cli_json(tiny_model_dir, tmp_path, capsys):
     assert questions[1] == MCQuestion(QUESTIONS[1][0], (" red", " x", " a shade of blue-green"), 2)
     model, tok = load_model(tiny_model_dir, device="cpu")
     naive = naive_mc_eval(model, tok, questions)
-    assert cai_main(["eval", "mc", "--data", str(path), "--model", str(tiny_model_dir), "--json"]) == 0
+    assert cai_main(["eval", "mc", "--data", str(path), "--model", str(tiny_model_dir), "--device", "cpu",
+                     "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["n"] == 3 and abs(result["accuracy"] - naive["accuracy"]) < 1e-12
     assert _max_diff(result["probs"], naive["probs"]) < 1e-5

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import torch
 import triton
 import triton.language as tl
@@ -157,6 +159,13 @@ def kl_penalty_bwd(grad, logprobs, ref_logprobs, estimator, lo, hi, out_lo, out_
 
 
 @triton.jit
+def _scalar(hi, lo, dtype: tl.constexpr):
+    """A Python float passed as two fp32 halves (Triton passes float arguments as fp32): exact
+    enough for fp64 inputs, and just ``hi`` in fp32."""
+    return tl.cast(hi, dtype) + tl.cast(lo, dtype)
+
+
+@triton.jit
 def _gae_tile(reward, value, valid, value_next, valid_next, next_value_carry, running_carry, gamma, gamma_lambda):
     """One tile [BLOCK_B, BLOCK_T] (ascending t) of the reverse scan. The *_next inputs are the
     same quantities one step later (t + 1; invalid past the tile: identity). Returns advantages,
@@ -184,12 +193,14 @@ def _gae_tile(reward, value, valid, value_next, valid_next, next_value_carry, ru
 @triton.jit
 def gae_kernel(
     rewards_ptr, values_ptr, mask_ptr, adv_ptr, ret_ptr,
-    B, T, stride_r, stride_v, stride_m, gamma, gamma_lambda,
+    B, T, stride_r, stride_v, stride_m, gamma_hi, gamma_lo, gamma_lambda_hi, gamma_lambda_lo,
     BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     acc_dtype = adv_ptr.dtype.element_ty
+    gamma = _scalar(gamma_hi, gamma_lo, acc_dtype)
+    gamma_lambda = _scalar(gamma_lambda_hi, gamma_lambda_lo, acc_dtype)
     next_value = tl.zeros((BLOCK_B,), acc_dtype)
     running = tl.zeros((BLOCK_B,), acc_dtype)
     n_chunks = tl.cdiv(T, BLOCK_T)
@@ -213,12 +224,16 @@ def gae_kernel(
 @triton.jit
 def ppo_advantages_kernel(
     scores_ptr, lp_ptr, ref_ptr, values_ptr, mask_ptr, adv_ptr, ret_ptr, rewards_ptr, kl_ptr, stats_ptr,
-    B, T, stride_lp, stride_ref, stride_v, stride_m, neg_kl_coef, gamma, gamma_lambda, lo, hi, out_lo, out_hi,
+    B, T, stride_lp, stride_ref, stride_v, stride_m, neg_kl_coef_hi, neg_kl_coef_lo, gamma_hi, gamma_lo,
+    gamma_lambda_hi, gamma_lambda_lo, lo, hi, out_lo, out_hi,
     ESTIMATOR: tl.constexpr, WHITEN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     acc_dtype = adv_ptr.dtype.element_ty
+    neg_kl_coef = _scalar(neg_kl_coef_hi, neg_kl_coef_lo, acc_dtype)
+    gamma = _scalar(gamma_hi, gamma_lo, acc_dtype)
+    gamma_lambda = _scalar(gamma_lambda_hi, gamma_lambda_lo, acc_dtype)
     score = tl.load(scores_ptr + rows, mask=row_ok, other=0.0)
     next_value = tl.zeros((BLOCK_B,), acc_dtype)
     running = tl.zeros((BLOCK_B,), acc_dtype)
@@ -323,6 +338,12 @@ def _scan_blocks(T: int) -> tuple[int, int]:
     return SCAN_BLOCK_B, min(block_t, triton.next_power_of_2(max(T, 2)))
 
 
+def _halves(x: float) -> tuple[float, float]:
+    """x as fp32 hi + fp32 lo (see _scalar)."""
+    hi = float(np.float32(x))
+    return hi, float(np.float32(x - hi))
+
+
 def gae_fwd(rewards, values, mask, gamma, lam):
     """Same contract as torch.ops.cai_kernels_cpu.gae_fwd."""
     B, T = rewards.shape
@@ -333,7 +354,7 @@ def gae_fwd(rewards, values, mask, gamma, lam):
         block_b, block_t = _scan_blocks(T)
         gae_kernel[(triton.cdiv(B, block_b),)](
             rewards, values, _as_kernel_mask(mask), adv, ret, B, T, rewards.stride(0), values.stride(0),
-            mask.stride(0), gamma, gamma * lam, BLOCK_B=block_b, BLOCK_T=block_t, num_warps=SCAN_WARPS)
+            mask.stride(0), *_halves(gamma), *_halves(gamma * lam), BLOCK_B=block_b, BLOCK_T=block_t, num_warps=SCAN_WARPS)
     return adv, ret
 
 
@@ -384,7 +405,7 @@ def ppo_advantages_fwd(scores, logprobs, ref_logprobs, values, mask, kl_coef, ga
         ppo_advantages_kernel[(triton.cdiv(B, block_b),)](
             scores, logprobs, ref_logprobs, values, _as_kernel_mask(mask), adv, ret, rewards, kl, stats,
             B, T, logprobs.stride(0), ref_logprobs.stride(0), values.stride(0), mask.stride(0),
-            -kl_coef, gamma, gamma * lam, _bound(lo), _bound(hi), _bound(out_lo), _bound(out_hi),
+            *_halves(-kl_coef), *_halves(gamma), *_halves(gamma * lam), _bound(lo), _bound(hi), _bound(out_lo), _bound(out_hi),
             ESTIMATOR=estimator, WHITEN=whiten, BLOCK_B=block_b, BLOCK_T=block_t, num_warps=SCAN_WARPS)
     if whiten:
         _whiten_into(adv, mask, adv, _whiten_map(stats, True, True, 1e-8, acc))
@@ -589,7 +610,8 @@ def _aot_specs():
             "gae_kernel",
             {"rewards_ptr": f"*{dtype}", "values_ptr": f"*{dtype}", "mask_ptr": "*u8", "adv_ptr": "*fp32",
              "ret_ptr": "*fp32", "B": "i64", "T": "i64", "stride_r": "i64", "stride_v": "i64", "stride_m": "i64",
-             "gamma": "fp32", "gamma_lambda": "fp32", "BLOCK_B": "constexpr", "BLOCK_T": "constexpr"},
+             "gamma_hi": "fp32", "gamma_lo": "fp32", "gamma_lambda_hi": "fp32",
+             "gamma_lambda_lo": "fp32", "BLOCK_B": "constexpr", "BLOCK_T": "constexpr"},
             scan_flags, aligned=("rewards_ptr", "values_ptr", "mask_ptr", "adv_ptr", "ret_ptr", "T", "stride_r",
                                  "stride_v", "stride_m"), num_warps=SCAN_WARPS, label=dtype))
         specs.append(AotSpec(
@@ -597,7 +619,8 @@ def _aot_specs():
             {"scores_ptr": "*fp32", "lp_ptr": f"*{dtype}", "ref_ptr": f"*{dtype}", "values_ptr": f"*{dtype}",
              "mask_ptr": "*u8", "adv_ptr": "*fp32", "ret_ptr": "*fp32", "rewards_ptr": "*fp32", "kl_ptr": "*fp32",
              "stats_ptr": "*fp64", "B": "i64", "T": "i64", "stride_lp": "i64", "stride_ref": "i64",
-             "stride_v": "i64", "stride_m": "i64", "neg_kl_coef": "fp32", "gamma": "fp32", "gamma_lambda": "fp32",
+             "stride_v": "i64", "stride_m": "i64", "neg_kl_coef_hi": "fp32", "neg_kl_coef_lo": "fp32", "gamma_hi": "fp32",
+             "gamma_lo": "fp32", "gamma_lambda_hi": "fp32", "gamma_lambda_lo": "fp32",
              "lo": "fp32", "hi": "fp32", "out_lo": "fp32", "out_hi": "fp32", "ESTIMATOR": "constexpr",
              "WHITEN": "constexpr", "BLOCK_B": "constexpr", "BLOCK_T": "constexpr"},
             {"ESTIMATOR": 2, "WHITEN": True} | scan_flags,
