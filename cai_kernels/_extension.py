@@ -64,6 +64,33 @@ def cpu_ops():
     return torch.ops.cai_kernels_cpu if status().loaded else None
 
 
+# The C++ kernels report a bad argument value as a RuntimeError with this prefix (csrc/cpu/errors.h).
+VALUE_ERROR_PREFIX = "ValueError: "
+
+
+class _CpuKernels:
+    """``torch.ops.cai_kernels_cpu`` whose kernels raise ``ValueError`` for a bad argument value."""
+
+    def __getattr__(self, name: str):
+        kernel = getattr(torch.ops.cai_kernels_cpu, name)
+
+        def call(*args):
+            try:
+                return kernel(*args)
+            except RuntimeError as error:
+                message = str(error)
+                if message.startswith(VALUE_ERROR_PREFIX):
+                    raise ValueError(message[len(VALUE_ERROR_PREFIX):]) from None
+                raise
+
+        call.__name__ = name
+        setattr(self, name, call)  # later lookups skip __getattr__
+        return call
+
+
+cpu_kernels = _CpuKernels()
+
+
 @functools.cache
 def warn_fallback_once(device_type: str, reason: str) -> None:
     """Says once per device type and reason that an op runs on the slower reference implementation."""

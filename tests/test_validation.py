@@ -254,3 +254,19 @@ def test_choice_temperature(choice):
     targets, option_ids, num_options, logits = choice
     with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
         cai_kernels.choice_logprobs(targets, option_ids, num_options, logits=logits, temperature=-1.0)
+
+
+def test_cpu_kernel_errors_keep_their_python_types():
+    """A bad value found inside a C++ kernel is a ValueError with the kernel's message (without the
+    transport prefix, csrc/cpu/errors.h); any other kernel failure stays a RuntimeError."""
+    from cai_kernels._extension import VALUE_ERROR_PREFIX, cpu_kernels, status
+
+    if not status().loaded:
+        pytest.fail("the C++ extension should be built in the test environment")
+    logits, bad = torch.randn(2, 3, 5), torch.tensor([[0, 1, 5], [0, 0, 0]])
+    with pytest.raises(ValueError, match=r"^targets must lie in \[0, 5\)") as caught:
+        cai_kernels.token_logprobs(logits, bad, backend="cpu")
+    assert not str(caught.value).startswith(VALUE_ERROR_PREFIX)
+    with pytest.raises(RuntimeError) as caught:  # a 2-D view where the kernel takes (outer, inner, T)
+        cpu_kernels.kl_penalty_fwd(torch.zeros(2, 3), torch.zeros(2, 3), 0, -1.0, 1.0, -1.0, 1.0)
+    assert not isinstance(caught.value, ValueError)

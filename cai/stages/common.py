@@ -11,6 +11,7 @@ from pathlib import Path
 from ..constitution import Constitution
 from ..scaleout.data_parallel import DataParallel
 from ..models import load_model
+from ..prompts import rng_for
 from ..rundir import RunDir, atomic_write_json
 
 
@@ -93,3 +94,24 @@ def run_batches(ctx: Context, stage: str, items: list[dict], batch_size: int, pr
 
 def file_fingerprint(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+class EpochSchedule:
+    """Which examples each optimizer step trains on: ``epochs`` passes over ``n_examples`` in batches
+    of ``batch_size``, each pass in a shuffled order drawn from (seed, stage, epoch), so a resumed run
+    takes the same batches; at most ``max_steps`` steps."""
+
+    def __init__(self, n_examples: int, batch_size: int, epochs: int, max_steps: int | None, seed: int, stage: str):
+        self.n_examples, self.batch_size, self.seed, self.stage = n_examples, batch_size, seed, stage
+        self.steps_per_epoch = math.ceil(n_examples / batch_size)
+        self.total = self.steps_per_epoch * epochs
+        if max_steps is not None:
+            self.total = min(max_steps, self.total)
+
+    def indices(self, step: int) -> list[int]:
+        """The example indices of optimizer step ``step`` (0-based)."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        order = list(range(self.n_examples))
+        rng_for(self.seed, self.stage, "epoch", epoch).shuffle(order)
+        return order[k * self.batch_size:(k + 1) * self.batch_size]
+

@@ -9,16 +9,14 @@ resume; the model is saved to sft/model (safetensors). Output rows: the training
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from ..models import PromptFormat
-from ..prompts import rng_for
 from ..training import (IGNORE, Checkpoint, encode_dialogue, response_batch, save_pretrained,
                         sequence_token_logprobs, set_trainable)
-from .common import Context
+from .common import Context, EpochSchedule
 
 NAME = "sft"
 
@@ -50,18 +48,15 @@ def sft(revisions: list[dict], cfg: SFTConfig, ctx: Context) -> list[dict]:
     examples = [encode_dialogue(fmt, tokenizer, r["prompt"], r["final"], cfg.max_length) for r in revisions]
     params = set_trainable(model, cfg.train_layers)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+    schedule = EpochSchedule(len(examples), cfg.batch_size, cfg.epochs, cfg.max_steps, ctx.seed, NAME)
+    total = schedule.total
     checkpoint = Checkpoint(stage_dir)
     start, log, _ = checkpoint.restore({"model": model}, optimizer)
     dp = ctx.dp  # data-parallel ranks (cai.scaleout.data_parallel): each takes a slice of every batch
     model.train()
     bar = ctx.tqdm(total=total, initial=start, desc=NAME, unit="step")
     for step in range(start, total):
-        epoch, k = divmod(step, steps_per_epoch)
-        order = list(range(len(examples)))
-        rng_for(ctx.seed, NAME, "epoch", epoch).shuffle(order)  # the same order when a run resumes
-        batch = dp.shard([examples[i] for i in order[k * cfg.batch_size:(k + 1) * cfg.batch_size]])
+        batch = dp.shard([examples[i] for i in schedule.indices(step)])
         loss_sum, local_tokens = torch.zeros((), device=model.device), 0
         if batch:
             ids, mask, targets = (t.to(model.device) for t in response_batch(batch, tokenizer.pad_token_id))
@@ -78,7 +73,7 @@ def sft(revisions: list[dict], cfg: SFTConfig, ctx: Context) -> list[dict]:
             group["lr"] = warmup_lr(step, cfg.lr, cfg.warmup_steps)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        record = {"step": step, "epoch": epoch, "loss": dp.sum(loss).item(), "tokens": int(tokens),
+        record = {"step": step, "epoch": step // schedule.steps_per_epoch, "loss": dp.sum(loss).item(), "tokens": int(tokens),
                   "grad_norm": float(grad_norm)}
         log.append(record)
         bar.update(1)

@@ -9,7 +9,6 @@ The PM is saved to train_pm/model. Output rows: the held-out pairs with both rew
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +18,7 @@ import cai_kernels
 from ..prompts import rng_for
 from ..reward import RewardModel
 from ..training import Checkpoint, set_trainable
-from .common import Context
+from .common import Context, EpochSchedule
 from .sft import warmup_lr
 
 NAME = "train_pm"
@@ -79,18 +78,15 @@ def train_pm(labels: list[dict], cfg: TrainPMConfig, ctx: Context) -> list[dict]
     optimizer = torch.optim.AdamW([{"params": params, "lr": cfg.lr},
                                    {"params": list(pm.head.parameters()), "lr": cfg.head_lr}],
                                   weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+    schedule = EpochSchedule(len(train_rows), cfg.batch_size, cfg.epochs, cfg.max_steps, ctx.seed, NAME)
+    total = schedule.total
     checkpoint = Checkpoint(stage_dir)
     start, log, _ = checkpoint.restore({"lm": lm, "head": pm.head}, optimizer)
     dp = ctx.dp  # data-parallel ranks (cai.scaleout.data_parallel): each takes a slice of every batch
     lm.train()
     bar = ctx.tqdm(total=total, initial=start, desc=NAME, unit="step")
     for step in range(start, total):
-        epoch, k = divmod(step, steps_per_epoch)
-        order = list(range(len(train_rows)))
-        rng_for(ctx.seed, NAME, "epoch", epoch).shuffle(order)
-        batch = [train_rows[i] for i in order[k * cfg.batch_size:(k + 1) * cfg.batch_size]]
+        batch = [train_rows[i] for i in schedule.indices(step)]
         local = dp.shard(batch)
         loss, agree, decided = torch.zeros((), device=lm.device), 0, 0
         if local:

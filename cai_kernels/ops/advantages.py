@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import _registry
+from .._extension import cpu_kernels
 from .._validation import _describe, check_float_tensor
 from ..reference import ppo as reference
 from ._ppo_args import (accumulate_dtype, as_rows, call_kernel_directly, check_bounds, check_choice, check_flag,
@@ -21,7 +22,7 @@ from .kl_penalty import ESTIMATOR_CODES
 
 def _kernels(backend: str):
     if backend == "cpu":
-        return torch.ops.cai_kernels_cpu
+        return cpu_kernels
     from ..triton import ppo
     return ppo
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from .. import _registry
+from .._extension import cpu_kernels
 from .._validation import (check_clamp, check_float_tensor, check_option_layout, check_positive_float,
                            check_same_device, check_shape, check_targets, check_targets_in_range, check_tensor)
 from ..reference import logprobs as reference
@@ -29,7 +30,7 @@ def _option_scores(token_logprobs: torch.Tensor, option_ids: torch.Tensor, num_o
                    has_clamp: bool, clamp_lo: float, clamp_hi: float, backend: str
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if backend == "cpu":  # the C++ kernel checks the layout while it reads it
-        return torch.ops.cai_kernels_cpu.option_scores(token_logprobs, option_ids, num_options, has_clamp, clamp_lo,
+        return cpu_kernels.option_scores(token_logprobs, option_ids, num_options, has_clamp, clamp_lo,
                                                        clamp_hi)
     check_option_layout(option_ids, num_options)
     from ..triton import choice

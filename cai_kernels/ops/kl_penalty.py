@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import _registry
+from .._extension import cpu_kernels
 from .._validation import check_float_tensor
 from ..reference import ppo as reference
 from ._layout import rows_view
@@ -20,7 +21,7 @@ ESTIMATOR_CODES = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
 
 def _kernels(backend: str):
     if backend == "cpu":
-        return torch.ops.cai_kernels_cpu
+        return cpu_kernels
     from ..triton import ppo
     return ppo
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .. import _registry
+from .._extension import cpu_kernels
 from .._validation import check_float_tensor
 from ..reference import pairwise as reference
 from ..reference.logprobs import accumulate_dtype
@@ -25,7 +26,7 @@ from ._preference_args import check_head, check_mask, check_real_token_values, p
 def _last_token_rewards(hidden: torch.Tensor, mask: torch.Tensor, active: torch.Tensor, weight: torch.Tensor,
                         bias: torch.Tensor, mask_name: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "cpu":  # checks for sequences without a real token while it scans the masks
-        return torch.ops.cai_kernels_cpu.last_token_rewards_fwd(hidden, mask, active, weight, bias, mask_name)
+        return cpu_kernels.last_token_rewards_fwd(hidden, mask, active, weight, bias, mask_name)
     from ..triton import pairwise
     rewards, index = pairwise.last_token_rewards_fwd(hidden, mask, active, weight, bias)
     check_real_token_values(mask_name, index, active, hidden.size(1))
@@ -44,7 +45,7 @@ def _last_token_rewards_backward(grad_rewards: torch.Tensor, hidden: torch.Tenso
                                  weight: torch.Tensor, need_hidden: bool, need_weight: bool, backend: str
                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if backend == "cpu":
-        kernels = torch.ops.cai_kernels_cpu
+        kernels = cpu_kernels
     else:
         from ..triton import pairwise as kernels
     return kernels.last_token_rewards_bwd(grad_rewards, hidden, index, weight, need_hidden, need_weight)

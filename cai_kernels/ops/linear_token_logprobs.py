@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from .. import _registry
+from .._extension import cpu_kernels
 from .._validation import (check_float_tensor, check_optional_int, check_positive_float, check_same_device,
                            check_shape, check_targets, check_targets_in_range)
 from ..reference import logprobs as reference
@@ -46,7 +47,7 @@ def _blocking(backend: str) -> tuple[int, int]:
 def _kernels(backend: str):
     """The module or op namespace holding ``linear_token_logprobs_fwd`` / ``_bwd`` for a compiled backend."""
     if backend == "cpu":
-        return torch.ops.cai_kernels_cpu
+        return cpu_kernels
     from ..triton import linear_logprobs
     return linear_logprobs
 

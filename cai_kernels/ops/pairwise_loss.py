@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import _registry
+from .._extension import cpu_kernels
 from .._validation import check_float_tensor, check_same_device, check_shape
 from ..reference import pairwise as reference
 from ..reference.logprobs import accumulate_dtype
@@ -19,7 +20,7 @@ from ._preference_args import check_per_row_arg, check_probability_values, check
 
 def _kernels(backend: str):
     if backend == "cpu":
-        return torch.ops.cai_kernels_cpu
+        return cpu_kernels
     from ..triton import pairwise
     return pairwise
 

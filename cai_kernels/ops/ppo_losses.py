@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import _registry
+from .._extension import cpu_kernels
 from ..reference import ppo as reference
 from ._ppo_args import (accumulate_dtype, as_rows, call_kernel_directly, check_choice, check_mask, check_number,
                         check_rows, check_same_device, detached, kernel_mask)
@@ -22,7 +23,7 @@ NO_CLIP = -1.0  # stands for dual_clip=None / clip=None in the kernels' signatur
 
 def _kernels(backend: str):
     if backend == "cpu":
-        return torch.ops.cai_kernels_cpu
+        return cpu_kernels
     from ..triton import ppo
     return ppo
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import _registry
+from .._extension import cpu_kernels
 from .._validation import check_float_tensor
 from ..reference import pairwise as reference
 from ..reference.logprobs import accumulate_dtype
@@ -18,7 +19,7 @@ from ._preference_args import check_num_valid, check_num_valid_values, check_red
 
 def _kernels(backend: str):
     if backend == "cpu":
-        return torch.ops.cai_kernels_cpu
+        return cpu_kernels
     from ..triton import pairwise
     return pairwise
 

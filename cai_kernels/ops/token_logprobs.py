@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import _registry
+from .._extension import cpu_kernels
 from .._validation import (check_float_tensor, check_optional_int, check_positive_float, check_same_device,
                            check_targets, check_targets_in_range)
 from ..reference import logprobs as reference
@@ -19,7 +20,7 @@ from ._layout import rows_view
 def _kernels(backend: str):
     """The module or op namespace holding ``token_logprobs_fwd`` / ``_bwd`` for a compiled backend."""
     if backend == "cpu":
-        return torch.ops.cai_kernels_cpu
+        return cpu_kernels
     from ..triton import logprobs
     return logprobs
 

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ..reference.logprobs import accumulate_dtype
-from .logprobs import logits_grad, online_lse_step
+from .logprobs import grad_row_scalars, logits_grad, online_lse_step
 
 # Default blocking on a GPU: a 4096 x 4096 fp32 logits block is 64 MB, large enough for cuBLAS to
 # run at full rate and ~1 % of a [65536, 262144] logits tensor.
@@ -75,17 +75,8 @@ def logits_grad_block_kernel(
 ):
     i = tl.program_id(0).to(tl.int64)
     row = row_start + i
-    target = tl.load(targets_ptr + row)
-    active = target >= 0
-    if HAS_IGNORE:
-        active = target != ignore_index
-    g = tl.where(active, tl.load(grad_logp_ptr + row), 0.0)
-    lse = tl.load(lse_ptr + row)
-    h = 0.0
-    mu = 0.0
-    if WITH_ENTROPY:
-        h = tl.where(active, tl.load(grad_entropy_ptr + row), 0.0)
-        mu = lse - tl.load(entropy_ptr + row)
+    target, active, g, h, lse, mu = grad_row_scalars(row, targets_ptr, grad_logp_ptr, grad_entropy_ptr, lse_ptr,
+                                                     entropy_ptr, ignore_index, HAS_IGNORE, WITH_ENTROPY)
     read_end = tl.where(active, block_width, 0)  # an ignored row reads nothing and writes zeros
     local_target = target - vocab_start
     row_ptr = block_ptr + i * stride_row

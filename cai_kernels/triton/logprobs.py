@@ -45,6 +45,25 @@ def logits_grad(z, is_target, g, h, lse, mu, inv_temperature, WITH_ENTROPY: tl.c
 
 
 @triton.jit
+def grad_row_scalars(row, targets_ptr, grad_logp_ptr, grad_entropy_ptr, lse_ptr, entropy_ptr, ignore_index,
+                     HAS_IGNORE: tl.constexpr, WITH_ENTROPY: tl.constexpr):
+    """The per-row scalars of the backward: (target, active, g, h, lse, mu); an ignored row has
+    g = h = 0 (it reads nothing and writes zeros)."""
+    target = tl.load(targets_ptr + row)
+    active = target >= 0
+    if HAS_IGNORE:
+        active = target != ignore_index
+    g = tl.where(active, tl.load(grad_logp_ptr + row), 0.0)
+    lse = tl.load(lse_ptr + row)
+    h = tl.zeros((), lse.dtype)
+    mu = tl.zeros((), lse.dtype)
+    if WITH_ENTROPY:
+        h = tl.where(active, tl.load(grad_entropy_ptr + row), 0.0)
+        mu = lse - tl.load(entropy_ptr + row)
+    return target, active, g, h, lse, mu
+
+
+@triton.jit
 def token_logprobs_fwd_kernel(
     logits_ptr, targets_ptr, logp_ptr, entropy_ptr, lse_ptr,
     inner, stride_outer, stride_inner, V,
@@ -85,17 +104,8 @@ def token_logprobs_bwd_kernel(
     HAS_IGNORE: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    target = tl.load(targets_ptr + row)
-    active = target >= 0
-    if HAS_IGNORE:
-        active = target != ignore_index
-    g = tl.where(active, tl.load(grad_logp_ptr + row), 0.0)
-    lse = tl.load(lse_ptr + row)
-    h = 0.0
-    mu = 0.0
-    if WITH_ENTROPY:
-        h = tl.where(active, tl.load(grad_entropy_ptr + row), 0.0)
-        mu = lse - tl.load(entropy_ptr + row)
+    target, active, g, h, lse, mu = grad_row_scalars(row, targets_ptr, grad_logp_ptr, grad_entropy_ptr, lse_ptr,
+                                                     entropy_ptr, ignore_index, HAS_IGNORE, WITH_ENTROPY)
     read_end = tl.where(active, V, 0)
     row_ptr = logits_ptr + (row // inner) * stride_outer + (row % inner) * stride_inner
     grad_row_ptr = grad_ptr + row * V

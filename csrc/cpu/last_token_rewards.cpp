@@ -14,6 +14,7 @@
 
 #include <cstring>
 
+#include "errors.h"
 #include "logistic.h"
 
 namespace cai {
@@ -96,7 +97,7 @@ std::tuple<at::Tensor, at::Tensor> last_token_rewards_fwd(const at::Tensor& hidd
                      empty_row);
   });
   const int64_t bad = empty_row.get();
-  TORCH_CHECK_VALUE(bad < 0, mask_name, ": every sequence needs at least one real token (mask != 0); sequence ", bad,
+  CAI_CHECK_VALUE(bad < 0, mask_name, ": every sequence needs at least one real token (mask != 0); sequence ", bad,
                     " (row ", bad / inner, inner > 1 ? ", response " + std::to_string(bad % inner) : std::string(),
                     ") has none");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "last_token_rewards_fwd", [&] {

@@ -8,6 +8,7 @@
 
 #include <vector>
 
+#include "errors.h"
 #include "vec_helpers.h"
 
 namespace cai {
@@ -64,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> option_scores(const at::Tensor& t
   std::vector<int64_t> first(num_questions + 1, 0);  // each question's first option
   int64_t max_options = 0;
   for (int64_t q = 0; q < num_questions; ++q) {
-    TORCH_CHECK_VALUE(counts[q] >= 1, "num_options must be >= 1 for every question; got num_options[", q,
+    CAI_CHECK_VALUE(counts[q] >= 1, "num_options must be >= 1 for every question; got num_options[", q,
                       "] = ", counts[q]);
     first[q + 1] = first[q] + counts[q];
     max_options = std::max(max_options, counts[q]);
@@ -77,14 +78,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> option_scores(const at::Tensor& t
     const scalar_t* logp = token_logprobs.const_data_ptr<scalar_t>();
     for (int64_t i = 0; i < num_tokens; ++i) {
       const int64_t o = ids[i];
-      TORCH_CHECK_VALUE(o >= 0 && o < total_options, "option_ids must lie in [0, ", total_options,
+      CAI_CHECK_VALUE(o >= 0 && o < total_options, "option_ids must lie in [0, ", total_options,
                         ") (O = num_options.sum()); got option_ids[", i, "] = ", o);
       sums[o] += static_cast<double>(logp[i]);
       ++tokens_per_option[o];
     }
   });
   for (int64_t o = 0; o < total_options; ++o) {
-    TORCH_CHECK_VALUE(tokens_per_option[o] >= 1, "every option must have at least one token; option ", o,
+    CAI_CHECK_VALUE(tokens_per_option[o] >= 1, "every option must have at least one token; option ", o,
                       " has none (option_ids must cover [0, O), O = num_options.sum() = ", total_options, ")");
   }
 

@@ -11,6 +11,7 @@
 
 #include <vector>
 
+#include "errors.h"
 #include "logistic.h"
 
 namespace cai {
@@ -160,7 +161,7 @@ at::Tensor pairwise_loss_fwd(const at::Tensor& chosen, const at::Tensor& rejecte
     });
   });
   const int64_t bad = bad_label.get();
-  TORCH_CHECK_VALUE(bad < 0, "soft_labels must lie in [0, 1]; got ", bad < 0 ? 0.0 : labels[bad].item<double>(),
+  CAI_CHECK_VALUE(bad < 0, "soft_labels must lie in [0, 1]; got ", bad < 0 ? 0.0 : labels[bad].item<double>(),
                     " for pair ", bad);
   if (reduction != kNone) {
     double total = 0.0;

@@ -9,6 +9,7 @@
 
 #include <vector>
 
+#include "errors.h"
 #include "logistic.h"
 
 namespace cai {
@@ -65,7 +66,7 @@ at::Tensor ranked_pairwise_loss_fwd(const at::Tensor& rewards, const at::Tensor&
     });
   });
   const int64_t bad = bad_row.get();
-  TORCH_CHECK_VALUE(bad < 0, "num_valid must lie in [0, ", K, "] (K = rewards.size(1)); got num_valid[", bad,
+  CAI_CHECK_VALUE(bad < 0, "num_valid must lie in [0, ", K, "] (K = rewards.size(1)); got num_valid[", bad,
                     "] = ", bad < 0 ? 0 : valid[bad]);
   return row_loss;
 }

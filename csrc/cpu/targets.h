@@ -6,6 +6,8 @@
 
 #include <atomic>
 
+#include "errors.h"
+
 namespace cai {
 
 inline bool is_ignored(int64_t t, bool has_ignore, int64_t ignore_index) { return has_ignore && t == ignore_index; }
@@ -22,7 +24,7 @@ struct BadTarget {
 
 inline void check_targets(const BadTarget& bad, const int64_t* targets, int64_t V) {
   const int64_t r = bad.row.load();
-  TORCH_CHECK_VALUE(r < 0, "targets must lie in [0, ", V, ") or equal ignore_index; got targets[", r,
+  CAI_CHECK_VALUE(r < 0, "targets must lie in [0, ", V, ") or equal ignore_index; got targets[", r,
                     "] = ", r < 0 ? 0 : targets[r]);
 }
 
