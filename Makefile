@@ -4,7 +4,8 @@
 #   make demo   the same set-up, then the whole Constitutional AI loop on the embedded SmolLM2-135M
 #               (cai run --config tiny --out runs/demo: a few minutes on 2 CPU cores) and its report
 # Others: make bench (benchmark suite: results, table and plots in benchmarks/results/, README section),
-#         make bench-quick (3-minute subset), make test-fast (skips slow tests), make clean.
+#         make bench-quick (3-minute subset, times only: the memory column comes from make bench),
+#         make test-fast (skips slow tests), make clean.
 # GPU:    make gpu-wheels here (downloads the GPU peers' wheels into .whl/), then on the lent GPU machine
 #         `bash benchmarks/gpu.sh test|bench-logprobs|bench-rest` (or `make bench-gpu`: all parts at once).
 
@@ -67,7 +68,7 @@ bench: bench-deps
 bench-quick: bench-deps
 	mkdir -p benchmarks/results/quick
 	name=$$($(PY) -m benchmarks.report --name) && \
-	{ $(PY) -m pytest benchmarks --benchmark-only -m quick -p no:cacheprovider \
+	{ $(PY) -m pytest benchmarks --benchmark-only -m quick --no-memory -p no:cacheprovider \
 		--benchmark-json=benchmarks/results/quick/$$name.json $(PYTEST_ARGS); rc=$$?; \
 	  $(PY) -m benchmarks.report benchmarks/results/quick/$$name.json && exit $$rc; }
 
