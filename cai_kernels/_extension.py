@@ -59,11 +59,6 @@ def status() -> ExtensionStatus:
     return ExtensionStatus(None, reason)
 
 
-def cpu_ops():
-    """``torch.ops.cai_kernels_cpu`` when the extension is live, else None."""
-    return torch.ops.cai_kernels_cpu if status().loaded else None
-
-
 # The C++ kernels report a bad argument value as a RuntimeError with this prefix (csrc/cpu/errors.h).
 VALUE_ERROR_PREFIX = "ValueError: "
 
