@@ -90,9 +90,10 @@ def test_mc_scoring_throughput(benchmark, embedded, questions, scorer):
 def tiny_run(tmp_path_factory):
     """A fresh run folder and context for the tiny preset; stages run in order by the tests below."""
     try:
-        from cai.config import STAGES, load_config
+        from cai.config import load_config
         from cai.models import embedded_model_path
         from cai.run import open_run
+        from cai.stages import STAGE_NAMES
     except ImportError as error:
         pytest.skip(f"the cai pipeline is not in this checkout ({error})")
     try:
@@ -101,15 +102,15 @@ def tiny_run(tmp_path_factory):
         pytest.skip(f"the embedded model is not installed: {error}")
     config = load_config("tiny")
     return {"config": config, "ctx": open_run(config, tmp_path_factory.mktemp("tiny-run"), progress=False),
-            "failed": None, "stages": STAGES}
+            "failed": None, "stages": STAGE_NAMES}
 
 
 def _stage_names():
     try:
-        from cai.config import STAGES
+        from cai.stages import STAGE_NAMES
     except ImportError:
         return ["critique_revise"]
-    return list(STAGES)
+    return list(STAGE_NAMES)
 
 
 @pytest.mark.parametrize("stage", _stage_names())

@@ -21,7 +21,8 @@ import sys
 # here: 6x slower generation with 2 spinning threads on a busy 2-core box); set before torch loads libgomp.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .config import STAGES, preset_names
+from .config import preset_names
+from .stages import STAGES
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -32,13 +33,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-# stages whose batches can run on a Ray actor pool (`--engine ray`, cai.scaleout.ray_engine)
-RAY_STAGES = ("critique_revise", "sample_pairs", "label")
-
-
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    ray_stages = ", ".join(s.name.replace("_", "-") for s in STAGES if s.scale_out == "ray")
     p.add_argument("--engine", choices=("local", "ray"), default="local",
-                   help=f"run the batches of {', '.join(s.replace('_', '-') for s in RAY_STAGES)} in this process "
+                   help=f"run the batches of {ray_stages} in this process "
                         "or on a Ray actor pool (one model per actor; identical rows)")
     p.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, or start a local Ray)")
     p.add_argument("--actors", type=int, help="Ray actor-pool size (default: what the cluster's GPUs / CPUs allow)")
@@ -60,11 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(run)
     _add_engine_args(run)
     for stage in STAGES:
-        p = sub.add_parser(stage.replace("_", "-"), help=f"run the {stage} stage in a run folder")
+        p = sub.add_parser(stage.name.replace("_", "-"), help=f"run the {stage.name} stage in a run folder")
         _add_run_args(p)
-        if stage in RAY_STAGES:
+        if stage.scale_out == "ray":
             _add_engine_args(p)
-        if stage != "evaluate":
+        if isinstance(stage.input, str):  # one dataset, which --input may replace
             p.add_argument("--input", help="read this dataset folder or JSONL file instead of the previous stage's")
     report = sub.add_parser("report", help="rewrite report.md from a run folder")
     report.add_argument("--out", required=True)

@@ -1,4 +1,4 @@
-"""The run config: one dataclass per stage (defined next to the stage), gathered in RunConfig.
+"""The run config: one dataclass per stage (defined next to the stage, listed in cai.stages), gathered in RunConfig.
 
 Presets live in cai/presets/<name>.yaml (`tiny`, `paper`); a config is a preset name or a YAML file whose
 keys override the dataclass defaults (unknown keys are errors). `--set stage.key=value` overrides one key
@@ -14,20 +14,14 @@ from pathlib import Path
 import yaml
 
 from .data import PromptsConfig
-from .stages.critique_revise import CritiqueReviseConfig
-from .stages.evaluate import EvaluateConfig
-from .stages.label import LabelConfig
-from .stages.ppo import PPOConfig
-from .stages.sample_pairs import SamplePairsConfig
-from .stages.sft import SFTConfig
-from .stages.train_pm import TrainPMConfig
+from .stages import STAGE_NAMES, STAGES
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
-STAGES = ("critique_revise", "sft", "sample_pairs", "label", "train_pm", "ppo", "evaluate")
 
 
 @dataclass
-class RunConfig:
+class RunSettings:
+    """The run-wide keys of a config; RunConfig adds one section per stage."""
     name: str = "custom"
     seed: int = 0
     model: str = "embedded"  # base model: policy init, feedback model, PM init (HF id, local folder, "embedded")
@@ -36,15 +30,16 @@ class RunConfig:
     dtype: str = "auto"
     allow_download: bool = False  # let transformers / datasets fetch from the Hub
     trust_remote_code: bool = False
-    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    stages: list[str] = field(default_factory=lambda: list(STAGE_NAMES))
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
-    critique_revise: CritiqueReviseConfig = field(default_factory=CritiqueReviseConfig)
-    sft: SFTConfig = field(default_factory=SFTConfig)
-    sample_pairs: SamplePairsConfig = field(default_factory=SamplePairsConfig)
-    label: LabelConfig = field(default_factory=LabelConfig)
-    train_pm: TrainPMConfig = field(default_factory=TrainPMConfig)
-    ppo: PPOConfig = field(default_factory=PPOConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+
+# RunSettings + one field per stage of the table, named after it, holding its config dataclass
+RunConfig = dataclasses.make_dataclass(
+    "RunConfig", [(stage.name, stage.config, field(default_factory=stage.config)) for stage in STAGES],
+    bases=(RunSettings,))
+RunConfig.__module__ = __name__  # make_dataclass (Python < 3.12) would leave "types": pickle needs this one
+RunConfig.__doc__ = "A run's config: the run-wide keys (RunSettings), then one section per stage (cai.stages)."
 
 
 class ConfigError(ValueError):
@@ -87,9 +82,9 @@ def _build(cls, data, where: str):
             values[name] = _check_value(key, f, value)
     config = cls(**values)
     if cls is RunConfig:
-        bad = [s for s in config.stages if s not in STAGES]
+        bad = [s for s in config.stages if s not in STAGE_NAMES]
         if bad:
-            raise ConfigError(f"stages: unknown stage(s) {bad}; the stages are {list(STAGES)}")
+            raise ConfigError(f"stages: unknown stage(s) {bad}; the stages are {list(STAGE_NAMES)}")
     return config
 
 

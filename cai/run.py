@@ -1,4 +1,5 @@
-"""Run the CAI stages in order in a run folder: skip finished stages, resume a killed one, write the report.
+"""Run the CAI stages (the table in cai.stages) in order in a run folder: skip finished stages, resume a killed
+one, write the report.
 
 Data flow (each arrow a dataset in the run folder):
     prompts --critique_revise--> revisions --sft--> SL model --sample_pairs--> pairs --label--> soft labels
@@ -13,30 +14,14 @@ from pathlib import Path
 
 import yaml
 
-from .config import STAGES, RunConfig, config_from_dict, config_to_dict
+from .config import RunConfig, config_from_dict, config_to_dict
 from .constitution import load_constitution
 from .data import load_prompts, prompt_rows, read_records
 from .rundir import RunDir, atomic_write_text, load_rows, save_dataset
 from .scaleout.data_parallel import DataParallel
+from .stages import BY_NAME, STAGE_NAMES
 from .stages.common import Context
-from .stages.critique_revise import critique_revise
-from .stages.evaluate import evaluate
-from .stages.label import label
-from .stages.ppo import ppo
-from .stages.sample_pairs import sample_pairs
-from .stages.sft import sft
-from .stages.train_pm import train_pm
 from .training import Checkpoint
-
-STAGE_FUNCTIONS = {"critique_revise": critique_revise, "sft": sft, "sample_pairs": sample_pairs, "label": label,
-                   "train_pm": train_pm, "ppo": ppo, "evaluate": evaluate}
-# the dataset each stage reads ("prompts" = the run's prompt set)
-STAGE_INPUT = {"critique_revise": "prompts", "sft": "critique_revise", "sample_pairs": "prompts",
-               "label": "sample_pairs", "train_pm": "label", "ppo": "prompts"}
-
-
-# stages that run data-parallel under torchrun / accelerate launch (each rank a slice of every batch)
-DATA_PARALLEL_STAGES = ("sft", "train_pm", "ppo")
 
 
 def _quiet(*_args, **_kwargs) -> None:
@@ -88,10 +73,9 @@ def prompts_of(config: RunConfig, ctx: Context) -> list[dict]:
 
 
 def stage_input(name: str, config: RunConfig, ctx: Context, input_path: str | Path | None = None):
-    if name == "evaluate":
-        return {s: load_rows(ctx.run.dataset_path(s)) for s in ("critique_revise", "train_pm", "ppo")
-                if ctx.run.is_done(s)}
-    source = STAGE_INPUT[name]
+    source = BY_NAME[name].input
+    if isinstance(source, tuple):  # several stages' datasets, those that have finished
+        return {s: load_rows(ctx.run.dataset_path(s)) for s in source if ctx.run.is_done(s)}
     if input_path is not None:
         path = Path(input_path)
         rows = load_rows(path) if path.is_dir() else read_records(str(path))
@@ -110,7 +94,8 @@ def run_stage(name: str, config: RunConfig, ctx: Context, *, input_path=None, lo
     Data-parallel launches: the training stages run on every rank; the others on rank 0 while the
     other ranks wait. Rank 0 alone writes the dataset, metrics and DONE marker.
     """
-    if ctx.dp.enabled and name not in DATA_PARALLEL_STAGES:
+    stage = BY_NAME[name]
+    if ctx.dp.enabled and stage.scale_out != "data_parallel":
         if ctx.dp.is_main:
             run_stage(name, config, replace(ctx, dp=DataParallel()), input_path=input_path, log=log)
         ctx.dp.barrier()
@@ -120,13 +105,13 @@ def run_stage(name: str, config: RunConfig, ctx: Context, *, input_path=None, lo
     started = time.perf_counter()
     resumed = any((ctx.run.root / name / sub).exists() for sub in ("shards", "checkpoint"))
     log(f"[cai] {name}: {'resuming' if resumed else 'starting'}")
-    rows = STAGE_FUNCTIONS[name](stage_input(name, config, ctx, input_path), getattr(config, name), ctx)
+    rows = stage.function(stage_input(name, config, ctx, input_path), getattr(config, name), ctx)
     if not ctx.dp.is_main:
         ctx.dp.barrier()  # rank 0 writes the results
         return
     save_dataset(rows, ctx.run.dataset_path(name))
     seconds = time.perf_counter() - started
-    ctx.run.metrics.log("timing", STAGES.index(name), **{f"{name}_seconds": seconds})
+    ctx.run.metrics.log("timing", STAGE_NAMES.index(name), **{f"{name}_seconds": seconds})
     ctx.run.mark_done(name, {"rows": len(rows), "seconds": round(seconds, 2), "resumed": resumed,
                              "ranks": ctx.dp.world})
     # resume state is dropped only once the stage is recorded as done
@@ -142,7 +127,7 @@ def run_all(config: RunConfig, out: str | Path, *, progress: bool = True, log=pr
     from .report import write_report
 
     ctx = open_run(config, out, progress=progress, engine=engine, engine_options=engine_options)
-    for name in STAGES:
+    for name in STAGE_NAMES:
         if name not in config.stages:
             continue
         # rank 0's view decides, so every rank enters the same stages (and barriers)

@@ -1,0 +1,62 @@
+"""The one table of CAI stages, in run order. `cai.config`, `cai.run`, `cai.cli` and `cai.report` read it.
+
+Each row names a stage and where its pieces live:
+  name          the stage's name: its config section, its folder in the run folder, its dataset, its CLI command
+                (with "-" for "_"), its metrics
+  function      function(input_rows, stage_config, ctx) -> rows: the stage's dataset
+  config        the stage's config dataclass (the RunConfig section `name`)
+  input         the dataset it reads: "prompts" (the run's prompt set) or an earlier stage's name, which
+                `--input FILE` may replace; or a tuple of stage names: those of them that have finished, as
+                {name: rows} (no --input)
+  scale_out     "data_parallel": runs on every torchrun / accelerate rank, each a slice of every batch;
+                "ray": a batch stage whose batches may run on a Ray actor pool (`--engine ray`);
+                "none": one process (rank 0 under torchrun)
+  report        report(run, metrics) -> markdown lines (plots written beside): the stage's report section,
+                metrics = metrics.jsonl's records grouped by stage; None: no section of its own
+
+Adding a stage: write its module here in cai/stages/ (config dataclass, stage function, report section) and add
+one row below; the config section, the `cai <stage>` command, run order, resume and the report follow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from . import critique_revise, evaluate, label, ppo, sample_pairs, sft, train_pm
+
+SCALE_OUT = ("data_parallel", "ray", "none")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    function: Callable
+    config: type
+    input: str | tuple[str, ...]
+    scale_out: str
+    report: Callable | None
+
+    def __post_init__(self):
+        if self.scale_out not in SCALE_OUT:
+            raise ValueError(f"stage {self.name}: scale_out must be one of {SCALE_OUT}; got {self.scale_out!r}")
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("critique_revise", critique_revise.critique_revise, critique_revise.CritiqueReviseConfig,
+          input="prompts", scale_out="ray", report=critique_revise.report_section),
+    Stage("sft", sft.sft, sft.SFTConfig, input="critique_revise", scale_out="data_parallel",
+          report=sft.report_section),
+    # sample_pairs' numbers open the label section
+    Stage("sample_pairs", sample_pairs.sample_pairs, sample_pairs.SamplePairsConfig, input="prompts",
+          scale_out="ray", report=None),
+    Stage("label", label.label, label.LabelConfig, input="sample_pairs", scale_out="ray",
+          report=label.report_section),
+    Stage("train_pm", train_pm.train_pm, train_pm.TrainPMConfig, input="label", scale_out="data_parallel",
+          report=train_pm.report_section),
+    Stage("ppo", ppo.ppo, ppo.PPOConfig, input="prompts", scale_out="data_parallel", report=ppo.report_section),
+    Stage("evaluate", evaluate.evaluate, evaluate.EvaluateConfig, input=("critique_revise", "train_pm", "ppo"),
+          scale_out="none", report=evaluate.report_section),
+)
+STAGE_NAMES: tuple[str, ...] = tuple(stage.name for stage in STAGES)
+BY_NAME: dict[str, Stage] = {stage.name: stage for stage in STAGES}

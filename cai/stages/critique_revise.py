@@ -13,12 +13,15 @@ revision, or the response when there are none).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from functools import partial
 
 from ..constitution import Turn
 from ..models import PromptFormat, SharedPrefix, generate
 from ..prompts import critique_fewshot, critique_request, revision_request, rng_for, seed_for
+from ..reporting import clip, format_value, plot, stage_rows
+from ..rundir import RunDir
 from .common import Context, run_batches
 
 NAME = "critique_revise"
@@ -103,3 +106,42 @@ def make_critique_revise_process(cfg: CritiqueReviseConfig, ctx: Context):
         return rows
 
     return process
+
+
+def report_section(run: RunDir, metrics: dict[str, list[dict]]) -> list[str]:
+    """Rounds and lengths, the PM score after each round (from the evaluate stage), one example."""
+    revisions = stage_rows(run, NAME)
+    if not revisions:
+        return []
+    revised = [r for r in revisions if r["revisions"]]
+    out = ["## Critique and revision", "",
+           f"{len(revisions)} prompts; {len(revised)} red-team prompts went through "
+           f"{max((len(r['revisions']) for r in revised), default=0)} rounds of critique and revision "
+           f"(principle redrawn every round), the others kept their first response.", ""]
+    words = metrics.get(NAME, [])
+    if words:
+        def mean_of(key):
+            values = [r[key] for r in words if r.get(key) is not None]
+            return sum(values) / len(values) if values else None
+        out += [f"Mean length in words: first answers {format_value(mean_of('response_words'), 1)}, "
+                f"critiques {format_value(mean_of('critique_words'), 1)}, "
+                f"revisions {format_value(mean_of('revision_words'), 1)}.", ""]
+    rounds = [r for r in stage_rows(run, "evaluate") if r["section"] == "revision_rounds"]
+    if rounds:
+        out += ["Mean preference-model score of the responses after each revision round (higher = preferred "
+                "by the PM):", "", "| round | mean PM score | stderr | n |", "| --- | --- | --- | --- |"]
+        for r in rounds:
+            stderr = json.loads(r["detail"]).get("stderr")
+            out.append(f"| {r['name']} | {format_value(r['value'])} | {format_value(stderr)} | {r['n']} |")
+        xs = list(range(len(rounds)))
+        ys = [r["value"] for r in rounds]
+        errs = [json.loads(r["detail"]).get("stderr") or 0.0 for r in rounds]
+        out += ["", plot(run, "pm_score_by_round", lambda ax: ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3),
+                         "PM score by revision round", "revision round (0 = first answer)", "mean PM score"), ""]
+    if revised:
+        ex = revised[0]
+        out += ["Example:", "", f"- **Prompt:** {clip(ex['prompt'])}", f"- **First answer:** {clip(ex['response'])}"]
+        for k, (c, v, p) in enumerate(zip(ex["critiques"], ex["revisions"], ex["principle_ids"]), 1):
+            out += [f"- **Critique {k}** (`{p}`): {clip(c)}", f"- **Revision {k}:** {clip(v)}"]
+        out.append("")
+    return out

@@ -12,11 +12,14 @@ Multiple-choice evals are resumable units (one shard each).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from dataclasses import dataclass, field
 
 from ..data import load_mc_questions, resolve_path
 from ..evals import mc_eval
+from ..reporting import format_value, plot, stage_rows
 from ..reward import load_reward_model
+from ..rundir import RunDir
 from .common import Context, run_batches
 
 NAME = "evaluate"
@@ -92,3 +95,37 @@ def evaluate(inputs: dict[str, list[dict]], cfg: EvaluateConfig, ctx: Context) -
 
     rows += run_batches(ctx, NAME, units, 1, run_unit, desc="mc evals", fingerprint=vars(cfg))
     return rows
+
+
+def report_section(run: RunDir, metrics: dict[str, list[dict]]) -> list[str]:
+    """PM held-out accuracy and the multiple-choice evals (the revision rounds go in critique_revise's)."""
+    rows = stage_rows(run, NAME)
+    mc = [r for r in rows if r["section"] == "mc"]
+    pm_acc = [r for r in rows if r["section"] == "pm"]
+    if not mc and not pm_acc:
+        return []
+    out = ["## Evaluations", ""]
+    for r in pm_acc:
+        out += [f"Preference model held-out accuracy: {format_value(r['value'])} (n = {r['n']}).", ""]
+    if mc:
+        out += ["Multiple-choice evals (`cai eval mc`: normalized log-probabilities of the option "
+                "continuations; accuracy = share of questions whose correct option is the most likely):", "",
+                "| model | eval file | n | accuracy | mean P(correct) | seconds |",
+                "| --- | --- | --- | --- | --- | --- |"]
+        done = []
+        for r in mc:
+            d = json.loads(r["detail"])
+            model, _, spec = r["name"].partition("|")
+            if r["value"] is None:
+                out.append(f"| {model} | {spec} | skipped: {d.get('skipped')} | | | |")
+                continue
+            done.append((f"{model}\n{Path(spec).name.replace('.jsonl', '')}", r["value"]))
+            out.append(f"| {model} | {spec} | {r['n']} | {format_value(r['value'])} | "
+                       f"{format_value(d.get('mean_correct_prob'))} | {format_value(d.get('seconds'), 1)} |")
+        if done:
+            out += ["", plot(run, "mc_accuracy", lambda ax: (ax.bar(range(len(done)), [v for _, v in done]),
+                                                              ax.set_xticks(range(len(done)), [k for k, _ in done],
+                                                                            fontsize=6)),
+                             "Multiple-choice accuracy", "", "accuracy")]
+        out.append("")
+    return out

@@ -27,6 +27,8 @@ from ..constitution import Turn
 from ..models import SharedPrefix, generate
 from ..prompts import (choice_question, cot_answer_cue, cot_cue, label_fewshot, option_strings,
                        pick_label_examples, rng_for, seed_for)
+from ..reporting import plot, stage_rows
+from ..rundir import RunDir
 from ..scoring import score_options
 from .common import Context, run_batches
 
@@ -138,3 +140,28 @@ def make_label_process(cfg: LabelConfig, ctx: Context):
         return rows
 
     return process
+
+
+def report_section(run: RunDir, metrics: dict[str, list[dict]]) -> list[str]:
+    """How the pairs were sampled (sample_pairs' metrics), the labels' distribution and position bias."""
+    labels = stage_rows(run, NAME)
+    if not labels:
+        return []
+    p = [r["p_a"] for r in labels]
+    first = [r["first_position_prob"] for r in labels]
+    principles = sorted({pid for r in labels for pid in r["principle_ids"]})
+    sampled = metrics.get("sample_pairs", [])
+    sample_note = ""
+    if sampled:
+        n = sum(r["pairs"] for r in sampled)
+        sample_note = (f"The pairs were sampled from the SL model (mean response length "
+                       f"{sum(r['response_words'] * r['pairs'] for r in sampled) / n:.1f} words; "
+                       f"{sum(r['identical_pairs'] for r in sampled)} pairs with two identical responses). ")
+    return ["## AI preference labels", "", sample_note +
+            f"{len(labels)} pairs labelled by the feedback model with {len(labels[0]['principle_ids'])} "
+            f"principle(s) each ({len(principles)} distinct principles used). Mean P(response A better) = "
+            f"{sum(p) / len(p):.3f}; share of pairs with A preferred = {sum(x > 0.5 for x in p) / len(p):.3f}; "
+            f"mean probability given to whichever response was shown first = {sum(first) / len(first):.3f} "
+            f"(0.5 = no position bias).", "",
+            plot(run, "label_hist", lambda ax: ax.hist(p, bins=20, range=(0, 1)), "Soft labels",
+                 "P(response A is better)", "pairs"), ""]

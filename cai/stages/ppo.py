@@ -25,7 +25,9 @@ import cai_kernels
 
 from ..models import PromptFormat, cut_at_stop, encode, generate_ids, lm_head, pad_rows
 from ..prompts import rng_for, seed_for
+from ..reporting import format_value, plot
 from ..reward import ScalarHead, load_reward_model
+from ..rundir import RunDir
 from ..training import Checkpoint, save_pretrained, set_trainable, trunk_hidden
 from ..scaleout.data_parallel import DataParallel
 from .common import Context
@@ -218,3 +220,25 @@ def ppo(prompts: list[dict], cfg: PPOConfig, ctx: Context) -> list[dict]:
                         "bias": value_head.bias}, extra_name="value_head.safetensors")
     dp.barrier()
     return rollouts
+
+
+def report_section(run: RunDir, metrics: dict[str, list[dict]]) -> list[str]:
+    """Per-iteration table, reward and KL curves."""
+    log = metrics.get(NAME, [])
+    if not log:
+        return []
+    its = [r["step"] for r in log]
+    out = ["## RL from AI feedback (PPO)", "", "| iteration | PM score | KL (per sequence) | reward | "
+           "policy loss | value loss | clip fraction |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in log:
+        cells = [r["step"], format_value(r.get("score")), format_value(r.get("kl"), 4), format_value(r.get("reward")),
+                 format_value(r.get("pg_loss"), 4), format_value(r.get("vf_loss"), 4), format_value(r.get("clipfrac"))]
+        out.append("| " + " | ".join(str(c) for c in cells) + " |")
+
+    def draw_reward(ax):
+        ax.plot(its, [r["score"] for r in log], marker=".", label="PM score")
+        ax.plot(its, [r["reward"] for r in log], marker=".", label="score - kl_coef * KL")
+        ax.legend()
+    return out + ["", plot(run, "ppo_reward", draw_reward, "PPO reward", "iteration", "mean per rollout"), "",
+                  plot(run, "ppo_kl", lambda ax: ax.plot(its, [r["kl"] for r in log], marker=".", color="C3"),
+                       "KL(policy || reference)", "iteration", "KL per sequence (nats)"), ""]

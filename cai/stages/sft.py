@@ -14,9 +14,11 @@ from dataclasses import dataclass
 import torch
 
 from ..models import PromptFormat
-from ..training import (IGNORE, Checkpoint, encode_dialogue, response_batch, save_pretrained,
-                        sequence_token_logprobs, set_trainable)
+from ..reporting import plot
+from ..rundir import RunDir
+from ..training import IGNORE, encode_dialogue, response_batch, save_pretrained, sequence_token_logprobs, set_trainable
 from .common import Context, EpochSchedule
+from .training_loop import TrainingLoop
 
 NAME = "sft"
 
@@ -37,10 +39,6 @@ class SFTConfig:
     prompt_format: str = "auto"
 
 
-def warmup_lr(step: int, lr: float, warmup_steps: int) -> float:
-    return lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else lr
-
-
 def sft(revisions: list[dict], cfg: SFTConfig, ctx: Context) -> list[dict]:
     stage_dir = ctx.run.stage(NAME)
     model, tokenizer = ctx.load(cfg.model)
@@ -49,13 +47,11 @@ def sft(revisions: list[dict], cfg: SFTConfig, ctx: Context) -> list[dict]:
     params = set_trainable(model, cfg.train_layers)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = EpochSchedule(len(examples), cfg.batch_size, cfg.epochs, cfg.max_steps, ctx.seed, NAME)
-    total = schedule.total
-    checkpoint = Checkpoint(stage_dir)
-    start, log, _ = checkpoint.restore({"model": model}, optimizer)
+    loop = TrainingLoop(ctx, NAME, modules={"model": model}, optimizer=optimizer, total=schedule.total,
+                        save_every=cfg.save_every, warmup_steps=cfg.warmup_steps, max_grad_norm=cfg.max_grad_norm)
     dp = ctx.dp  # data-parallel ranks (cai.scaleout.data_parallel): each takes a slice of every batch
     model.train()
-    bar = ctx.tqdm(total=total, initial=start, desc=NAME, unit="step")
-    for step in range(start, total):
+    for step in loop.steps():
         batch = dp.shard([examples[i] for i in schedule.indices(step)])
         loss_sum, local_tokens = torch.zeros((), device=model.device), 0
         if batch:
@@ -68,24 +64,26 @@ def sft(revisions: list[dict], cfg: SFTConfig, ctx: Context) -> list[dict]:
         if loss.requires_grad:  # a rank whose slice is empty only adds zeros
             loss.backward()
         dp.sum_grads(params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        for group in optimizer.param_groups:
-            group["lr"] = warmup_lr(step, cfg.lr, cfg.warmup_steps)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        record = {"step": step, "epoch": step // schedule.steps_per_epoch, "loss": dp.sum(loss).item(), "tokens": int(tokens),
-                  "grad_norm": float(grad_norm)}
-        log.append(record)
-        bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.3f}")
-        if not dp.is_main:
-            continue
-        ctx.run.metrics.log(NAME, step, loss=record["loss"], tokens=record["tokens"], grad_norm=record["grad_norm"])
-        if (step + 1) % cfg.save_every == 0 and step + 1 < total:
-            checkpoint.save(step + 1, {"model": model}, optimizer, log)
-    bar.close()
+        loop.finish_step(step, params, {"epoch": step // schedule.steps_per_epoch, "loss": dp.sum(loss).item(),
+                                        "tokens": int(tokens)})
+    loop.close()
     model.eval()
     if dp.is_main:
         save_pretrained(model, tokenizer, stage_dir / "model")
     dp.barrier()
-    return log
+    return loop.rows
+
+
+def report_section(run: RunDir, metrics: dict[str, list[dict]]) -> list[str]:
+    """The SFT loss curve."""
+    log = metrics.get(NAME, [])
+    if not log:
+        return []
+    steps = [r["step"] for r in log]
+    losses = [r["loss"] for r in log]
+    return ["## Supervised fine-tuning on the revisions", "",
+            f"{len(steps)} optimizer steps; response-token loss {losses[0]:.3f} at the first step, "
+            f"{losses[-1]:.3f} at the last (mean of the last {min(3, len(losses))}: "
+            f"{sum(losses[-3:]) / len(losses[-3:]):.3f}).", "",
+            plot(run, "sft_loss", lambda ax: ax.plot(steps, losses, marker="."), "SFT loss", "step",
+                 "NLL per response token"), ""]

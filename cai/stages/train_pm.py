@@ -17,9 +17,11 @@ import cai_kernels
 
 from ..prompts import rng_for
 from ..reward import RewardModel
-from ..training import Checkpoint, set_trainable
+from ..reporting import format_value, plot
+from ..rundir import RunDir
+from ..training import set_trainable
 from .common import Context, EpochSchedule
-from .sft import warmup_lr
+from .training_loop import TrainingLoop
 
 NAME = "train_pm"
 
@@ -79,13 +81,12 @@ def train_pm(labels: list[dict], cfg: TrainPMConfig, ctx: Context) -> list[dict]
                                    {"params": list(pm.head.parameters()), "lr": cfg.head_lr}],
                                   weight_decay=cfg.weight_decay)
     schedule = EpochSchedule(len(train_rows), cfg.batch_size, cfg.epochs, cfg.max_steps, ctx.seed, NAME)
-    total = schedule.total
-    checkpoint = Checkpoint(stage_dir)
-    start, log, _ = checkpoint.restore({"lm": lm, "head": pm.head}, optimizer)
+    loop = TrainingLoop(ctx, NAME, modules={"lm": lm, "head": pm.head}, optimizer=optimizer, total=schedule.total,
+                        save_every=cfg.save_every, warmup_steps=cfg.warmup_steps, max_grad_norm=cfg.max_grad_norm)
+    trained = params + list(pm.head.parameters())
     dp = ctx.dp  # data-parallel ranks (cai.scaleout.data_parallel): each takes a slice of every batch
     lm.train()
-    bar = ctx.tqdm(total=total, initial=start, desc=NAME, unit="step")
-    for step in range(start, total):
+    for step in loop.steps():
         batch = [train_rows[i] for i in schedule.indices(step)]
         local = dp.shard(batch)
         loss, agree, decided = torch.zeros((), device=lm.device), 0, 0
@@ -96,24 +97,11 @@ def train_pm(labels: list[dict], cfg: TrainPMConfig, ctx: Context) -> list[dict]
             agree, decided = agreement(rewards_a.tolist(), rewards_b.tolist(), local)
         if loss.requires_grad:
             loss.backward()
-        dp.sum_grads(params + list(pm.head.parameters()))
-        grad_norm = torch.nn.utils.clip_grad_norm_(params + list(pm.head.parameters()), cfg.max_grad_norm)
-        optimizer.param_groups[0]["lr"] = warmup_lr(step, cfg.lr, cfg.warmup_steps)
-        optimizer.param_groups[1]["lr"] = warmup_lr(step, cfg.head_lr, cfg.warmup_steps)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        dp.sum_grads(trained)
         agree, decided = int(dp.sum(agree)), int(dp.sum(decided))
-        record = {"step": step, "loss": dp.sum(loss).item(), "train_accuracy": agree / decided if decided else None,
-                  "grad_norm": float(grad_norm)}
-        log.append(record)
-        bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.3f}")
-        if not dp.is_main:
-            continue
-        ctx.run.metrics.log(NAME, step, **{k: v for k, v in record.items() if k != "step"})
-        if (step + 1) % cfg.save_every == 0 and step + 1 < total:
-            checkpoint.save(step + 1, {"lm": lm, "head": pm.head}, optimizer, log)
-    bar.close()
+        loop.finish_step(step, trained, {"loss": dp.sum(loss).item(),
+                                         "train_accuracy": agree / decided if decided else None})
+    loop.close()
     lm.eval()
     held = []
     with torch.no_grad():
@@ -129,8 +117,30 @@ def train_pm(labels: list[dict], cfg: TrainPMConfig, ctx: Context) -> list[dict]
             held.extend(r for part in dp.gather(scored) for r in part)  # rank order = batch order
     agree, decided = agreement([h["reward_a"] for h in held], [h["reward_b"] for h in held], held)
     if dp.is_main:
-        ctx.run.metrics.log(NAME, total, heldout_accuracy=agree / decided if decided else None,
+        ctx.run.metrics.log(NAME, schedule.total, heldout_accuracy=agree / decided if decided else None,
                             heldout_pairs=len(held), train_pairs=len(train_rows))
         pm.save(stage_dir / "model")
     dp.barrier()
     return held
+
+
+def report_section(run: RunDir, metrics: dict[str, list[dict]]) -> list[str]:
+    """The PM's loss curve and held-out accuracy."""
+    log = [r for r in metrics.get(NAME, []) if "loss" in r]
+    final = [r for r in metrics.get(NAME, []) if "heldout_accuracy" in r]
+    if not log and not final:
+        return []
+    out = ["## Preference model", ""]
+    if log:
+        steps = [r["step"] for r in log]
+        losses = [r["loss"] for r in log]
+        out += [f"{len(steps)} steps of the soft-label pairwise loss: {losses[0]:.4f} at the first step, "
+                f"{losses[-1]:.4f} at the last.", "",
+                plot(run, "pm_loss", lambda ax: ax.plot(steps, losses, marker="."), "PM training loss", "step",
+                     "pairwise loss"), ""]
+    if final:
+        f = final[-1]
+        out += [f"Held-out accuracy (agreement with the AI label's preferred response): "
+                f"**{format_value(f.get('heldout_accuracy'))}** on {f.get('heldout_pairs')} held-out pairs "
+                f"({f.get('train_pairs')} used for training).", ""]
+    return out
