@@ -23,10 +23,15 @@ from __future__ import annotations
 import importlib
 import sys
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 ADAPTER_MARK = "__cai_kernels_adapter__"
+
+# (adapter name, "adapter" | "fallback") -> calls of patched functions: shows a test harness that the
+# stack's tests really ran our code (and how often the stack's own code ran instead)
+CALLS: Counter = Counter()
 
 
 class PatchWarning(RuntimeWarning):
@@ -44,11 +49,16 @@ class Unsupported(NotImplementedError):
 def with_fallback(adapter: Callable, original: Callable) -> Callable:
     """`adapter`, but calls that raise `Unsupported` run `original` (the stack's own code)."""
 
+    name = getattr(adapter, "__qualname__", repr(adapter))
+
     def patched(*args, **kwargs):
         try:
-            return adapter(*args, **kwargs)
+            result = adapter(*args, **kwargs)
         except Unsupported:
+            CALLS[name, "fallback"] += 1
             return original(*args, **kwargs)
+        CALLS[name, "adapter"] += 1
+        return result
 
     for attr in ("__name__", "__qualname__", "__doc__", "__module__"):
         setattr(patched, attr, getattr(adapter, attr, None))

@@ -238,7 +238,7 @@ def _method(adapter):
     def method(self, *args, **kwargs):
         return adapter(*args, **kwargs)
 
-    method.__name__, method.__doc__ = adapter.__name__, adapter.__doc__
+    method.__name__, method.__qualname__, method.__doc__ = adapter.__name__, adapter.__name__, adapter.__doc__
     return method
 
 
