@@ -114,7 +114,8 @@ def test_apply_targets_records_and_warns_what_it_cannot_patch(fake_package):
     try:
         assert "fakestack.trainer.original" in handle.patched
         assert "has no renamed_in_a_later_version" in handle.not_patched["fakestack.trainer.renamed_in_a_later_version"]
-        assert "fakestack.broken failed to import: ModuleNotFoundError" in handle.not_patched["fakestack.broken.original"]
+        broken = handle.not_patched["fakestack.broken.original"]
+        assert "fakestack.broken failed to import: ModuleNotFoundError" in broken
         # a submodule of a package that failed to import: the package's failure is the reason
         assert handle.not_patched["fakestack.broken.child.original"] == handle.not_patched["fakestack.broken.original"]
         assert len(caught) == 1 and all(target in str(caught[0].message) for target in handle.not_patched)
@@ -125,8 +126,8 @@ def test_apply_targets_records_and_warns_what_it_cannot_patch(fake_package):
 def test_apply_targets_silent_when_everything_is_patched(fake_package):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # any warning fails the test
-        handle = apply_targets("fakestack", [Target("fakestack", "original", lambda orig: with_fallback(adapter, orig))],
-                               ["fakestack"])
+        target = Target("fakestack", "original", lambda orig: with_fallback(adapter, orig))
+        handle = apply_targets("fakestack", [target], ["fakestack"])
     assert handle.not_patched == {} and handle.patched
     handle.undo()
 

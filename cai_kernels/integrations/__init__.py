@@ -5,8 +5,12 @@
     cai_kernels.integrations.verl      logprobs_from_logits, kl_penalty, compute_gae_advantage_return, ...
 
 Each ``apply_to_*()`` patches the installed stack in place (every module that imported a name) and
-returns a `PatchHandle`: ``with apply_to_trl(): trainer.train()``, or ``handle.undo()``. Nothing here
-imports the stacks (or transformers) until ``apply_to_*`` is called.
+returns a `PatchHandle`: ``with apply_to_trl(): trainer.train()``, or ``handle.undo()``. What it could
+not patch is in ``handle.not_patched`` and named in a `PatchWarning`. The adapters keep the stacks'
+output dtypes. Nothing here imports the stacks (or transformers) until ``apply_to_*`` is called.
+
+``pytest -p cai_kernels.integrations.pytest_plugin --cai-patch STACK`` runs a stack's own test files
+with the patch applied (see `pytest_plugin`).
 """
 
 import importlib

@@ -25,13 +25,6 @@ def probe(dtype: torch.dtype, *, dims: int = 1) -> torch.Tensor:
     return torch.ones((1,) * dims, dtype=dtype)
 
 
-def probe_like(value, *, dims: int = 1):
-    """A probe for ``value``: a tensor's dtype (and whether it is 0-d), or a Python number as is."""
-    if isinstance(value, torch.Tensor):
-        return probe(value.dtype, dims=min(value.dim(), dims))
-    return 1 if value is None else value
-
-
 def dtype_key(value):
     """Hashable stand-in for ``value`` in a cached dtype rule: (dtype, is 0-d) for tensors, the type else."""
     if isinstance(value, torch.Tensor):

@@ -1,7 +1,7 @@
 """A pytest plugin that runs a stack's own test files with the cai_kernels adapters patched in.
 
     pytest -p cai_kernels.integrations.pytest_plugin --cai-patch trl      path/to/trl/tests/test_utils.py
-    pytest -p cai_kernels.integrations.pytest_plugin --cai-patch verl     .../tests/trainer/ppo/test_core_algos_on_cpu.py
+    pytest -p cai_kernels.integrations.pytest_plugin --cai-patch verl     .../tests/trainer/ppo
     pytest -p cai_kernels.integrations.pytest_plugin --cai-patch openrlhf --cai-stub-missing deepspeed ...
 
 ``--cai-patch STACK`` calls ``apply_to_STACK()`` when pytest configures, before any test module is

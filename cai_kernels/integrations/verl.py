@@ -25,7 +25,8 @@ Same names, signatures, return types and semantics as ``verl.utils.torch_functio
 
 Dtypes are veRL's for every input dtype (see ``_common``): its GAE, policy and value losses follow
 the promotion of its arithmetic (a float32 ``response_mask`` makes bf16 results fp32, the seq-mean
-modes are fp32, ``vf_clipfrac`` is fp32).
+modes are fp32, ``vf_clipfrac`` is fp32). veRL's GAE raises on a bool ``response_mask`` (``1 - mask``);
+ours accepts it (result dtype: the rewards' and values').
 
 One difference, by design of our ops: at positions where the mask is 0, ``masked_whiten``, the GAE
 advantages and returns are 0, where veRL leaves whitened / carried values that no consumer reads
