@@ -1,5 +1,5 @@
-"""Every adapter keeps its stack's output dtypes: each adapter x bf16 / fp16 / fp32 inputs (mixed too) x
-mask dtypes (bool, int64, float32, bfloat16), against the stack's own function from PyPI.
+"""Every adapter keeps its stack's output dtypes: each adapter (TRL's fused LM head included) x bf16 / fp16 /
+fp32 inputs (mixed) x mask dtypes (bool, int64, float32, bfloat16), against the stack's own function from PyPI.
 
 The stacks compute in their inputs' precision and let PyTorch's type promotion pick the result's
 dtype (a float32 mask or a ``+ 1e-8`` on an integer count makes bf16 losses fp32); our ops compute in
@@ -34,7 +34,9 @@ _SCOPE = {"torch": torch, "Tuple": typing.Tuple, "List": typing.List, "Optional"
 ORL_GAE = method_from_source(EXPERIENCE_MAKER, "RemoteExperienceMaker", "get_advantages_and_returns", _SCOPE)
 ORL_RETURNS = method_from_source(EXPERIENCE_MAKER, "RemoteExperienceMaker", "get_cumulative_returns", _SCOPE)
 # the stacks' own functions, captured before any test patches them
+trl_chunked = pytest.importorskip("trl.kernels.chunked_logprob")
 THEIRS = {
+    "trl.ChunkedLogProbFunction": trl_chunked.ChunkedLogProbFunction,
     "trl.selective_log_softmax": trl_utils.selective_log_softmax,
     "trl.entropy_from_logits": trl_utils.entropy_from_logits,
     "trl.selective_log_softmax_and_entropy": trl_utils.selective_log_softmax_and_entropy,
@@ -80,6 +82,10 @@ def _name(dtype) -> str:
             torch.int64: "i64", None: "none"}[dtype]
 
 
+def adapter_chunked(hidden, weight, bias, targets):
+    return A_trl.ChunkedLogProbFunction.apply(hidden, weight, bias, targets, 0.7, 8)
+
+
 def _cases():
     """(id, ours(), theirs(), positions to compare values at or None)."""
     cases = []
@@ -118,6 +124,14 @@ def _cases():
             lambda lg=logits: THEIRS["verl.logprobs_from_logits"](lg, labels))
         add(f"verl.entropy_from_logits-{n}", lambda lg=logits: A_verl.entropy_from_logits(lg),
             lambda lg=logits: THEIRS["verl.entropy_from_logits"](lg))
+
+    targets = torch.randint(0, 20, (6,), generator=torch.Generator().manual_seed(9))
+    for dh, dw, with_bias in itertools.product(FLOATS, (torch.bfloat16, torch.float32), (False, True)):
+        hidden, weight = _x(dh, 10, (6, 8)), _x(dw, 11, (20, 8))
+        bias = _x(dw, 12, (20,)) if with_bias else None
+        add(f"trl.ChunkedLogProbFunction-{_name(dh)}-{_name(dw)}-bias={with_bias}",
+            lambda h=hidden, w=weight, b=bias: adapter_chunked(h, w, b, targets),
+            lambda h=hidden, w=weight, b=bias: THEIRS["trl.ChunkedLogProbFunction"].apply(h, w, b, targets, 0.7, 8))
 
     for d1, d2 in itertools.product(FLOATS, FLOATS):
         a, b, c = _x(d1, 3), _x(d2, 4), _x(d1, 5, scale=2.0)
@@ -164,6 +178,8 @@ def _cases():
 
 
 def _flatten(out):
+    if out is None:  # an output TRL's fused head was not asked for
+        return []
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, dict):  # veRL's metrics: Python floats
