@@ -9,7 +9,7 @@ resume; the model is saved to sft/model (safetensors). Output rows: the training
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,17 +26,17 @@ NAME = "sft"
 @dataclass
 class SFTConfig:
     model: str | None = None  # the model to fine-tune; default: the run's base model
-    epochs: int = 1
-    max_steps: int | None = None  # stop early after this many optimizer steps
-    batch_size: int = 8
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-    max_length: int = 512
-    train_layers: int | None = None  # None: all parameters; N: the last N blocks + final norm
-    save_every: int = 50  # optimizer steps between resumable checkpoints
-    prompt_format: str = "auto"
+    epochs: int = field(default=1, metadata={"ge": 1})
+    max_steps: int | None = field(default=None, metadata={"ge": 1})  # stop early after this many optimizer steps
+    batch_size: int = field(default=8, metadata={"ge": 1})
+    lr: float = field(default=1e-5, metadata={"ge": 0})
+    weight_decay: float = field(default=0.0, metadata={"ge": 0})
+    warmup_steps: int = field(default=0, metadata={"ge": 0})
+    max_grad_norm: float = field(default=1.0, metadata={"gt": 0})
+    max_length: int = field(default=512, metadata={"ge": 2})  # tokens of prompt + response
+    train_layers: int | None = field(default=None, metadata={"ge": 1})  # None: all parameters; N: the last N blocks + final norm
+    save_every: int = field(default=50, metadata={"ge": 1})  # optimizer steps between resumable checkpoints
+    prompt_format: str = field(default="auto", metadata={"choices": ("auto", "chat", "raw")})
 
 
 def sft(revisions: list[dict], cfg: SFTConfig, ctx: Context) -> list[dict]:
