@@ -107,6 +107,7 @@ def _scalar(where: str, value, kind, rules: dict, problems: list[str]):
     if kind in (int, float):
         if isinstance(value, float) and math.isnan(value):
             problems.append(f"{where}: must be a number, got nan")
+            return value
         for rule, test, text in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
                                  ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
             if rule in rules and not test(value, rules[rule]):

@@ -54,9 +54,7 @@ def open_run(config: RunConfig, out: str | Path, *, progress: bool = True, engin
     refusal = None
     if dp.is_main:
         try:
-            _, warning = run.lock()
-            if warning:
-                warnings.warn(warning, CaiWarning, stacklevel=2)
+            run.lock()
         except RunLockedError as err:
             refusal = str(err)
     refusal = dp.gather(refusal)[0]
@@ -134,14 +132,14 @@ def stage_input(name: str, config: RunConfig, ctx: Context, input_path: str | Pa
     return rows
 
 
-def check_unique(where: str, rows: list[dict], key: tuple[str, ...]) -> list[str]:
+def check_unique(rows: list[dict], key: tuple[str, ...]) -> list[str]:
     """Messages for rows that share `key` (e.g. ("id",)) with an earlier row; [] when all keys are distinct."""
     first, problems = {}, []
     for i, row in enumerate(rows):
         value = tuple(row.get(k) for k in key)
         if value in first:
             shown = value[0] if len(key) == 1 else dict(zip(key, value))
-            problems.append(f"{where}: rows {first[value]} and {i} have the same {'/'.join(key)} {shown!r}")
+            problems.append(f"rows {first[value]} and {i} have the same {'/'.join(key)} {shown!r}")
         else:
             first[value] = i
     return problems
@@ -167,19 +165,20 @@ def run_stage(name: str, config: RunConfig, ctx: Context, *, input_path=None, lo
     log(f"[cai] {name}: {'resuming' if resumed else 'starting'}")
     inputs = stage_input(name, config, ctx, input_path)
     if isinstance(inputs, list) and all("id" in row for row in inputs):
-        duplicates = check_unique(f"the input of {name}", inputs, ("id",))
+        duplicates = check_unique(inputs, ("id",))
         if duplicates:
-            raise ValueError("\n".join(duplicates[:5] + ["every input row needs its own id"]))
+            raise ValueError("\n".join([f"the input of {name}: {d}" for d in duplicates[:5]]
+                                       + ["every input row needs its own id"]))
     rows = stage.function(inputs, getattr(config, name), ctx)
     if not ctx.dp.is_main:
         ctx.dp.barrier()  # rank 0 writes the results
         return
-    duplicates = check_unique(f"{ctx.run.root / name}", rows, stage.key)
+    duplicates = check_unique(rows, stage.key)
     if duplicates:
         raise DamagedRunError([(ctx.run.root / name, d) for d in duplicates[:5]],
-                              f"{len(duplicates)} rows of {name} repeat a row's {'/'.join(stage.key)}, so the "
-                              f"stage was not marked done; re-run with --repair, or delete "
-                              f"{ctx.run.root / name} to recompute the stage")
+                              f"{len(duplicates)} rows of {name} repeat another row's {'/'.join(stage.key)}, so the "
+                              f"stage was not marked done (shards copied or edited by hand?); delete "
+                              f"{ctx.run.shards(name).folder} to recompute the stage")
     save_dataset(rows, ctx.run.dataset_path(name))
     seconds = time.perf_counter() - started
     ctx.run.metrics.log("timing", STAGE_NAMES.index(name), **{f"{name}_seconds": seconds})

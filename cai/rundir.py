@@ -36,6 +36,7 @@ import socket
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 
@@ -352,15 +353,19 @@ class RunLock:
         self.fd: int | None = None
 
     @classmethod
-    def acquire(cls, root: Path) -> tuple["RunLock", str | None]:
-        """(the lock, a warning when it was taken over from a killed run, else None); RunLockedError if held."""
+    def acquire(cls, root: Path) -> "RunLock":
+        """The folder's lock for this process; RunLockedError if another live process holds it, a CaiWarning
+        when it is taken over from a process that died holding it."""
         key = str(Path(root).resolve())
-        if key in cls._held:
-            return cls._held[key], None
-        lock = cls(root)
-        warning = lock._take()
-        cls._held[key] = lock
-        return lock, warning
+        if key not in cls._held:
+            lock = cls(root)
+            warning = lock._take()
+            cls._held[key] = lock
+            if warning:
+                from . import CaiWarning
+
+                warnings.warn(warning, CaiWarning, stacklevel=3)
+        return cls._held[key]
 
     def _take(self) -> str | None:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -466,8 +471,8 @@ class RunDir:
         os.replace(dataset, aside)
         return aside
 
-    def lock(self) -> tuple[RunLock, str | None]:
-        """Take the folder's lock (see RunLock): (lock, takeover warning or None)."""
+    def lock(self) -> RunLock:
+        """Take the folder's lock (see RunLock)."""
         return RunLock.acquire(self.root)
 
     def shards(self, name: str) -> Shards:
