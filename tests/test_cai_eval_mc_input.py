@@ -139,3 +139,15 @@ def test_cli_overflow_option(tiny_model_dir, tmp_path, capsys):
                                    "model's context of 64 tokens and were cut from the left")
     assert cai_main(eval_mc(small, data, "--overflow", "error")) == 1
     assert "error: multiple-choice scoring: 1 of 2 prompts do not fit" in capsys.readouterr().err
+
+
+def test_preference_model_dialogues_stay_within_the_context(tiny_model_dir):
+    from cai.reward import RewardModel
+
+    model, tokenizer = load_model(tiny_model_dir, device="cpu")
+    pm = RewardModel(model, tokenizer)
+    ids, _ = pm.encode([LONG], ["A long answer. " * 30], max_length=1024)
+    assert ids.shape[1] > 40
+    model.config.max_position_embeddings = 40
+    ids, mask = pm.encode([LONG], ["A long answer. " * 30], max_length=1024)
+    assert ids.shape[1] == 40 and int(mask.sum()) == 40

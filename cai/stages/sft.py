@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..models import PromptFormat
+from ..models import PromptFormat, context_length
 from ..reporting import plot
 from ..rundir import RunDir
 from ..training import IGNORE, encode_dialogue, response_batch, save_pretrained, sequence_token_logprobs, set_trainable
@@ -43,7 +43,8 @@ def sft(revisions: list[dict], cfg: SFTConfig, ctx: Context) -> list[dict]:
     stage_dir = ctx.run.stage(NAME)
     model, tokenizer = ctx.load(cfg.model)
     fmt = PromptFormat(tokenizer, cfg.prompt_format)
-    examples = [encode_dialogue(fmt, tokenizer, r["prompt"], r["final"], cfg.max_length) for r in revisions]
+    max_length = min(cfg.max_length, context_length(model) or cfg.max_length)  # never past the model's context
+    examples = [encode_dialogue(fmt, tokenizer, r["prompt"], r["final"], max_length) for r in revisions]
     params = set_trainable(model, cfg.train_layers)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = EpochSchedule(len(examples), cfg.batch_size, cfg.epochs, cfg.max_steps, ctx.seed, NAME)
