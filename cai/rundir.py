@@ -39,6 +39,8 @@ import time
 import warnings
 from pathlib import Path
 
+from . import CaiWarning
+
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
@@ -81,6 +83,9 @@ class DamagedRunError(RuntimeError):
     def __init__(self, problems: list[tuple[Path, str]], hint: str):
         self.problems, self.hint = list(problems), hint
         super().__init__("\n".join([f"{path}: {problem}" for path, problem in self.problems] + [hint]))
+
+    def __reduce__(self):  # travels between processes (Ray, torch.distributed) with its fields
+        return type(self), (self.problems, self.hint)
 
 
 def _sha256_file(path: Path) -> str:
@@ -362,8 +367,6 @@ class RunLock:
             warning = lock._take()
             cls._held[key] = lock
             if warning:
-                from . import CaiWarning
-
                 warnings.warn(warning, CaiWarning, stacklevel=3)
         return cls._held[key]
 
