@@ -457,12 +457,29 @@ class RunDir:
     def mark_done(self, name: str, info: dict | None = None) -> None:
         atomic_write_json(self.root / name / "DONE", info or {})
 
+    def done_info(self, name: str) -> dict:
+        """The stage's DONE record (rows, seconds, resumed, ranks); {} if it has not finished."""
+        path = self.root / name / "DONE"
+        if not path.is_file():
+            return {}
+        try:
+            info = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as err:
+            raise DamagedRunError([(path, f"not valid JSON ({err})")],
+                                  "re-run with --repair to recompute the stage") from None
+        return info if isinstance(info, dict) else {}
+
     def dataset_problems(self, name: str) -> list[tuple[Path, str]]:
-        """[(file, problem)] of a finished stage's dataset folder against its manifest ([] when sound)."""
+        """[(file, problem)] of a finished stage: its DONE record and its dataset folder against the manifest."""
+        problems = []
+        try:
+            self.done_info(name)
+        except DamagedRunError as err:
+            problems += err.problems
         folder = self.dataset_path(name)
         if not folder.is_dir():
-            return [(folder, "missing, though the stage is marked done")]
-        return check_manifest(folder)[1] if (folder / MANIFEST).is_file() else []
+            return problems + [(folder, "missing, though the stage is marked done")]
+        return problems + (check_manifest(folder)[1] if (folder / MANIFEST).is_file() else [])
 
     def undo(self, name: str) -> Path | None:
         """Mark a finished stage unfinished, its (damaged) dataset moved aside; returns where it went."""

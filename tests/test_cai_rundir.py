@@ -168,3 +168,16 @@ def test_lock_of_a_live_process_without_flock_is_still_refused(tmp_path, monkeyp
     with pytest.raises(RunLockedError, match=f"pid {os.getppid()}"):
         RunDir(folder).lock()
     assert str(folder.resolve()) not in RunLock._held
+
+
+def test_damaged_done_record(tmp_path):
+    run = RunDir(tmp_path / "run")
+    save_dataset(ROWS, run.dataset_path("label"))
+    run.mark_done("label", {"rows": 4})
+    assert run.done_info("label") == {"rows": 4} and run.dataset_problems("label") == []
+    (run.root / "label" / "DONE").write_text('{"rows": ')
+    with pytest.raises(DamagedRunError, match="label/DONE: not valid JSON"):
+        run.done_info("label")
+    assert [path.name for path, _ in run.dataset_problems("label")] == ["DONE"]
+    aside = run.undo("label")
+    assert not run.is_done("label") and load_rows(aside) == ROWS
