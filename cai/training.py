@@ -79,7 +79,8 @@ class Checkpoint:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def restore(self, modules: dict[str, nn.Module], optimizer, *, repair: bool = False) -> tuple[int, list[dict], dict]:
+    def restore(self, modules: dict[str, nn.Module], optimizer, *,
+                repair: bool = False) -> tuple[int, list[dict], dict]:
         """(step, rows, extra) of the saved state loaded into `modules` / `optimizer`; (0, [], {}) if none.
 
         A damaged checkpoint raises DamagedRunError; with `repair` it is discarded (the stage restarts from

@@ -30,7 +30,8 @@ SITECUSTOMIZE = textwrap.dedent('''
         with open(LOG, "a") as f:
             f.write(what + "\\n")
 
-    real_connect, real_connect_ex, real_getaddrinfo = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+    real_getaddrinfo = socket.getaddrinfo
 
     def connect(self, address):
         if self.family in (socket.AF_INET, socket.AF_INET6):

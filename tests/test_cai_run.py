@@ -117,7 +117,7 @@ def test_sigkill_during_label_then_resume(tiny_model_dir, tmp_path):
     assert 1 <= len(shards_before) < len(pairs)
 
     messages = []
-    with pytest.warns(CaiWarning, match=f"took over the lock of a run that ended without releasing it .*pid {proc.pid} "):
+    with pytest.warns(CaiWarning, match=f"took over the lock of a run that ended .*pid {proc.pid} "):
         run_all(config_from_dict(config), out, progress=False, log=messages.append)
     assert "[cai] label: resuming" in messages
     labels = load_rows(out / "label")

@@ -70,9 +70,10 @@ def run_batches(ctx: Context, stage: str, items: list[dict], batch_size: int, pr
     shards belong to one plan (the items' ids, the batch size and `fingerprint`, e.g. the stage config);
     if the plan changed they are discarded. Every shard checks itself (row count and checksum, see
     cai.rundir): damaged ones are an error naming them, or with ctx.repair are set aside and redone.
-    `process` must seed itself from the batch, not process state. Instead of `process`, a stage may pass `make_process(ctx) -> process` (picklable: a module-level
-    function, or a functools.partial of one): it is called only if some batch is left, and with
-    ctx.engine == "ray" it runs once per Ray actor, which then processes batches in parallel.
+    `process` must seed itself from the batch, not process state. Instead of `process`, a stage may
+    pass `make_process(ctx) -> process` (picklable: a module-level function, or a functools.partial of
+    one): it is called only if some batch is left, and with ctx.engine == "ray" it runs once per Ray
+    actor, which then processes batches in parallel.
     """
     shards = ctx.run.shards(stage)
     plan = {"ids": hashlib.sha256(json.dumps([r.get("id") for r in items]).encode()).hexdigest(),

@@ -36,10 +36,12 @@ class CritiqueReviseConfig:
     response_tokens: int = field(default=128, metadata={"ge": 1})
     critique_tokens: int = field(default=128, metadata={"ge": 1})
     revision_tokens: int = field(default=128, metadata={"ge": 1})
-    few_shot: int | None = field(default=None, metadata={"ge": 0})  # critique/revision examples in front (None: all of the constitution's)
+    # critique/revision examples in front (None: all of the constitution's)
+    few_shot: int | None = field(default=None, metadata={"ge": 0})
     batch_size: int = field(default=8, metadata={"ge": 1})
     revise_kinds: list[str] = field(default_factory=lambda: ["red_team"])
-    prompt_format: str = field(default="auto", metadata={"choices": ("auto", "chat", "raw")})  # auto: the tokenizer's chat template if it has one, else raw Human:/Assistant:
+    # auto: the tokenizer's chat template if it has one, else raw Human:/Assistant:
+    prompt_format: str = field(default="auto", metadata={"choices": ("auto", "chat", "raw")})
 
 
 def draw_principle(ctx: Context, prompt_id: str, round_index: int):

@@ -34,7 +34,8 @@ class SFTConfig:
     warmup_steps: int = field(default=0, metadata={"ge": 0})
     max_grad_norm: float = field(default=1.0, metadata={"gt": 0})
     max_length: int = field(default=512, metadata={"ge": 2})  # tokens of prompt + response
-    train_layers: int | None = field(default=None, metadata={"ge": 1})  # None: all parameters; N: the last N blocks + final norm
+    # None: all parameters; N: the last N blocks + final norm
+    train_layers: int | None = field(default=None, metadata={"ge": 1})
     save_every: int = field(default=50, metadata={"ge": 1})  # optimizer steps between resumable checkpoints
     prompt_format: str = field(default="auto", metadata={"choices": ("auto", "chat", "raw")})
 

@@ -39,7 +39,8 @@ class TrainPMConfig:
     max_grad_norm: float = field(default=1.0, metadata={"gt": 0})
     max_length: int = field(default=512, metadata={"ge": 2})  # tokens of prompt + response
     heldout_fraction: float = field(default=0.2, metadata={"ge": 0, "lt": 1})
-    train_layers: int | None = field(default=None, metadata={"ge": 0})  # None: all parameters; N: the last N blocks + final norm
+    # None: all parameters; N: the last N blocks + final norm
+    train_layers: int | None = field(default=None, metadata={"ge": 0})
     save_every: int = field(default=50, metadata={"ge": 1})
     prompt_format: str = field(default="auto", metadata={"choices": ("auto", "chat", "raw")})
 
