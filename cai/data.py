@@ -34,7 +34,8 @@ BUILTIN = {"red_team": DATA_DIR / "red_team.jsonl", "helpful": DATA_DIR / "helpf
 class PromptsConfig:
     sources: list[str] = field(default_factory=lambda: ["builtin:red_team", "builtin:helpful"],
                                metadata={"min_len": 1, "unique": True})
-    limit_per_source: int | None = field(default=None, metadata={"ge": 0})  # first N prompts of each source (None: all)
+    # the first N prompts of each source (None: all)
+    limit_per_source: int | None = field(default=None, metadata={"ge": 0})
 
 
 def paper_data_dir() -> Path | None:
