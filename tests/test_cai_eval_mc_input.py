@@ -151,3 +151,12 @@ def test_preference_model_dialogues_stay_within_the_context(tiny_model_dir):
     model.config.max_position_embeddings = 40
     ids, mask = pm.encode([LONG], ["A long answer. " * 30], max_length=1024)
     assert ids.shape[1] == 40 and int(mask.sum()) == 40
+
+
+def test_scorer_refuses_a_prompt_of_no_tokens(tiny_model_dir):
+    """The scorer itself (not only the file check): an empty prompt has no position to predict an option from
+    (issue 13: a crash in a reshape)."""
+    model, tokenizer = load_model(tiny_model_dir, device="cpu")
+    assert encode(tokenizer, "") == []
+    with pytest.raises(ValueError, match="question 1: the prompt '' encodes to no tokens"):
+        score_options(model, tokenizer, ["Fine. The answer is:", ""], [[" (A)", " (B)"]] * 2)
