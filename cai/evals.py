@@ -14,15 +14,20 @@ from .scoring import score_options
 
 
 def mc_eval(model, tokenizer, questions: list[MCQuestion], *, max_batch_tokens: int = 2048,
-            progress: bool = False) -> dict:
-    """{"n", "accuracy", "mean_correct_prob", "seconds", "probs": [[p(option) ...] per question]}."""
+            overflow: str = "truncate-left", progress: bool = False) -> dict:
+    """{"n", "accuracy", "mean_correct_prob", "seconds", "probs": [[p(option) ...] per question]}.
+
+    No questions is a ValueError (an accuracy of nothing is not a number to report). Prompts too long for
+    the model's context: `overflow` (see cai.scoring.score_options).
+    """
+    if not questions:
+        raise ValueError("no questions to evaluate")
     start = time.perf_counter()
     scores = score_options(model, tokenizer, [q.prompt for q in questions], [list(q.options) for q in questions],
-                           max_batch_tokens=max_batch_tokens, progress=progress)
+                           max_batch_tokens=max_batch_tokens, overflow=overflow, progress=progress)
     seconds = time.perf_counter() - start
     correct = sum(max(range(len(p)), key=p.__getitem__) < q.num_correct for p, q in zip(scores.probs, questions))
     correct_mass = [sum(p[:q.num_correct]) for p, q in zip(scores.probs, questions)]
     n = len(questions)
-    return {"n": n, "accuracy": correct / n if n else float("nan"),
-            "mean_correct_prob": sum(correct_mass) / n if n else float("nan"), "seconds": seconds,
+    return {"n": n, "accuracy": correct / n, "mean_correct_prob": sum(correct_mass) / n, "seconds": seconds,
             "probs": scores.probs}

@@ -30,16 +30,18 @@ NAME = "critique_revise"
 @dataclass
 class CritiqueReviseConfig:
     model: str | None = None  # default: the run's base model
-    rounds: int = 4
-    temperature: float = 1.0
-    top_p: float = 1.0
-    response_tokens: int = 128
-    critique_tokens: int = 128
-    revision_tokens: int = 128
-    few_shot: int | None = None  # critique/revision examples in front (None: all of the constitution's)
-    batch_size: int = 8
+    rounds: int = field(default=4, metadata={"ge": 0})
+    temperature: float = field(default=1.0, metadata={"ge": 0})  # 0: greedy
+    top_p: float = field(default=1.0, metadata={"gt": 0, "le": 1})
+    response_tokens: int = field(default=128, metadata={"ge": 1})
+    critique_tokens: int = field(default=128, metadata={"ge": 1})
+    revision_tokens: int = field(default=128, metadata={"ge": 1})
+    # critique/revision examples in front (None: all of the constitution's)
+    few_shot: int | None = field(default=None, metadata={"ge": 0})
+    batch_size: int = field(default=8, metadata={"ge": 1})
     revise_kinds: list[str] = field(default_factory=lambda: ["red_team"])
-    prompt_format: str = "auto"  # auto: the tokenizer's chat template if it has one, else raw Human:/Assistant:
+    # auto: the tokenizer's chat template if it has one, else raw Human:/Assistant:
+    prompt_format: str = field(default="auto", metadata={"choices": ("auto", "chat", "raw")})
 
 
 def draw_principle(ctx: Context, prompt_id: str, round_index: int):
@@ -71,7 +73,8 @@ def make_critique_revise_process(cfg: CritiqueReviseConfig, ctx: Context):
         texts = [fmt.render(fewshot + conv, next_role=next_role) for conv in conversations]
         return generate(model, tokenizer, texts, prefix=prefix, max_new_tokens=max_new_tokens,
                         temperature=cfg.temperature, top_p=cfg.top_p, batch_size=len(texts),
-                        seed=seed_for(ctx.seed, NAME, batch_index, what), stop=stop)
+                        seed=seed_for(ctx.seed, NAME, batch_index, what), stop=stop,
+                        overflow=ctx.prompt_overflow)
 
     def process(batch_index: int, batch: list[dict]) -> list[dict]:
         conversations = [[Turn("human", row["prompt"])] for row in batch]

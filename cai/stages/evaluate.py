@@ -27,12 +27,13 @@ NAME = "evaluate"
 
 @dataclass
 class EvaluateConfig:
-    mc_files: list[str] = field(default_factory=lambda: ["builtin:harmless_mc", "paper:438HHHEvaluations.jsonl"])
-    mc_limit: int | None = None  # first N questions of each file
-    mc_models: list[str] = field(default_factory=lambda: ["base", "sft", "ppo"])
+    mc_files: list[str] = field(default_factory=lambda: ["builtin:harmless_mc", "paper:438HHHEvaluations.jsonl"],
+                                metadata={"unique": True})
+    mc_limit: int | None = field(default=None, metadata={"ge": 1})  # first N questions of each file
+    mc_models: list[str] = field(default_factory=lambda: ["base", "sft", "ppo"], metadata={"unique": True})
     reward_model: str | None = None  # default: the train_pm stage's model
-    pm_batch_size: int = 8
-    max_batch_tokens: int = 2048
+    pm_batch_size: int = field(default=8, metadata={"ge": 1})
+    max_batch_tokens: int = field(default=2048, metadata={"ge": 1})
 
 
 def _row(section, name, value, n, **detail) -> dict:
@@ -88,7 +89,8 @@ def evaluate(inputs: dict[str, list[dict]], cfg: EvaluateConfig, ctx: Context) -
                 continue
             model, tokenizer = ctx.load(unit["model"])
             questions = load_mc_questions(unit["file"], limit=cfg.mc_limit)
-            result = mc_eval(model, tokenizer, questions, max_batch_tokens=cfg.max_batch_tokens)
+            result = mc_eval(model, tokenizer, questions, max_batch_tokens=cfg.max_batch_tokens,
+                             overflow=ctx.prompt_overflow)
             out.append(_row("mc", unit["id"], result["accuracy"], result["n"], model=unit["model"], file=unit["file"],
                             mean_correct_prob=result["mean_correct_prob"], seconds=result["seconds"]))
         return out

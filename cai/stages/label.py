@@ -36,18 +36,24 @@ NAME = "label"
 _ANSWER_CUE = "The answer is:"
 
 
+def _low_high(pair: list[float]) -> str | None:
+    return None if pair[0] <= pair[1] else "expected [low, high] with low <= high"
+
+
 @dataclass
 class LabelConfig:
     model: str | None = None  # the feedback model; default: the run's base model
-    principles: int = 1  # principles drawn per pair (ensemble size)
-    few_shot: int | None = None  # labelling examples in front (None: all)
+    principles: int = field(default=1, metadata={"ge": 1})  # principles drawn per pair (ensemble size)
+    few_shot: int | None = field(default=None, metadata={"ge": 0})  # labelling examples in front (None: all)
     both_orders: bool = True
     chain_of_thought: bool = False
-    cot_max_new_tokens: int = 96
-    cot_temperature: float = 0.0  # 0: greedy reasoning
-    clamp: list[float] | None = field(default_factory=lambda: [0.4, 0.6])  # for chain-of-thought labels
-    batch_size: int = 8  # pairs per batch (= per shard)
-    max_batch_tokens: int = 2048
+    cot_max_new_tokens: int = field(default=96, metadata={"ge": 1})
+    cot_temperature: float = field(default=0.0, metadata={"ge": 0})  # 0: greedy reasoning
+    # chain-of-thought labels are clamped to [low, high] (the paper: 0.4-0.6)
+    clamp: list[float] | None = field(default_factory=lambda: [0.4, 0.6],
+                                      metadata={"len": 2, "ge": 0, "le": 1, "check": _low_high})
+    batch_size: int = field(default=8, metadata={"ge": 1})  # pairs per batch (= per shard)
+    max_batch_tokens: int = field(default=2048, metadata={"ge": 1})
 
 
 def draw_principles(ctx: Context, pair_id: str, count: int) -> list:
@@ -117,10 +123,11 @@ def make_label_process(cfg: LabelConfig, ctx: Context):
             thoughts = generate(model, tokenizer, asks, prefix=prefix, max_new_tokens=cfg.cot_max_new_tokens,
                                 temperature=cfg.cot_temperature, batch_size=len(asks),
                                 seed=seed_for(ctx.seed, NAME, batch_index, principle_id),
-                                stop=("So the answer", "The answer is", "\n\n\n", "Consider the following"))
+                                stop=("So the answer", "The answer is", "\n\n\n", "Consider the following"),
+                                overflow=ctx.prompt_overflow)
             scored = score_options(model, tokenizer, [a + " " + t + cot_answer_cue() for a, t in zip(asks, thoughts)],
                                    [options] * len(asks), prefix=prefix, clamp=clamp,
-                                   max_batch_tokens=cfg.max_batch_tokens)
+                                   max_batch_tokens=cfg.max_batch_tokens, overflow=ctx.prompt_overflow)
             for n, thought, p in zip(members, thoughts, scored.probs):
                 reasoning[n], probs[n] = thought, p
         return probs, reasoning
@@ -132,7 +139,8 @@ def make_label_process(cfg: LabelConfig, ctx: Context):
         else:
             head = shared.text if shared is not None else ""
             probs = score_options(model, tokenizer, [head + q["text"] for q in questions], [options] * len(questions),
-                                  prefix=shared or "", max_batch_tokens=cfg.max_batch_tokens).probs
+                                  prefix=shared or "", max_batch_tokens=cfg.max_batch_tokens,
+                                  overflow=ctx.prompt_overflow).probs
             reasoning = [""] * len(questions)
         rows = pair_labels(batch, questions, probs, reasoning)
         ctx.run.metrics.log(NAME, batch_index, mean_p_a=sum(r["p_a"] for r in rows) / len(rows),

@@ -5,7 +5,7 @@ Output rows: id, prompt, kind, response_a, response_b.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 from ..models import PromptFormat, generate
@@ -18,11 +18,11 @@ NAME = "sample_pairs"
 @dataclass
 class SamplePairsConfig:
     model: str | None = None  # default: the sft stage's model
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 128
-    batch_size: int = 8  # prompts per batch (2x as many sequences)
-    prompt_format: str = "auto"
+    temperature: float = field(default=1.0, metadata={"ge": 0})  # 0: greedy
+    top_p: float = field(default=1.0, metadata={"gt": 0, "le": 1})
+    max_new_tokens: int = field(default=128, metadata={"ge": 1})
+    batch_size: int = field(default=8, metadata={"ge": 1})  # prompts per batch (2x as many sequences)
+    prompt_format: str = field(default="auto", metadata={"choices": ("auto", "chat", "raw")})
 
 
 def sample_pairs(prompts: list[dict], cfg: SamplePairsConfig, ctx: Context) -> list[dict]:
@@ -39,7 +39,8 @@ def make_sample_pairs_process(cfg: SamplePairsConfig, ctx: Context):
         texts = [fmt.render(fmt.conversation(row["prompt"]), next_role="assistant") for row in batch]
         samples = generate(model, tokenizer, [t for t in texts for _ in range(2)], max_new_tokens=cfg.max_new_tokens,
                            temperature=cfg.temperature, top_p=cfg.top_p, batch_size=2 * len(texts),
-                           seed=seed_for(ctx.seed, NAME, batch_index), stop=fmt.stop_strings())
+                           seed=seed_for(ctx.seed, NAME, batch_index), stop=fmt.stop_strings(),
+                           overflow=ctx.prompt_overflow)
         rows = [{"id": row["id"], "prompt": row["prompt"], "kind": row["kind"],
                  "response_a": samples[2 * i], "response_b": samples[2 * i + 1]} for i, row in enumerate(batch)]
         ctx.run.metrics.log(NAME, batch_index, pairs=len(rows),
