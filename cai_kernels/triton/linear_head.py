@@ -83,6 +83,8 @@ from ..reference.logprobs import accumulate_dtype
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+_LOG2E = tl.constexpr(LOG2E)  # the kernels' copies (Triton reads globals only as constexpr)
+_LN2 = tl.constexpr(LN2)
 # Extra memory the backward may use (scratch + lo + per-tile buffers), as a fraction of the bytes of
 # a bf16 (N, V) logits tensor; the acceptance bound of the project is 5 %.
 MEMORY_FRACTION = 0.045
@@ -126,14 +128,22 @@ HOPPER = LinearHeadConfig(fwd=Blocks(128, 128, 64, num_warps=8, num_stages=3),
 AMPERE = LinearHeadConfig(fwd=Blocks(128, 128, 32, num_warps=8, num_stages=3),
                           dlogits=Blocks(128, 128, 32, num_warps=8, num_stages=3),
                           grad=Blocks(128, 128, 32, num_warps=8, num_stages=3))
+# Exact fp32 (TF32 not allowed) runs tl.dot on FMA units: smaller tiles (128 x 128 spills on sm_90a).
+EXACT_FP32 = LinearHeadConfig(fwd=Blocks(64, 64, 32, num_warps=4, num_stages=3),
+                              dlogits=Blocks(64, 64, 32, num_warps=4, num_stages=3),
+                              grad=Blocks(64, 64, 32, num_warps=4, num_stages=3))
 # Triton's interpreter (CPU tensors): small tiles so that tests hit every tile edge on small inputs.
 INTERPRETER = LinearHeadConfig(fwd=Blocks(16, 32, 16), dlogits=Blocks(16, 32, 16), grad=Blocks(16, 32, 16),
                                pieces=3, vocab_chunk=64, group_m=2, merge_rows=16, merge_cols=32)
 
 
-def default_config(device: torch.device) -> LinearHeadConfig:
+def default_config(device: torch.device, exact_fp32: bool = False) -> LinearHeadConfig:
+    """The blocking for a device: the interpreter's on CPU tensors, else by compute capability
+    (exact_fp32: fp32 inputs with TF32 not allowed)."""
     if device.type != "cuda":
         return INTERPRETER
+    if exact_fp32:
+        return EXACT_FP32
     major, _ = torch.cuda.get_device_capability(device)
     return HOPPER if major == 9 else AMPERE
 
@@ -287,7 +297,7 @@ def linear_head_merge_kernel(
     if HAS_IGNORE:
         active = in_rows & (target != ignore_index)
     ACC = part_ptr.dtype.element_ty
-    inv_temperature = _scalar(scale_hi, scale_lo, ACC) * LN2
+    inv_temperature = _scalar(scale_hi, scale_lo, ACC) * _LN2
 
     m = tl.full((BLOCK_R,), float("-inf"), ACC)
     s = tl.zeros((BLOCK_R,), ACC)
@@ -323,11 +333,11 @@ def linear_head_merge_kernel(
         target_logit += tl.load(b_ptr + safe_target, mask=active, other=0.0).to(ACC)
 
     log2_s = tl.log2(s)
-    lse = (m + log2_s) * LN2
+    lse = (m + log2_s) * _LN2
     tl.store(logp_ptr + rows, tl.where(active, target_logit * inv_temperature - lse, 0.0), mask=in_rows)
     tl.store(lse_ptr + rows, tl.where(active, lse, 0.0), mask=in_rows)
     if WITH_ENTROPY:
-        tl.store(entropy_ptr + rows, tl.where(active, (log2_s - w / s) * LN2, 0.0), mask=in_rows)
+        tl.store(entropy_ptr + rows, tl.where(active, (log2_s - w / s) * _LN2, 0.0), mask=in_rows)
 
 
 # -- backward -----------------------------------------------------------------------------------------
@@ -360,7 +370,7 @@ def linear_head_dlogits_kernel(
     tile_n = (pid % (GROUP_M * vocab_tiles)) // group_size
     ACC = lse_ptr.dtype.element_ty
     scale = _scalar(scale_hi, scale_lo, ACC)  # log2(e) / T
-    inv_temperature = scale * LN2
+    inv_temperature = scale * _LN2
 
     rows = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     in_rows = rows < N
@@ -371,11 +381,11 @@ def linear_head_dlogits_kernel(
     # per-row factors with 1/T and the base-2 units folded in: dz = [k == t] g' - p (g' + h' (z2 - mu2))
     g = tl.where(active, tl.load(grad_logp_ptr + rows, mask=in_rows, other=0.0), 0.0) * inv_temperature
     lse = tl.load(lse_ptr + rows, mask=in_rows, other=0.0)
-    lse2 = tl.where(active, lse * LOG2E, float("inf"))  # p = 0 on rows that get no gradient
+    lse2 = tl.where(active, lse * _LOG2E, float("inf"))  # p = 0 on rows that get no gradient
     if WITH_ENTROPY:
         h = tl.where(active, tl.load(grad_entropy_ptr + rows, mask=in_rows, other=0.0), 0.0)
-        h = h * (inv_temperature * LN2)
-        mu2 = (lse - tl.load(entropy_ptr + rows, mask=in_rows, other=0.0)) * LOG2E
+        h = h * (inv_temperature * _LN2)
+        mu2 = (lse - tl.load(entropy_ptr + rows, mask=in_rows, other=0.0)) * _LOG2E
 
     local_cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = vocab_start + local_cols
@@ -420,24 +430,24 @@ def linear_head_grad_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), ACC)
     if pid < weight_tiles:
         tile_v = pid // h_tiles
-        hs = (pid % h_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+        hw = (pid % h_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
         local_vocab = tile_v * BLOCK_M + tl.arange(0, BLOCK_M)
         # A = d^T: a [BLOCK_K tokens, BLOCK_M vocab] tile of d, transposed for the dot
-        d_ptrs = d_ptr + ks[:, None].to(tl.int64) * stride_d + tl.minimum(local_vocab, width - 1)[None, :]
-        x_ptrs = x_ptr + ks[:, None].to(tl.int64) * stride_xn + tl.minimum(hs, H - 1)[None, :] * stride_xh
+        dt_ptrs = d_ptr + ks[:, None].to(tl.int64) * stride_d + tl.minimum(local_vocab, width - 1)[None, :]
+        xk_ptrs = x_ptr + ks[:, None].to(tl.int64) * stride_xn + tl.minimum(hw, H - 1)[None, :] * stride_xh
         for k in range(0, tl.cdiv(N, BLOCK_K)):
             if EVEN_N:
-                dv = tl.load(d_ptrs)
-                xv = tl.load(x_ptrs)
+                dtv = tl.load(dt_ptrs)
+                xkv = tl.load(xk_ptrs)
             else:
                 in_k = ks < N - k * BLOCK_K
-                dv = tl.load(d_ptrs, mask=in_k[:, None], other=0.0)
-                xv = tl.load(x_ptrs, mask=in_k[:, None], other=0.0)
-            acc = _mma(tl.trans(dv), xv, acc, DOT_PRECISION, UPCAST)
-            d_ptrs += BLOCK_K * stride_d
-            x_ptrs += BLOCK_K * stride_xn
-        out = gw_ptr + (vocab_start + local_vocab).to(tl.int64)[:, None] * stride_gw + hs[None, :]
-        tl.store(out, acc.to(gw_ptr.dtype.element_ty), mask=(local_vocab < width)[:, None] & (hs < H)[None, :])
+                dtv = tl.load(dt_ptrs, mask=in_k[:, None], other=0.0)
+                xkv = tl.load(xk_ptrs, mask=in_k[:, None], other=0.0)
+            acc = _mma(tl.trans(dtv), xkv, acc, DOT_PRECISION, UPCAST)
+            dt_ptrs += BLOCK_K * stride_d
+            xk_ptrs += BLOCK_K * stride_xn
+        gw_out = gw_ptr + (vocab_start + local_vocab).to(tl.int64)[:, None] * stride_gw + hw[None, :]
+        tl.store(gw_out, acc.to(gw_ptr.dtype.element_ty), mask=(local_vocab < width)[:, None] & (hw < H)[None, :])
     else:
         tile = pid - weight_tiles
         rows = (tile // h_tiles).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -510,8 +520,9 @@ def _problem(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     else:
         precision = "tf32"  # ignored by Triton for 16-bit operands
     upcast = _interpreting() and hidden.dtype == torch.bfloat16
+    exact_fp32 = hidden.dtype == torch.float32 and precision == "ieee"
     return _Problem(x, weight, bias, accumulate_dtype(hidden.dtype), precision, upcast,
-                    config or default_config(hidden.device))
+                    config or default_config(hidden.device, exact_fp32))
 
 
 def _split(value: float) -> tuple[float, float]:
@@ -676,3 +687,93 @@ def _finish(hidden, grad_hidden, grad_weight, grad_bias, bias):
 def with_config(config: LinearHeadConfig, **changes) -> LinearHeadConfig:
     """A copy of ``config`` with some fields replaced (benchmark sweeps)."""
     return replace(config, **changes)
+
+
+# -- ahead-of-time checks (python -m cai_kernels.triton._aot) -----------------------------------------
+
+def _aot_specs():
+    """Each kernel as the JIT builds it at the H100 / H200 (sm_90a) and A100 (sm_80) blockings on
+    aligned inputs with unit inner strides (what it specializes on): 16-bit GEMMs must issue HGMMA /
+    HMMA, fp32 under TF32 too; exact fp32 (ieee) runs on FMA units by design."""
+    from ._aot import AotSpec
+
+    dims = {"N": "i32", "V": "i32", "H": "i32", "stride_xn": "i32", "stride_xh": "constexpr", "stride_wv": "i32",
+            "stride_wh": "constexpr"}
+    unit = {"stride_xh": 1, "stride_wh": 1}
+    aligned_dims = ("N", "V", "H", "stride_xn", "stride_wv")
+    specs = []
+    for arch, config in (("sm_90a", HOPPER), ("sm_80", AMPERE)):
+        for dtype, precision, entropy, bias in (("bf16", "tf32", True, False), ("bf16", "tf32", False, True),
+                                                ("fp16", "tf32", True, True), ("fp32", "tf32", True, True),
+                                                ("fp32", "ieee", False, False)):
+            tensor_cores = precision == "tf32"
+            label = f"{dtype}{'+tf32' if dtype == 'fp32' and tensor_cores else ''}" + \
+                    f"{'+entropy' if entropy else ''}{'+bias' if bias else ''}"
+            flags = {"HAS_BIAS": bias, "WITH_ENTROPY": entropy, "EVEN_K": True, "DOT_PRECISION": precision,
+                     "UPCAST": False}
+            blocks = config.fwd if tensor_cores else EXACT_FP32.fwd
+            specs.append(AotSpec(
+                "linear_head_fwd_kernel",
+                {"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "part_ptr": "*fp32"} | dims
+                | {"pieces": "i32", "scale_hi": "fp32", "scale_lo": "fp32"}
+                | dict.fromkeys(list(flags) + ["BLOCK_M", "BLOCK_N", "BLOCK_K"], "constexpr"),
+                unit | flags | {"BLOCK_M": blocks.block_m, "BLOCK_N": blocks.block_n, "BLOCK_K": blocks.block_k},
+                aligned=("x_ptr", "w_ptr", "b_ptr", "part_ptr") + aligned_dims,
+                num_warps=blocks.num_warps, num_stages=blocks.num_stages, tensor_cores=tensor_cores,
+                archs=(arch,), label=label))
+            if precision == "ieee":
+                continue
+            blocks = config.dlogits
+            flags = {"HAS_BIAS": bias, "HAS_IGNORE": True, "WITH_ENTROPY": entropy, "NEED_BIAS": bias,
+                     "EVEN_K": True, "DOT_PRECISION": precision, "UPCAST": False}
+            specs.append(AotSpec(
+                "linear_head_dlogits_kernel",
+                {"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "targets_ptr": "*i64",
+                 "grad_logp_ptr": "*fp32", "grad_entropy_ptr": "*fp32", "lse_ptr": "*fp32", "entropy_ptr": "*fp32",
+                 "d_ptr": f"*{dtype}", "bias_part_ptr": "*fp32"} | dims
+                | {"vocab_start": "i32", "width": "i32", "stride_d": "i32", "stride_bias_part": "i32",
+                   "scale_hi": "fp32", "scale_lo": "fp32", "ignore_index": "i32"}
+                | dict.fromkeys(list(flags) + ["BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"], "constexpr"),
+                unit | flags | {"BLOCK_M": blocks.block_m, "BLOCK_N": blocks.block_n, "BLOCK_K": blocks.block_k,
+                                "GROUP_M": config.group_m},
+                aligned=("x_ptr", "w_ptr", "b_ptr", "targets_ptr", "grad_logp_ptr", "grad_entropy_ptr", "lse_ptr",
+                         "entropy_ptr", "d_ptr", "bias_part_ptr", "vocab_start", "width", "stride_d",
+                         "stride_bias_part") + aligned_dims,
+                num_warps=blocks.num_warps, num_stages=blocks.num_stages, tensor_cores=True, archs=(arch,),
+                label=label))
+            if not entropy:
+                continue
+            blocks = config.grad
+            has_lo = dtype != "fp32"
+            flags = {"ACCUMULATE_X": True, "HAS_LO": has_lo, "EVEN_N": True, "EVEN_WIDTH": True,
+                     "ACC": tl.float32, "DOT_PRECISION": precision, "UPCAST": False}
+            specs.append(AotSpec(
+                "linear_head_grad_kernel",
+                {"d_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "gw_ptr": f"*{dtype}",
+                 "gx_ptr": f"*{dtype}", "gx_lo_ptr": f"*{dtype}"}
+                | {k: v for k, v in dims.items() if k != "V"}
+                | {"vocab_start": "i32", "width": "i32", "stride_d": "i32", "stride_gw": "i32", "stride_gx": "i32",
+                   "weight_tiles": "i32"}
+                | dict.fromkeys(list(flags) + ["BLOCK_M", "BLOCK_N", "BLOCK_K"], "constexpr"),
+                unit | flags | {"BLOCK_M": blocks.block_m, "BLOCK_N": blocks.block_n, "BLOCK_K": blocks.block_k},
+                aligned=("d_ptr", "x_ptr", "w_ptr", "gw_ptr", "gx_ptr", "gx_lo_ptr", "N", "H", "stride_xn", "stride_wv",
+                         "vocab_start", "width", "stride_d", "stride_gw", "stride_gx"),
+                num_warps=blocks.num_warps, num_stages=blocks.num_stages, tensor_cores=True, archs=(arch,),
+                label=label + ("+lo" if has_lo else "")))
+        specs.append(AotSpec(
+            "linear_head_merge_kernel",
+            {"part_ptr": "*fp32", "x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "targets_ptr": "*i64",
+             "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "lse_ptr": "*fp32", "N": "i32", "H": "i32",
+             "stride_xn": "i32", "stride_xh": "constexpr", "stride_wv": "i32", "stride_wh": "constexpr",
+             "pieces": "i32", "scale_hi": "fp32", "scale_lo": "fp32", "ignore_index": "i32",
+             "HAS_BIAS": "constexpr", "HAS_IGNORE": "constexpr", "WITH_ENTROPY": "constexpr", "BLOCK_R": "constexpr",
+             "BLOCK_H": "constexpr"},
+            unit | {"HAS_BIAS": True, "HAS_IGNORE": True, "WITH_ENTROPY": True, "BLOCK_R": config.merge_rows,
+                    "BLOCK_H": config.merge_cols},
+            aligned=("part_ptr", "x_ptr", "w_ptr", "b_ptr", "targets_ptr", "logp_ptr", "entropy_ptr", "lse_ptr", "N",
+                     "H", "stride_xn", "stride_wv"),
+            num_warps=4, archs=(arch,), label="bf16+entropy+bias"))
+    return specs
+
+
+AOT_SPECS = _aot_specs()
