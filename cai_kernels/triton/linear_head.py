@@ -132,17 +132,24 @@ AMPERE = LinearHeadConfig(fwd=Blocks(128, 128, 32, num_warps=8, num_stages=3),
 EXACT_FP32 = LinearHeadConfig(fwd=Blocks(64, 64, 32, num_warps=4, num_stages=3),
                               dlogits=Blocks(64, 64, 32, num_warps=4, num_stages=3),
                               grad=Blocks(64, 64, 32, num_warps=4, num_stages=3))
+# fp64 (DMMA / FMA): 128 x 128 fp64 accumulators spill; 64 x 64 x 16 does not (sm_80, sm_90a).
+FP64 = LinearHeadConfig(fwd=Blocks(64, 64, 16, num_warps=4, num_stages=2),
+                        dlogits=Blocks(64, 64, 16, num_warps=4, num_stages=2),
+                        grad=Blocks(64, 64, 16, num_warps=4, num_stages=2))
 # Triton's interpreter (CPU tensors): small tiles so that tests hit every tile edge on small inputs.
 INTERPRETER = LinearHeadConfig(fwd=Blocks(16, 32, 16), dlogits=Blocks(16, 32, 16), grad=Blocks(16, 32, 16),
                                pieces=3, vocab_chunk=64, group_m=2, merge_rows=16, merge_cols=32)
 
 
-def default_config(device: torch.device, exact_fp32: bool = False) -> LinearHeadConfig:
-    """The blocking for a device: the interpreter's on CPU tensors, else by compute capability
-    (exact_fp32: fp32 inputs with TF32 not allowed)."""
+def default_config(device: torch.device, dtype: torch.dtype = torch.bfloat16,
+                   allow_tf32: bool = True) -> LinearHeadConfig:
+    """The blocking for a device and input dtype: the interpreter's on CPU tensors; on a GPU by compute
+    capability for the tensor-core paths, smaller tiles for exact fp32 (allow_tf32 False) and fp64."""
     if device.type != "cuda":
         return INTERPRETER
-    if exact_fp32:
+    if dtype == torch.float64:
+        return FP64
+    if dtype == torch.float32 and not allow_tf32:
         return EXACT_FP32
     major, _ = torch.cuda.get_device_capability(device)
     return HOPPER if major == 9 else AMPERE
@@ -303,8 +310,8 @@ def linear_head_merge_kernel(
     s = tl.zeros((BLOCK_R,), ACC)
     w = tl.zeros((BLOCK_R,), ACC)
     plane = pieces.to(tl.int64) * N
-    for piece in range(0, pieces):
-        at = part_ptr + piece * N + rows
+    at = part_ptr + rows
+    for _ in range(0, pieces):
         m_p = tl.load(at, mask=in_rows, other=float("-inf"))
         s_p = tl.load(at + plane, mask=in_rows, other=0.0)
         m_new = tl.maximum(m, m_p)
@@ -317,6 +324,7 @@ def linear_head_merge_kernel(
                  + tl.where(s_p > 0, alpha_p * (w_p + s_p * (m_p - m_ref)), 0.0))
         s = s * alpha + s_p * alpha_p
         m = m_new
+        at += N  # the next piece's row (64-bit pointer steps: pieces * N may pass 2^31)
 
     safe_target = tl.where(active, target, 0)
     x_rows = x_ptr + tl.minimum(rows, N - 1) * stride_xn
@@ -520,9 +528,8 @@ def _problem(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     else:
         precision = "tf32"  # ignored by Triton for 16-bit operands
     upcast = _interpreting() and hidden.dtype == torch.bfloat16
-    exact_fp32 = hidden.dtype == torch.float32 and precision == "ieee"
     return _Problem(x, weight, bias, accumulate_dtype(hidden.dtype), precision, upcast,
-                    config or default_config(hidden.device, exact_fp32))
+                    config or default_config(hidden.device, hidden.dtype, precision == "tf32"))
 
 
 def _split(value: float) -> tuple[float, float]:
@@ -705,48 +712,52 @@ def _aot_specs():
     for arch, config in (("sm_90a", HOPPER), ("sm_80", AMPERE)):
         for dtype, precision, entropy, bias in (("bf16", "tf32", True, False), ("bf16", "tf32", False, True),
                                                 ("fp16", "tf32", True, True), ("fp32", "tf32", True, True),
-                                                ("fp32", "ieee", False, False)):
+                                                ("fp32", "ieee", False, False), ("fp64", "ieee", True, True)):
             tensor_cores = precision == "tf32"
+            acc = "fp64" if dtype == "fp64" else "fp32"
+            # exact fp32 / fp64: their own (smaller) blocking
+            blocking = config if tensor_cores else EXACT_FP32 if dtype == "fp32" else FP64
             label = f"{dtype}{'+tf32' if dtype == 'fp32' and tensor_cores else ''}" + \
                     f"{'+entropy' if entropy else ''}{'+bias' if bias else ''}"
             flags = {"HAS_BIAS": bias, "WITH_ENTROPY": entropy, "EVEN_K": True, "DOT_PRECISION": precision,
                      "UPCAST": False}
-            blocks = config.fwd if tensor_cores else EXACT_FP32.fwd
+            blocks = blocking.fwd
             specs.append(AotSpec(
                 "linear_head_fwd_kernel",
-                {"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "part_ptr": "*fp32"} | dims
+                {"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "part_ptr": f"*{acc}"} | dims
                 | {"pieces": "i32", "scale_hi": "fp32", "scale_lo": "fp32"}
                 | dict.fromkeys(list(flags) + ["BLOCK_M", "BLOCK_N", "BLOCK_K"], "constexpr"),
                 unit | flags | {"BLOCK_M": blocks.block_m, "BLOCK_N": blocks.block_n, "BLOCK_K": blocks.block_k},
                 aligned=("x_ptr", "w_ptr", "b_ptr", "part_ptr") + aligned_dims,
                 num_warps=blocks.num_warps, num_stages=blocks.num_stages, tensor_cores=tensor_cores,
                 archs=(arch,), label=label))
-            if precision == "ieee":
+            if dtype == "fp32" and not tensor_cores:
                 continue
-            blocks = config.dlogits
+            blocks = blocking.dlogits
             flags = {"HAS_BIAS": bias, "HAS_IGNORE": True, "WITH_ENTROPY": entropy, "NEED_BIAS": bias,
                      "EVEN_K": True, "DOT_PRECISION": precision, "UPCAST": False}
             specs.append(AotSpec(
                 "linear_head_dlogits_kernel",
                 {"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "targets_ptr": "*i64",
-                 "grad_logp_ptr": "*fp32", "grad_entropy_ptr": "*fp32", "lse_ptr": "*fp32", "entropy_ptr": "*fp32",
-                 "d_ptr": f"*{dtype}", "bias_part_ptr": "*fp32"} | dims
+                 "grad_logp_ptr": f"*{acc}", "grad_entropy_ptr": f"*{acc}", "lse_ptr": f"*{acc}",
+                 "entropy_ptr": f"*{acc}", "d_ptr": f"*{dtype}", "bias_part_ptr": f"*{acc}"} | dims
                 | {"vocab_start": "i32", "width": "i32", "stride_d": "i32", "stride_bias_part": "i32",
                    "scale_hi": "fp32", "scale_lo": "fp32", "ignore_index": "i32"}
                 | dict.fromkeys(list(flags) + ["BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"], "constexpr"),
                 unit | flags | {"BLOCK_M": blocks.block_m, "BLOCK_N": blocks.block_n, "BLOCK_K": blocks.block_k,
-                                "GROUP_M": config.group_m},
+                                "GROUP_M": blocking.group_m},
                 aligned=("x_ptr", "w_ptr", "b_ptr", "targets_ptr", "grad_logp_ptr", "grad_entropy_ptr", "lse_ptr",
                          "entropy_ptr", "d_ptr", "bias_part_ptr", "vocab_start", "width", "stride_d",
                          "stride_bias_part") + aligned_dims,
-                num_warps=blocks.num_warps, num_stages=blocks.num_stages, tensor_cores=True, archs=(arch,),
-                label=label))
+                num_warps=blocks.num_warps, num_stages=blocks.num_stages, tensor_cores=tensor_cores,
+                archs=(arch,), label=label))
             if not entropy:
                 continue
-            blocks = config.grad
-            has_lo = dtype != "fp32"
+            blocks = blocking.grad
+            has_lo = dtype in ("bf16", "fp16")
             flags = {"ACCUMULATE_X": True, "HAS_LO": has_lo, "EVEN_N": True, "EVEN_WIDTH": True,
-                     "ACC": tl.float32, "DOT_PRECISION": precision, "UPCAST": False}
+                     "ACC": tl.float64 if dtype == "fp64" else tl.float32, "DOT_PRECISION": precision,
+                     "UPCAST": False}
             specs.append(AotSpec(
                 "linear_head_grad_kernel",
                 {"d_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "gw_ptr": f"*{dtype}",
@@ -758,8 +769,8 @@ def _aot_specs():
                 unit | flags | {"BLOCK_M": blocks.block_m, "BLOCK_N": blocks.block_n, "BLOCK_K": blocks.block_k},
                 aligned=("d_ptr", "x_ptr", "w_ptr", "gw_ptr", "gx_ptr", "gx_lo_ptr", "N", "H", "stride_xn", "stride_wv",
                          "vocab_start", "width", "stride_d", "stride_gw", "stride_gx"),
-                num_warps=blocks.num_warps, num_stages=blocks.num_stages, tensor_cores=True, archs=(arch,),
-                label=label + ("+lo" if has_lo else "")))
+                num_warps=blocks.num_warps, num_stages=blocks.num_stages, tensor_cores=tensor_cores,
+                archs=(arch,), label=label + ("+lo" if has_lo else "")))
         specs.append(AotSpec(
             "linear_head_merge_kernel",
             {"part_ptr": "*fp32", "x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "targets_ptr": "*i64",
