@@ -346,3 +346,24 @@ def test_vocab_chunk_stays_within_the_memory_fraction():
         assert chunk % config.grad.block_k == 0 and chunk % config.dlogits.block_n == 0
         assert extra <= 0.05 * rows * vocab * 2, (rows, hidden_size, vocab, chunk)
     assert linear_head.vocab_chunk(8, 16, 100, torch.bfloat16, config) == 128  # tiny: one chunk, V rounded up
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the GPU runs the script itself (benchmarks/gpu.sh linear-head)")
+def test_gpu_script_runs_end_to_end_on_the_interpreter(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    run = subprocess.run([sys.executable, "-m", "benchmarks.linear_head_gpu", "--dry-run", "--no-sweep", "--out",
+                          str(tmp_path)], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "== linear_head: summary" in run.stdout
+    report = json.loads((tmp_path / "linear_head_gpu-dry-run.json").read_text())
+    assert report["correctness"] and all(case["ok"] for case in report["correctness"])
+    variants = {(row["variant"], row["mode"]) for row in report["timings"] if "ms" in row}
+    assert {("linear_head", "fwd"), ("linear_head", "fwd+bwd"), ("bare bf16 GEMMs", "fwd+bwd"),
+            ("up-front weights (experiment)", "fwd+bwd")} <= variants
