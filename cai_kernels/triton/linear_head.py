@@ -416,21 +416,23 @@ def linear_head_dlogits_kernel(
                  mask=in_chunk)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["weight_tiles"])
 def linear_head_grad_kernel(
     d_ptr, x_ptr, w_ptr, gw_ptr, gx_ptr, gx_lo_ptr,
     N, H, vocab_start, width, stride_d, stride_xn, stride_xh, stride_wv, stride_wh, stride_gw, stride_gx,
     weight_tiles,
     ACCUMULATE_X: tl.constexpr, HAS_LO: tl.constexpr, EVEN_N: tl.constexpr, EVEN_WIDTH: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
+    EVEN_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """The two GEMMs of one chunk's dz (d: (N, >= width), d[n, j] = dz[n, vocab_start + j]).
+    """The two GEMMs of one chunk's dz (d: (N, >= width rounded up to BLOCK_M), d[n, j] = dz[n, vocab_start + j]).
 
     Programs [0, weight_tiles): gw[vocab_start + j, :] = sum over all n of d[n, j] x[n, :], one
     [BLOCK_M vocab, BLOCK_N hidden] tile each, written once in gw's dtype.
     The rest: gx[n, :] (+)= sum over j < width of d[n, j] w[vocab_start + j, :], one [BLOCK_M tokens,
     BLOCK_N hidden] tile each; ACCUMULATE_X adds the previous chunks' sum, kept as gx (+ gx_lo, HAS_LO).
+    Indices along a contiguous dimension are masked, never clamped (a clamp hides their contiguity
+    from the compiler and the loads stop being 16-byte cp.async copies).
     """
     pid = tl.program_id(0)
     h_tiles = tl.cdiv(H, BLOCK_N)
@@ -439,43 +441,51 @@ def linear_head_grad_kernel(
     if pid < weight_tiles:
         tile_v = pid // h_tiles
         hw = (pid % h_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+        in_hw = hw < H
+        # A = d^T: a [BLOCK_K tokens, BLOCK_M vocab] tile of d, transposed for the dot; vocabulary
+        # columns past `width` read the scratch's padding (whole tiles are allocated) and are not stored
         local_vocab = tile_v * BLOCK_M + tl.arange(0, BLOCK_M)
-        # A = d^T: a [BLOCK_K tokens, BLOCK_M vocab] tile of d, transposed for the dot
-        dt_ptrs = d_ptr + ks[:, None].to(tl.int64) * stride_d + tl.minimum(local_vocab, width - 1)[None, :]
-        xk_ptrs = x_ptr + ks[:, None].to(tl.int64) * stride_xn + tl.minimum(hw, H - 1)[None, :] * stride_xh
+        dt_ptrs = d_ptr + ks[:, None].to(tl.int64) * stride_d + local_vocab[None, :]
+        xk_ptrs = x_ptr + ks[:, None].to(tl.int64) * stride_xn + hw[None, :] * stride_xh
         for k in range(0, tl.cdiv(N, BLOCK_K)):
             if EVEN_N:
                 dtv = tl.load(dt_ptrs)
-                xkv = tl.load(xk_ptrs)
+                if EVEN_H:
+                    xkv = tl.load(xk_ptrs)
+                else:
+                    xkv = tl.load(xk_ptrs, mask=in_hw[None, :], other=0.0)
             else:
                 in_k = ks < N - k * BLOCK_K
                 dtv = tl.load(dt_ptrs, mask=in_k[:, None], other=0.0)
-                xkv = tl.load(xk_ptrs, mask=in_k[:, None], other=0.0)
+                xkv = tl.load(xk_ptrs, mask=in_k[:, None] & in_hw[None, :], other=0.0)
             acc = _mma(tl.trans(dtv), xkv, acc, DOT_PRECISION, UPCAST)
             dt_ptrs += BLOCK_K * stride_d
             xk_ptrs += BLOCK_K * stride_xn
         gw_out = gw_ptr + (vocab_start + local_vocab).to(tl.int64)[:, None] * stride_gw + hw[None, :]
-        tl.store(gw_out, acc.to(gw_ptr.dtype.element_ty), mask=(local_vocab < width)[:, None] & (hw < H)[None, :])
+        tl.store(gw_out, acc.to(gw_ptr.dtype.element_ty), mask=(local_vocab < width)[:, None] & in_hw[None, :])
     else:
         tile = pid - weight_tiles
         rows = (tile // h_tiles).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         hs = (tile % h_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+        in_hs = hs < H
         d_ptrs = d_ptr + tl.minimum(rows, N - 1)[:, None] * stride_d + ks[None, :]
-        w_ptrs = (w_ptr + (vocab_start + ks)[:, None].to(tl.int64) * stride_wv
-                  + tl.minimum(hs, H - 1)[None, :] * stride_wh)
+        w_ptrs = w_ptr + (vocab_start + ks)[:, None].to(tl.int64) * stride_wv + hs[None, :] * stride_wh
         for k in range(0, tl.cdiv(width, BLOCK_K)):
             if EVEN_WIDTH:
                 dv = tl.load(d_ptrs)
-                wv = tl.load(w_ptrs)
+                if EVEN_H:
+                    wv = tl.load(w_ptrs)
+                else:
+                    wv = tl.load(w_ptrs, mask=in_hs[None, :], other=0.0)
             else:
                 in_k = ks < width - k * BLOCK_K
                 dv = tl.load(d_ptrs, mask=in_k[None, :], other=0.0)
-                wv = tl.load(w_ptrs, mask=in_k[:, None], other=0.0)
+                wv = tl.load(w_ptrs, mask=in_k[:, None] & in_hs[None, :], other=0.0)
             acc = _mma(dv, wv, acc, DOT_PRECISION, UPCAST)
             d_ptrs += BLOCK_K
             w_ptrs += BLOCK_K * stride_wv
         offsets = rows[:, None] * stride_gx + hs[None, :]
-        mask = (rows < N)[:, None] & (hs < H)[None, :]
+        mask = (rows < N)[:, None] & in_hs[None, :]
         if ACCUMULATE_X:
             acc += tl.load(gx_ptr + offsets, mask=mask, other=0.0).to(ACC)
             if HAS_LO:
@@ -640,7 +650,8 @@ def linear_token_logprobs_bwd(grad_logp: torch.Tensor, grad_entropy: torch.Tenso
     chunk = vocab_chunk(N, H, V, dtype, cfg, need_hidden)
     scale = _split(inv_temperature * LOG2E)
     dl, gr = cfg.dlogits, cfg.grad
-    scratch = torch.empty((N, chunk), dtype=dtype, device=device)
+    # whole grad tiles of columns: the grad-W programs read a tile's padding instead of clamping indices
+    scratch = torch.empty((N, triton.cdiv(chunk, gr.block_m) * gr.block_m), dtype=dtype, device=device)
     token_tiles = triton.cdiv(N, dl.block_m)
     bias_part = torch.empty((token_tiles, chunk) if need_bias else (0,), dtype=acc, device=device)
     has_lo = need_hidden and dtype in (torch.bfloat16, torch.float16)
@@ -674,8 +685,8 @@ def linear_token_logprobs_bwd(grad_logp: torch.Tensor, grad_entropy: torch.Tenso
             weight.stride(1), grad_weight.stride(0) if need_weight else 0, gx.stride(0) if need_hidden else 0,
             weight_tiles,
             ACCUMULATE_X=chunk_index > 0, HAS_LO=has_lo, EVEN_N=N % gr.block_k == 0,
-            EVEN_WIDTH=width % gr.block_k == 0, BLOCK_M=gr.block_m, BLOCK_N=gr.block_n, BLOCK_K=gr.block_k,
-            ACC=tl.float64 if acc == torch.float64 else tl.float32,
+            EVEN_WIDTH=width % gr.block_k == 0, EVEN_H=H % gr.block_n == 0, BLOCK_M=gr.block_m,
+            BLOCK_N=gr.block_n, BLOCK_K=gr.block_k, ACC=tl.float64 if acc == torch.float64 else tl.float32,
             DOT_PRECISION=problem.dot_precision, UPCAST=problem.upcast,
             num_warps=gr.num_warps, num_stages=gr.num_stages,
         )
@@ -755,7 +766,7 @@ def _aot_specs():
                 continue
             blocks = blocking.grad
             has_lo = dtype in ("bf16", "fp16")
-            flags = {"ACCUMULATE_X": True, "HAS_LO": has_lo, "EVEN_N": True, "EVEN_WIDTH": True,
+            flags = {"ACCUMULATE_X": True, "HAS_LO": has_lo, "EVEN_N": True, "EVEN_WIDTH": True, "EVEN_H": False,
                      "ACC": tl.float64 if dtype == "fp64" else tl.float32, "DOT_PRECISION": precision,
                      "UPCAST": False}
             specs.append(AotSpec(
