@@ -61,6 +61,9 @@ class AotResult:
     num_stages: int | None = None
     shared_bytes: int | None = None
     triton_version: str = ""
+    # tensor-core specs: how the GEMM operand tiles ([BLOCK_M|N, BLOCK_K] / [BLOCK_K, BLOCK_M|N]) are
+    # loaded, read from the TTGIR: 16-byte cp.async copies (pipelined), narrower ones, or plain loads
+    operand_loads: dict[str, int] = field(default_factory=dict)
     error: str | None = None
 
     @property
@@ -73,8 +76,15 @@ class AotResult:
         return self.tensor_core_op is None or any(op.split(".")[0] == self.tensor_core_op for op in self.matrix_ops)
 
     @property
+    def operands_pipelined(self) -> bool:
+        """Every GEMM operand tile arrives by 16-byte cp.async copies (vacuous for other specs)."""
+        return self.tensor_core_op is None or (self.operand_loads.get("async_16B", 0) > 0
+                                               and not self.operand_loads.get("async_narrow")
+                                               and not self.operand_loads.get("plain"))
+
+    @property
     def ok(self) -> bool:
-        return (self.error is None and self.spill_bytes == 0 and self.has_tensor_core_op
+        return (self.error is None and self.spill_bytes == 0 and self.has_tensor_core_op and self.operands_pipelined
                 and (not self.wide_loads_required or self.wide_loads))
 
 
@@ -100,6 +110,8 @@ def compile_spec(family: str, module, spec: AotSpec, arch: str) -> AotResult:
             options["num_stages"] = spec.num_stages
         compiled = triton.compile(source, target=GPUTarget("cuda", ARCHS[arch], 32), options=options)
         result.shared_bytes = getattr(compiled.metadata, "shared", None)
+        if spec.tensor_cores:
+            result.operand_loads = _operand_loads(compiled.asm["ttgir"], spec.constexprs)
         with tempfile.TemporaryDirectory() as tmp:
             ptx_path, cubin_path = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
             with open(ptx_path, "w") as f:
@@ -120,6 +132,32 @@ def compile_spec(family: str, module, spec: AotSpec, arch: str) -> AotResult:
     except Exception as error:  # noqa: BLE001 - report every failure, keep checking the rest
         result.error = f"{type(error).__name__}: {error}"[:2000]
     return result
+
+
+_ELEMENT_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "f64": 8, "i8": 1, "f8E4M3FN": 1, "f8E5M2": 1}
+
+
+def _operand_loads(ttgir: str, constexprs: dict) -> dict[str, int]:
+    """Counts the loads of 2-D tiles shaped like a GEMM operand in a kernel's TTGIR: cp.async copies of
+    16 bytes per thread ("async_16B"), narrower ones ("async_narrow"), and plain tt.load ("plain":
+    through registers, outside the software pipeline)."""
+    m, n, k = (constexprs.get(name) for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    shapes = {f"{a}x{b}" for a, b in ((m, k), (k, n), (k, m), (n, k)) if a and b}
+    counts: dict[str, int] = {}
+    for line in ttgir.splitlines():
+        tile = re.search(r"tensor<(\d+x\d+)x!tt\.ptr<(\w+)>", line)
+        if not tile or tile.group(1) not in shapes:
+            continue
+        if "async_copy_global_to_local" in line:
+            contiguity = re.search(r"contiguity = (\d+)", line)
+            width = int(contiguity.group(1)) * _ELEMENT_BYTES.get(tile.group(2), 0) if contiguity else 0
+            kind = "async_16B" if width >= 16 else "async_narrow"
+        elif re.search(r"= tt\.load ", line):
+            kind = "plain"
+        else:
+            continue
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
 
 
 def family_modules():
@@ -156,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         import triton
         print(f"triton {triton.__version__} ({os.path.dirname(triton.__file__)})")
     if args.json:
-        print(json.dumps([asdict(r) | {"ok": r.ok, "wide_loads": r.wide_loads} for r in results]))
+        print(json.dumps([asdict(r) | {"ok": r.ok, "wide_loads": r.wide_loads, "operands_pipelined": r.operands_pipelined}
+                          for r in results]))
     else:
         for r in results:
             status = "ok  " if r.ok else "FAIL"
@@ -164,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             if r.matrix_ops or r.tensor_core_op:
                 ops = " ".join(f"{op} x{count}" for op, count in sorted(r.matrix_ops.items())) or "none"
                 detail += f", matrix ops {ops}" + (f" (needs {r.tensor_core_op})" if r.tensor_core_op else "")
+            if r.operand_loads:
+                detail += ", operand tiles " + " ".join(f"{kind} x{count}" for kind, count in sorted(r.operand_loads.items()))
             print(f"{status} {r.family}.{r.kernel}[{r.label}] {r.arch}: {detail}")
     return 0 if all(r.ok for r in results) else 1
 

@@ -181,7 +181,8 @@ def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    # out_dtype: triton 3.6 asserts it equals the accumulator's dtype (fp32 by default; fp64 here for fp64)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
 
 
 @triton.jit
@@ -442,10 +443,11 @@ def linear_head_grad_kernel(
         tile_v = pid // h_tiles
         hw = (pid % h_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
         in_hw = hw < H
-        # A = d^T: a [BLOCK_K tokens, BLOCK_M vocab] tile of d, transposed for the dot; vocabulary
-        # columns past `width` read the scratch's padding (whole tiles are allocated) and are not stored
+        # A = d^T: a [BLOCK_M vocab, BLOCK_K tokens] tile read column-major out of d (no tl.trans: the
+        # compiler then stages it in shared memory by cp.async like any operand); vocabulary columns
+        # past `width` read the scratch's padding (whole tiles are allocated) and are not stored
         local_vocab = tile_v * BLOCK_M + tl.arange(0, BLOCK_M)
-        dt_ptrs = d_ptr + ks[:, None].to(tl.int64) * stride_d + local_vocab[None, :]
+        dt_ptrs = d_ptr + local_vocab[:, None] + ks[None, :].to(tl.int64) * stride_d
         xk_ptrs = x_ptr + ks[:, None].to(tl.int64) * stride_xn + hw[None, :] * stride_xh
         for k in range(0, tl.cdiv(N, BLOCK_K)):
             if EVEN_N:
@@ -456,9 +458,9 @@ def linear_head_grad_kernel(
                     xkv = tl.load(xk_ptrs, mask=in_hw[None, :], other=0.0)
             else:
                 in_k = ks < N - k * BLOCK_K
-                dtv = tl.load(dt_ptrs, mask=in_k[:, None], other=0.0)
+                dtv = tl.load(dt_ptrs, mask=in_k[None, :], other=0.0)
                 xkv = tl.load(xk_ptrs, mask=in_k[:, None] & in_hw[None, :], other=0.0)
-            acc = _mma(tl.trans(dtv), xkv, acc, DOT_PRECISION, UPCAST)
+            acc = _mma(dtv, xkv, acc, DOT_PRECISION, UPCAST)
             dt_ptrs += BLOCK_K * stride_d
             xk_ptrs += BLOCK_K * stride_xn
         gw_out = gw_ptr + (vocab_start + local_vocab).to(tl.int64)[:, None] * stride_gw + hw[None, :]
