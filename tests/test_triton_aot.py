@@ -51,13 +51,14 @@ def test_compiles_without_spills_and_with_wide_loads(aot_results):
 
 def check_tensor_cores(results: list[dict]) -> None:
     """The fused LM head's GEMM kernels (forward, dz, gradients) at the launcher's H100 / H200 and A100
-    blockings: HGMMA on sm_90a, HMMA on sm_80, no spills."""
+    blockings: HGMMA on sm_90a, HMMA on sm_80, no spills, operand tiles staged by 16-byte cp.async."""
     gemms = [r for r in results if r["family"] == "linear_head" and r["tensor_core_op"]]
     for arch, op in (("sm_90a", "HGMMA"), ("sm_80", "HMMA")):
         kernels = {r["kernel"] for r in gemms if r["arch"] == arch}
         assert kernels == {"linear_head_fwd_kernel", "linear_head_dlogits_kernel", "linear_head_grad_kernel"}, kernels
     failures = [r for r in gemms if r["error"] or r["spill_bytes"] != 0
-                or not any(name.split(".")[0] == r["tensor_core_op"] for name in r["matrix_ops"])]
+                or not any(name.split(".")[0] == r["tensor_core_op"] for name in r["matrix_ops"])
+                or not r["operands_pipelined"]]  # every operand tile a 16-byte cp.async copy (TTGIR)
     assert not failures, json.dumps(failures, indent=1)[:5000]
     for r in gemms:  # and nothing of the other generation: Hopper must not fall back to HMMA
         other = {"HGMMA": "HMMA", "HMMA": "HGMMA"}[r["tensor_core_op"]]

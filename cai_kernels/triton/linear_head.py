@@ -210,11 +210,12 @@ def _logits_tile(x_ptr, w_ptr, row_offsets, col_offsets, H, stride_xh, stride_wh
 
 
 @triton.jit
-def _scaled_logits(acc, b_ptr, cols, V, scale, HAS_BIAS: tl.constexpr):
-    """z = (acc + b) * scale, -inf past the vocabulary's end: one FMA per element."""
-    shift = tl.where(cols < V, 0.0, float("-inf")).to(acc.dtype)
+def _scaled_logits(acc, b_ptr, cols, valid, scale, HAS_BIAS: tl.constexpr):
+    """z = (acc + b) * scale, -inf in the columns that are not `valid` (past the vocabulary or the
+    chunk): one FMA per element."""
+    shift = tl.where(valid, 0.0, float("-inf")).to(acc.dtype)
     if HAS_BIAS:
-        shift += tl.load(b_ptr + tl.minimum(cols, V - 1)).to(acc.dtype) * scale
+        shift += tl.load(b_ptr + cols, mask=valid, other=0.0).to(acc.dtype) * scale
     return acc * scale + shift[None, :]
 
 
@@ -273,7 +274,7 @@ def linear_head_fwd_kernel(
         col_offsets = tl.minimum(cols, V - 1).to(tl.int64) * stride_wv
         acc = _logits_tile(x_ptr, w_ptr, row_offsets, col_offsets, H, stride_xh, stride_wh,
                            BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, ACC, DOT_PRECISION, UPCAST)
-        z = _scaled_logits(acc, b_ptr, cols, V, scale, HAS_BIAS)
+        z = _scaled_logits(acc, b_ptr, cols, cols < V, scale, HAS_BIAS)
         m, s, w = _online_update(m, s, w, z, WITH_ENTROPY)
 
     out = part_ptr + piece.to(tl.int64) * N + rows
@@ -402,7 +403,7 @@ def linear_head_dlogits_kernel(
     acc = _logits_tile(x_ptr, w_ptr, tl.minimum(rows, N - 1) * stride_xn,
                        tl.minimum(cols, V - 1).to(tl.int64) * stride_wv, H, stride_xh, stride_wh,
                        BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, ACC, DOT_PRECISION, UPCAST)
-    z = _scaled_logits(acc, b_ptr, tl.where(in_chunk, cols, V), V, scale, HAS_BIAS)
+    z = _scaled_logits(acc, b_ptr, cols, in_chunk, scale, HAS_BIAS)  # the chunk ends at or before V
     p = tl.exp2(z - lse2[:, None])
     coef = g[:, None]
     if WITH_ENTROPY:
