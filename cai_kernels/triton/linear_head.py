@@ -62,6 +62,12 @@ dz is rounded to the operand dtype before the two GEMMs, as every tensor-core pa
 autograd through bf16 logits does); for fp16 inputs probabilities below 6e-5 land in fp16's
 subnormal range (absolute step 6e-8), as in torch's own fp16 softmax backward.
 
+Integration (not wired yet): the op layer's Triton backend calls ``linear_token_logprobs_fwd`` /
+``_bwd`` below with the arguments it passes the hybrid kernels today minus ``vocab_block, token_chunk``
+(the blocking is this module's: ``default_config``, or ``config=``); fp64 runs here too (DMMA, fp64
+accumulators). ``choice_logprobs`` from hidden states reaches it through ``linear_token_logprobs``;
+with few tokens (one token tile) ``pieces`` spreads the vocabulary over every SM.
+
 Layouts: hidden any (..., H) view (reshaped to (N, H) rows; a copy only when the rows are not one
 strided matrix), weight (V, H) any strides (unit inner strides are what the JIT specializes and the
 tensor cores read at full width). All offsets of rows, vocabulary entries and the scratch are 64-bit.
