@@ -79,7 +79,7 @@ import functools
 import math
 import os
 import struct
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -122,11 +122,10 @@ class LinearHeadConfig:
     merge_rows: int = 64           # merge kernel: rows per program
     merge_cols: int = 128          # merge kernel: hidden columns per step of the target dot
     memory_fraction: float = MEMORY_FRACTION
-    extra: dict = field(default_factory=dict, compare=False)  # free-form notes (benchmark labels)
 
 
-# Hopper (H100 / H200, sm_90a): 128 x 128 tiles of 8 warps (two warpgroups on wgmma); Ampere-class:
-# the same tiles with a shallower pipeline. The GPU benchmark's sweep (benchmarks/linear_head_gpu.py)
+# Hopper (H100 / H200, sm_90a): 128 x 128 x 64 tiles of 8 warps (two warpgroups on wgmma); Ampere-class
+# (sm_80, mma.sync): BLOCK_K 32, which keeps three stages within its shared memory. The GPU benchmark's sweep (benchmarks/linear_head_gpu.py)
 # is where these get revised; the AOT check compiles exactly these.
 HOPPER = LinearHeadConfig(fwd=Blocks(128, 128, 64, num_warps=8, num_stages=3),
                           dlogits=Blocks(128, 128, 64, num_warps=8, num_stages=3),
