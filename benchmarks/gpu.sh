@@ -133,8 +133,10 @@ for part in "${PARTS[@]}"; do
                  [ "$DRY_RUN" = 1 ] || cp benchmarks/results/"$(name)"-quick.* README.md "$OUT/" 2>/dev/null || true ;;
     report) part_report ;;
     # no setup: needs neither the C++ extension nor the suite's peers beyond .whl/ (installed by the script)
-    linear-head) mkdir -p "$OUT"
-                 run timeout -s INT -k 20 "$TIME_LIMIT" "$PY" -m benchmarks.linear_head_gpu --out "$OUT" 2>&1 | tee "$OUT/linear-head.log" ;;
+    linear-head) if [ "$DRY_RUN" = 1 ]; then run "$PY" -m benchmarks.linear_head_gpu --out "$OUT"
+                 else mkdir -p "$OUT"
+                      timeout -s INT -k 20 "$TIME_LIMIT" "$PY" -m benchmarks.linear_head_gpu --out "$OUT" 2>&1 | tee "$OUT/linear-head.log"
+                 fi ;;
     all) setup; part_test; part_bench logprobs benchmarks/test_bench_token_logprobs.py
          [ ${#LINEAR_BENCHES[@]} -eq 0 ] || part_bench linear "${LINEAR_BENCHES[@]}"
          [ ${#REST_BENCHES[@]} -eq 0 ] || part_bench rest "${REST_BENCHES[@]}"
