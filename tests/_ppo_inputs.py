@@ -3,7 +3,6 @@ occurs in practice (right / left padding, multi-turn holes, empty rows)."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -36,19 +35,6 @@ def response_mask(B: int, T: int, kind: str = "holes", *, dtype=torch.bool) -> t
             mask[0] = False
             mask[B // 2] = False
     return mask.to(dtype).to(DEVICE)
-
-
-# Small inputs of the bad-input tests, as pytest fixtures (imported by the PPO ops' test modules).
-@pytest.fixture
-def x() -> torch.Tensor:
-    """(3, 5) log-probs."""
-    return logprobs(3, 5)
-
-
-@pytest.fixture
-def mask() -> torch.Tensor:
-    """A (3, 5) response mask with holes."""
-    return response_mask(3, 5)
 
 
 def check_loss(op, reference_op, x, y, z, mask, backend, **kwargs):

@@ -12,12 +12,11 @@ import cai_kernels
 from cai_kernels import reference
 from tests._backends import LOW_PRECISION, assert_close, compiled_backends
 from tests._ppo_inputs import DEVICE, MASK_KINDS, logprobs, normal, response_mask
-from tests._ppo_inputs import mask, x  # noqa: F401 - pytest fixtures
 from tests._triton_launch import assert_grids_are_one_dimensional
 
 BACKENDS = compiled_backends("gae", DEVICE)
 BACKEND_NAMES = [p.values[0] for p in BACKENDS]
-B, T = 3, 5  # the size of the fixtures x and mask
+B, T = 3, 5  # the size of the fixtures rows and rows_mask
 
 
 def check_gae(rewards, values, mask, backend, **kwargs):
@@ -162,46 +161,46 @@ def test_gae_property(B, T, kind, gamma, lam, scale, backend):
 
 # ---- bad input: a TypeError / ValueError naming the argument ----------------------------------------
 
-def test_gae_shapes(x, mask):
+def test_gae_shapes(rows, rows_mask):
     with pytest.raises(ValueError, match="rewards must have 2 dimensions"):
-        cai_kernels.gae(x[0], x[0], mask[0])
+        cai_kernels.gae(rows[0], rows[0], rows_mask[0])
     with pytest.raises(ValueError, match=r"values must have shape \(3, 5\) \(like rewards\)"):
-        cai_kernels.gae(x, logprobs(B, 4), mask)
+        cai_kernels.gae(rows, logprobs(B, 4), rows_mask)
     with pytest.raises(ValueError, match=r"response_mask must have shape \(3, 5\)"):
-        cai_kernels.gae(x, x, mask[:, :4])
+        cai_kernels.gae(rows, rows, rows_mask[:, :4])
 
 
-def test_gae_types(x, mask):
+def test_gae_types(rows, rows_mask):
     with pytest.raises(TypeError, match="rewards must have dtype"):
-        cai_kernels.gae(x.long(), x, mask)
+        cai_kernels.gae(rows.long(), rows, rows_mask)
     with pytest.raises(TypeError, match="response_mask must be bool, integer or floating"):
-        cai_kernels.gae(x, x, mask.to(torch.complex64))
+        cai_kernels.gae(rows, rows, rows_mask.to(torch.complex64))
     with pytest.raises(TypeError, match="response_mask must be a torch.Tensor"):
-        cai_kernels.gae(x, x, [[1] * T] * B)
+        cai_kernels.gae(rows, rows, [[1] * T] * B)
 
 
 @pytest.mark.parametrize("name", ["gamma", "lam"])
 @pytest.mark.parametrize("bad", [-0.1, 1.5, math.nan, math.inf])
-def test_gae_discount_range(x, mask, name, bad):
+def test_gae_discount_range(rows, rows_mask, name, bad):
     with pytest.raises(ValueError, match=rf"{name} must be a finite number in \[0.0, 1.0\]"):
-        cai_kernels.gae(x, x, mask, **{name: bad})
+        cai_kernels.gae(rows, rows, rows_mask, **{name: bad})
 
 
-def test_gae_discount_type(x, mask):
+def test_gae_discount_type(rows, rows_mask):
     with pytest.raises(TypeError, match="gamma must be a number"):
-        cai_kernels.gae(x, x, mask, gamma="0.9")
+        cai_kernels.gae(rows, rows, rows_mask, gamma="0.9")
     with pytest.raises(TypeError, match="lam must be a number"):
-        cai_kernels.gae(x, x, mask, lam=True)
+        cai_kernels.gae(rows, rows, rows_mask, lam=True)
 
 
-def test_gae_devices(x, mask):
+def test_gae_devices(rows, rows_mask):
     with pytest.raises(ValueError, match="response_mask must be on the same device as rewards"):
-        cai_kernels.gae(x, x, mask.to("meta"))
+        cai_kernels.gae(rows, rows, rows_mask.to("meta"))
 
 
-def test_unknown_backend(x, mask):
+def test_unknown_backend(rows, rows_mask):
     with pytest.raises(ValueError, match="backend must be one of"):
-        cai_kernels.gae(x, x, mask, backend="fortran")
+        cai_kernels.gae(rows, rows, rows_mask, backend="fortran")
 
 
 def test_grid_is_one_dimensional_beyond_65535(monkeypatch):

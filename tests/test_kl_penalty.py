@@ -12,7 +12,6 @@ import cai_kernels
 from cai_kernels.reference import kl_penalty as reference
 from tests._backends import LOW_PRECISION, assert_close, compiled_backends, grad_tolerance
 from tests._ppo_inputs import DEVICE, logprobs
-from tests._ppo_inputs import mask, x  # noqa: F401 - pytest fixtures
 from tests._triton_launch import assert_grids_are_one_dimensional
 
 BACKENDS = compiled_backends("kl_penalty", DEVICE)
@@ -189,31 +188,31 @@ def test_property_matches_reference(shape, dtype, estimator, scale, clamp, backe
     assert_close(out, expected, rtol=2e-5, atol=2e-5)
 
 
-B, T = 3, 5  # the size of the fixtures x and mask
+B, T = 3, 5  # the size of the fixtures rows and rows_mask
 
 
 # ---- bad input: a TypeError / ValueError naming the argument ----------------------------------------
 
-def test_types(x):
+def test_types(rows):
     with pytest.raises(TypeError, match="logprobs must be a torch.Tensor"):
-        cai_kernels.kl_penalty([[0.0]], x)
+        cai_kernels.kl_penalty([[0.0]], rows)
     with pytest.raises(TypeError, match="ref_logprobs must have dtype"):
-        cai_kernels.kl_penalty(x, torch.zeros(B, T, dtype=torch.long, device=DEVICE))
+        cai_kernels.kl_penalty(rows, torch.zeros(B, T, dtype=torch.long, device=DEVICE))
     with pytest.raises(ValueError, match="logprobs must have at least 1 dimension"):
         cai_kernels.kl_penalty(torch.tensor(0.0), torch.tensor(0.0))
 
 
-def test_shapes_and_devices(x):
+def test_shapes_and_devices(rows):
     with pytest.raises(ValueError, match=r"ref_logprobs must have the shape of logprobs \(3, 5\); got \(3, 4\)"):
-        cai_kernels.kl_penalty(x, logprobs(B, 4))
+        cai_kernels.kl_penalty(rows, logprobs(B, 4))
     with pytest.raises(ValueError, match="ref_logprobs must be on the same device as logprobs"):
-        cai_kernels.kl_penalty(x, x.to("meta"))
+        cai_kernels.kl_penalty(rows, rows.to("meta"))
 
 
 @pytest.mark.parametrize("estimator, error", [("k4", ValueError), ("kl", ValueError), (3, TypeError)])
-def test_estimator(x, estimator, error):
+def test_estimator(rows, estimator, error):
     with pytest.raises(error, match="estimator must be"):
-        cai_kernels.kl_penalty(x, x, estimator)
+        cai_kernels.kl_penalty(rows, rows, estimator)
 
 
 @pytest.mark.parametrize("name", ["clamp", "output_clamp"])
@@ -221,14 +220,14 @@ def test_estimator(x, estimator, error):
     ((1.0,), TypeError, "pair"), (5.0, TypeError, "pair"), ((2.0, 1.0), ValueError, "lo <= hi"),
     ((math.nan, 1.0), ValueError, "NaN"), (("a", 1.0), TypeError, "lo must be a number"),
 ])
-def test_clamps(x, name, bad, error, message):
+def test_clamps(rows, name, bad, error, message):
     with pytest.raises(error, match=f"{name}.*{message}"):
-        cai_kernels.kl_penalty(x, x, "k3", **{name: bad})
+        cai_kernels.kl_penalty(rows, rows, "k3", **{name: bad})
 
 
-def test_unknown_backend(x):
+def test_unknown_backend(rows):
     with pytest.raises(ValueError, match="backend must be one of"):
-        cai_kernels.kl_penalty(x, x, backend="fortran")
+        cai_kernels.kl_penalty(rows, rows, backend="fortran")
 
 
 def test_grid_is_one_dimensional_beyond_65535(monkeypatch):

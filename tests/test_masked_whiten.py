@@ -10,12 +10,11 @@ import cai_kernels
 from cai_kernels import reference
 from tests._backends import LOW_PRECISION, assert_close, compiled_backends
 from tests._ppo_inputs import DEVICE, MASK_KINDS, normal, response_mask
-from tests._ppo_inputs import mask, x  # noqa: F401 - pytest fixtures
 from tests._triton_launch import assert_grids_are_one_dimensional
 
 BACKENDS = compiled_backends("masked_whiten", DEVICE)
 BACKEND_NAMES = [p.values[0] for p in BACKENDS]
-B, T = 3, 5  # the size of the fixtures x and mask
+B, T = 3, 5  # the size of the fixtures rows and rows_mask
 
 
 def check_whiten(x, mask, backend, **kwargs):
@@ -89,25 +88,25 @@ def test_whiten_many_rows_cpu():
 # ---- bad input: a TypeError / ValueError naming the argument ----------------------------------------
 
 @pytest.mark.parametrize("eps", [0.0, -1e-8, math.inf])
-def test_whiten_eps(x, mask, eps):
+def test_whiten_eps(rows, rows_mask, eps):
     with pytest.raises(ValueError, match="eps must be a finite number in"):
-        cai_kernels.masked_whiten(x, mask, eps=eps)
+        cai_kernels.masked_whiten(rows, rows_mask, eps=eps)
 
 
-def test_whiten_flags_and_shapes(x, mask):
+def test_whiten_flags_and_shapes(rows, rows_mask):
     with pytest.raises(TypeError, match="shift_mean must be a bool"):
-        cai_kernels.masked_whiten(x, mask, shift_mean=1)
+        cai_kernels.masked_whiten(rows, rows_mask, shift_mean=1)
     with pytest.raises(TypeError, match="unbiased must be a bool"):
-        cai_kernels.masked_whiten(x, mask, unbiased="yes")
+        cai_kernels.masked_whiten(rows, rows_mask, unbiased="yes")
     with pytest.raises(ValueError, match=r"response_mask must have shape \(3, 5\)"):
-        cai_kernels.masked_whiten(x, mask.t())
+        cai_kernels.masked_whiten(rows, rows_mask.t())
     with pytest.raises(TypeError, match="eps must be a number"):
-        cai_kernels.masked_whiten(x, mask, eps=None)
+        cai_kernels.masked_whiten(rows, rows_mask, eps=None)
 
 
-def test_unknown_backend(x, mask):
+def test_unknown_backend(rows, rows_mask):
     with pytest.raises(ValueError, match="backend must be one of"):
-        cai_kernels.masked_whiten(x, mask, backend="fortran")
+        cai_kernels.masked_whiten(rows, rows_mask, backend="fortran")
 
 
 def test_grids_are_one_dimensional_beyond_65535(monkeypatch):

@@ -11,12 +11,11 @@ from cai_kernels import reference
 from cai_kernels._params import ESTIMATORS
 from tests._backends import LOW_PRECISION, assert_close, compiled_backends
 from tests._ppo_inputs import DEVICE, MASK_KINDS, logprobs, normal, response_mask
-from tests._ppo_inputs import mask, x  # noqa: F401 - pytest fixtures
 from tests._triton_launch import assert_grids_are_one_dimensional
 
 BACKENDS = compiled_backends("ppo_advantages", DEVICE)
 BACKEND_NAMES = [p.values[0] for p in BACKENDS]
-B, T = 3, 5  # the size of the fixtures x and mask
+B, T = 3, 5  # the size of the fixtures rows and rows_mask
 
 
 def composed(scores, lp, ref, values, mask, backend, *, kl_coef, estimator="k1", whiten=True, **gae_kwargs):
@@ -94,29 +93,29 @@ def test_fused_property(B, T, kind, estimator, whiten, gamma, lam, backend):
 
 # ---- bad input: a TypeError / ValueError naming the argument ----------------------------------------
 
-def test_advantages_arguments(x, mask):
+def test_advantages_arguments(rows, rows_mask):
     scores = normal(1, B)[0]
     with pytest.raises(ValueError, match=r"scores must have shape \(3,\) \(one score per row of logprobs\)"):
-        cai_kernels.ppo_advantages(scores[:2], x, x, x, mask, kl_coef=0.1)
+        cai_kernels.ppo_advantages(scores[:2], rows, rows, rows, rows_mask, kl_coef=0.1)
     with pytest.raises(TypeError, match="scores must be a torch.Tensor"):
-        cai_kernels.ppo_advantages([1.0, 2.0, 3.0], x, x, x, mask, kl_coef=0.1)
+        cai_kernels.ppo_advantages([1.0, 2.0, 3.0], rows, rows, rows, rows_mask, kl_coef=0.1)
     with pytest.raises(ValueError, match=r"values must have shape \(3, 5\) \(like logprobs\)"):
-        cai_kernels.ppo_advantages(scores, x, x, x[:, 1:], mask, kl_coef=0.1)
+        cai_kernels.ppo_advantages(scores, rows, rows, rows[:, 1:], rows_mask, kl_coef=0.1)
     with pytest.raises(ValueError, match="kl_coef must be a finite number in"):
-        cai_kernels.ppo_advantages(scores, x, x, x, mask, kl_coef=-0.1)
+        cai_kernels.ppo_advantages(scores, rows, rows, rows, rows_mask, kl_coef=-0.1)
     with pytest.raises(ValueError, match="estimator must be one of"):
-        cai_kernels.ppo_advantages(scores, x, x, x, mask, kl_coef=0.1, estimator="k5")
+        cai_kernels.ppo_advantages(scores, rows, rows, rows, rows_mask, kl_coef=0.1, estimator="k5")
     with pytest.raises(TypeError, match="whiten must be a bool"):
-        cai_kernels.ppo_advantages(scores, x, x, x, mask, kl_coef=0.1, whiten=None)
+        cai_kernels.ppo_advantages(scores, rows, rows, rows, rows_mask, kl_coef=0.1, whiten=None)
     with pytest.raises(ValueError, match="gamma must be a finite number"):
-        cai_kernels.ppo_advantages(scores, x, x, x, mask, kl_coef=0.1, gamma=2.0)
+        cai_kernels.ppo_advantages(scores, rows, rows, rows, rows_mask, kl_coef=0.1, gamma=2.0)
     with pytest.raises(TypeError, match="kl_coef"):
-        cai_kernels.ppo_advantages(scores, x, x, x, mask)
+        cai_kernels.ppo_advantages(scores, rows, rows, rows, rows_mask)
 
 
-def test_unknown_backend(x, mask):
+def test_unknown_backend(rows, rows_mask):
     with pytest.raises(ValueError, match="backend must be one of"):
-        cai_kernels.ppo_advantages(normal(1, B)[0], x, x, x, mask, kl_coef=0.1, backend="fortran")
+        cai_kernels.ppo_advantages(normal(1, B)[0], rows, rows, rows, rows_mask, kl_coef=0.1, backend="fortran")
 
 
 def test_grid_is_one_dimensional_beyond_65535(monkeypatch):

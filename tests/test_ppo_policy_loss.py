@@ -13,12 +13,13 @@ from cai_kernels import reference
 from cai_kernels._params import AGG_MODES
 from tests._backends import LOW_PRECISION, assert_close, compiled_backends
 from tests._ppo_inputs import DEVICE, MASK_KINDS, check_loss, logprobs, normal, response_mask
-from tests._ppo_inputs import mask, x  # noqa: F401 - pytest fixtures
 from tests._triton_launch import assert_grids_are_one_dimensional
 
 BACKENDS = compiled_backends("ppo_policy_loss", DEVICE)
 BACKEND_NAMES = [p.values[0] for p in BACKENDS]
-B, T = 3, 5  # the size of the fixtures x and mask
+B, T = 3, 5  # the size of the fixtures rows and rows_mask
+
+
 AGGS = tuple(AGG_MODES)
 
 
@@ -173,21 +174,21 @@ def test_policy_property(B, T, kind, agg, clip_low, clip_high, dual_clip, spread
     (dict(agg="mean"), ValueError, "agg must be one of"),
     (dict(agg=None), TypeError, "agg must be a str"),
 ])
-def test_policy_loss_arguments(x, mask, kwargs, error, message):
+def test_policy_loss_arguments(rows, rows_mask, kwargs, error, message):
     with pytest.raises(error, match=message):
-        cai_kernels.ppo_policy_loss(x, x, x, mask, **kwargs)
+        cai_kernels.ppo_policy_loss(rows, rows, rows, rows_mask, **kwargs)
 
 
-def test_policy_loss_shapes(x, mask):
+def test_policy_loss_shapes(rows, rows_mask):
     with pytest.raises(ValueError, match=r"advantages must have shape \(3, 5\) \(like logprobs\)"):
-        cai_kernels.ppo_policy_loss(x, x, x[:2], mask)
+        cai_kernels.ppo_policy_loss(rows, rows, rows[:2], rows_mask)
     with pytest.raises(ValueError, match="old_logprobs must be on the same device as logprobs"):
-        cai_kernels.ppo_policy_loss(x, x.to("meta"), x, mask)
+        cai_kernels.ppo_policy_loss(rows, rows.to("meta"), rows, rows_mask)
 
 
-def test_unknown_backend(x, mask):
+def test_unknown_backend(rows, rows_mask):
     with pytest.raises(ValueError, match="backend must be one of"):
-        cai_kernels.ppo_policy_loss(x, x, x, mask, backend="fortran")
+        cai_kernels.ppo_policy_loss(rows, rows, rows, rows_mask, backend="fortran")
 
 
 def test_grids_are_one_dimensional_beyond_65535(monkeypatch):

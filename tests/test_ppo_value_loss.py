@@ -11,12 +11,13 @@ from cai_kernels import reference
 from cai_kernels._params import AGG_MODES
 from tests._backends import LOW_PRECISION, assert_close, compiled_backends
 from tests._ppo_inputs import DEVICE, MASK_KINDS, check_loss, normal, response_mask
-from tests._ppo_inputs import mask, x  # noqa: F401 - pytest fixtures
 from tests._triton_launch import assert_grids_are_one_dimensional
 
 BACKENDS = compiled_backends("ppo_value_loss", DEVICE)
 BACKEND_NAMES = [p.values[0] for p in BACKENDS]
-B, T = 3, 5  # the size of the fixtures x and mask
+B, T = 3, 5  # the size of the fixtures rows and rows_mask
+
+
 AGGS = tuple(AGG_MODES)
 
 
@@ -94,24 +95,24 @@ def test_value_gradcheck(backend, clip):
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(clip=-0.2), ValueError, "clip must be a finite number"),
     (dict(clip=math.inf), ValueError, "clip must be a finite number"),
-    (dict(clip="x"), TypeError, "clip must be a number"),
+    (dict(clip="rows"), TypeError, "clip must be a number"),
     (dict(agg="sum"), ValueError, "agg must be one of"),
 ])
-def test_value_loss_arguments(x, mask, kwargs, error, message):
+def test_value_loss_arguments(rows, rows_mask, kwargs, error, message):
     with pytest.raises(error, match=message):
-        cai_kernels.ppo_value_loss(x, x, x, mask, **kwargs)
+        cai_kernels.ppo_value_loss(rows, rows, rows, rows_mask, **kwargs)
 
 
-def test_value_loss_shapes(x, mask):
+def test_value_loss_shapes(rows, rows_mask):
     with pytest.raises(ValueError, match=r"returns must have shape \(3, 5\) \(like values\)"):
-        cai_kernels.ppo_value_loss(x, x, x[:, :2], mask)
+        cai_kernels.ppo_value_loss(rows, rows, rows[:, :2], rows_mask)
     with pytest.raises(TypeError, match="values must have dtype"):
-        cai_kernels.ppo_value_loss(x.int(), x, x, mask)
+        cai_kernels.ppo_value_loss(rows.int(), rows, rows, rows_mask)
 
 
-def test_unknown_backend(x, mask):
+def test_unknown_backend(rows, rows_mask):
     with pytest.raises(ValueError, match="backend must be one of"):
-        cai_kernels.ppo_value_loss(x, x, x, mask, backend="fortran")
+        cai_kernels.ppo_value_loss(rows, rows, rows, rows_mask, backend="fortran")
 
 
 def test_grids_are_one_dimensional_beyond_65535(monkeypatch):
