@@ -1,4 +1,6 @@
-"""PPO ops against the reference, torch.compile and the Python GAE loop of OpenRLHF / veRL.
+"""The PPO ops' benchmark cases (test_bench_kl_penalty, _gae, _masked_whiten, _ppo_advantages,
+_ppo_policy_loss, _ppo_value_loss): against the reference, torch.compile and the Python GAE loop of
+OpenRLHF / veRL.
 
 Rollout batches (B responses x T tokens, right-padded, response lengths uniform in [T/4, T]):
 64x512, 256x1024, 512x4096. Inputs: logprobs ~ -|N(0, 1)|, ref_logprobs = logprobs + N(0, 0.1),
@@ -38,10 +40,21 @@ PYTHON_GAE = "python GAE loop (openrlhf/verl)"
 # op -> modes
 OPS = {"kl_penalty": ("fwd", "fwd+bwd"), "gae": ("fwd",), "masked_whiten": ("fwd",), "ppo_advantages": ("fwd",),
        "ppo_policy_loss": ("fwd+bwd",), "ppo_value_loss": ("fwd+bwd",)}
-CASES = [dict(op=op, batch=b, length=t, mode=m) for op, modes in OPS.items() for m in modes for b, t in SIZES
-         if (b, t) == HEADLINE or op in LOOP_OPS or (op == "kl_penalty" and m == "fwd")]
-QUICK = [dict(op=op, batch=HEADLINE[0], length=HEADLINE[1], mode=modes[0]) for op, modes in OPS.items()]
-MEMORY_CASES = [c for c in CASES if (c["batch"], c["length"]) == HEADLINE]
+
+
+
+def cases(op: str) -> list[dict]:
+    """Every size for the ops that loop over T (and kl_penalty's forward), the headline size for the rest."""
+    return [dict(op=op, batch=b, length=t, mode=m) for m in OPS[op] for b, t in SIZES
+            if (b, t) == HEADLINE or op in LOOP_OPS or (op == "kl_penalty" and m == "fwd")]
+
+
+def memory_cases(op: str) -> list[dict]:
+    return [c for c in cases(op) if (c["batch"], c["length"]) == HEADLINE]
+
+
+def _quick(case: dict) -> bool:
+    return (case["batch"], case["length"]) == HEADLINE and case["mode"] == OPS[case["op"]][0]
 
 _compiled = {op: compile_fn(getattr(reference, op)) for op in OPS if hasattr(reference, op) and op not in LOOP_OPS}
 
@@ -72,7 +85,7 @@ def _inputs(batch: int, length: int) -> dict:
 def composed_ppo_advantages(scores, logprobs, ref_logprobs, values, response_mask, *, kl_coef, gamma, lam):
     """The fused op's math chained from the single ops (the shaping in plain torch, as a user would)."""
     kl = cai_kernels.kl_penalty(logprobs, ref_logprobs).masked_fill(response_mask == 0, 0.0)
-    token_rewards = reference.ppo.shape_rewards(kl, scores, response_mask, kl_coef=kl_coef)
+    token_rewards = reference.shape_rewards(kl, scores, response_mask, kl_coef=kl_coef)
     advantages, returns = cai_kernels.gae(token_rewards, values, response_mask, gamma=gamma, lam=lam)
     return cai_kernels.masked_whiten(advantages, response_mask), returns, token_rewards, kl
 
@@ -117,19 +130,18 @@ def build_step(variant: str, *, op: str, batch: int, length: int, mode: str) -> 
     return step_for(mode, call, (x["values"],), bytes_fwd=3 * plane + masks, bytes_bwd=4 * plane + masks)
 
 
-def _params():
-    for case in CASES:
-        for variant in variants(case["op"], case["length"]):
-            marks = [pytest.mark.quick] if case in QUICK else []
-            yield pytest.param(case, variant, marks=marks, id=f"{case['op']}-{case['mode']}-{case['batch']}x"
-                                                               f"{case['length']}-{variant.name}")
+def bench_params(op: str) -> list:
+    """(case, variant) pytest params of ``op``, the headline case of its first mode marked quick."""
+    return [pytest.param(case, variant, marks=[pytest.mark.quick] if _quick(case) else [],
+                         id=f"{case['mode']}-{case['batch']}x{case['length']}-{variant.name}")
+            for case in cases(op) for variant in variants(op, case["length"])]
 
 
-@pytest.mark.parametrize("case,variant", list(_params()))
-def test_ppo_ops(benchmark, request, case, variant):
+def run(benchmark, request, module: str, case: dict, variant: Variant) -> None:
+    """One timed case of the benchmark module ``module`` (whose build_step is this module's)."""
     require_op(case["op"])
     if variant.name == COMPOSITION:
         require_op("kl_penalty", "gae", "masked_whiten")
-    measure(benchmark, request, module=__name__, op=case["op"], variant=variant, case=case, mode=case["mode"],
+    measure(benchmark, request, module=module, op=case["op"], variant=variant, case=case, mode=case["mode"],
             x_name="B*T", x_value=case["batch"] * case["length"],
             group=f"{case['op']} {case['mode']} [{case['batch']}, {case['length']}]")

@@ -1,10 +1,12 @@
-"""Preference-model ops against the reference, torch.compile and what TRL / OpenRLHF / HF compute.
+"""The preference-model ops' benchmark cases (test_bench_pairwise_loss, _last_token_rewards,
+_reward_pairwise_loss, _ranked_pairwise_loss, _reward_ranked_loss): against the reference,
+torch.compile and what TRL / OpenRLHF / HF compute.
 
 Cases (PM training shapes): pairwise_loss and ranked_pairwise_loss on reward tensors (B pairs, or
 B prompts x K ranked responses); last_token_rewards, reward_pairwise_loss and reward_ranked_loss on
 the final hidden states (B, T, H) of padded sequences (lengths uniform in [T/4, T]; chosen right-padded,
-rejected left-padded) with the scalar head (H,). Soft labels in (0, 1). fwd+bwd: backward of the loss into the rewards / hidden
-states and the head.
+rejected left-padded) with the scalar head (H,). Soft labels in (0, 1). fwd+bwd: backward of the loss
+into the rewards / hidden states and the head.
 
 Peers: TRL's and OpenRLHF's reward-model loss ``-logsigmoid(chosen - rejected - margin).mean()``
 (hard labels: the soft-label term is ours); HF's sequence-classification head (what TRL's
@@ -48,8 +50,12 @@ CASES = {
                              (dict(batch=16 * _SCALE, length=2048, hidden=2048, dtype=BF16, mode="fwd+bwd"), False)],
     "reward_ranked_loss": [(dict(batch=16, k=4, length=512, hidden=576, dtype=F32, mode="fwd+bwd"), True)],
 }
-MEMORY_CASES = [dict(op=op, **c) for op in ("reward_pairwise_loss", "reward_ranked_loss") for c, _ in CASES[op]
-                if c["dtype"] == F32 and c["batch"] in (64, 16)]
+
+
+def memory_cases(op: str) -> list[dict]:
+    if op not in ("reward_pairwise_loss", "reward_ranked_loss"):
+        return []
+    return [dict(op=op, **c) for c, _ in CASES[op] if c["dtype"] == F32 and c["batch"] in (64, 16)]
 
 _compiled = {op: compile_fn(getattr(reference, op)) for op in OPS}
 PEERS = {"pairwise_loss": "trl/openrlhf -logsigmoid(c - r - m).mean()",
@@ -153,18 +159,16 @@ def _label(case: dict) -> str:
     return f"{case['mode']} [{', '.join(map(str, dims))}] {dtype_name(case['dtype'])}"
 
 
-def _params():
-    for op, cases in CASES.items():
-        for case, quick in cases:
-            for variant in variants(op):
-                marks = [pytest.mark.quick] if quick else []
-                yield pytest.param(op, case, variant, marks=marks, id=f"{op}-{_label(case).replace(' ', '-')}-"
-                                                                      f"{variant.name}")
+def bench_params(op: str) -> list:
+    """(case, variant) pytest params of ``op``, its quick cases marked."""
+    return [pytest.param(dict(op=op, **case), variant, marks=[pytest.mark.quick] if quick else [],
+                         id=f"{_label(case).replace(' ', '-')}-{variant.name}")
+            for case, quick in CASES[op] for variant in variants(op)]
 
 
-@pytest.mark.parametrize("op,case,variant", list(_params()))
-def test_preference_ops(benchmark, request, op, case, variant):
+def run(benchmark, request, module: str, case: dict, variant: Variant) -> None:
+    """One timed case of the benchmark module ``module`` (whose build_step is this module's)."""
+    op = case["op"]
     require_op(op)
-    x_name = "pairs" if op == "pairwise_loss" else "batch"
-    measure(benchmark, request, module=__name__, op=op, variant=variant, case=dict(op=op, **case),
-            mode=case["mode"], x_name=x_name, x_value=case["batch"], group=f"{op} {_label(case)}")
+    measure(benchmark, request, module=module, op=op, variant=variant, case=case, mode=case["mode"],
+            x_name="pairs" if op == "pairwise_loss" else "batch", x_value=case["batch"], group=f"{op} {_label(case)}")
