@@ -57,6 +57,14 @@ def gae_tile(reward, value, valid, value_next, valid_next, next_value_carry, run
 
 
 @triton.jit
+def scan_start(gamma_hi, gamma_lo, gamma_lambda_hi, gamma_lambda_lo, acc_dtype: tl.constexpr, BLOCK_B: tl.constexpr):
+    """(gamma, gamma * lam, next value, running advantage) at the start (the end of the rows) of the reverse
+    scan of a block of BLOCK_B rows."""
+    return (scalar(gamma_hi, gamma_lo, acc_dtype), scalar(gamma_lambda_hi, gamma_lambda_lo, acc_dtype),
+            tl.zeros((BLOCK_B,), acc_dtype), tl.zeros((BLOCK_B,), acc_dtype))
+
+
+@triton.jit
 def load_values_tile(values_ptr, mask_ptr, rows, cols, row_ok, T, stride_v, stride_m, acc_dtype: tl.constexpr,
                      BLOCK_T: tl.constexpr):
     """A tile's values and response mask, and the same one step later (t + 1; invalid past the tile or the

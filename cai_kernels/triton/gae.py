@@ -13,8 +13,8 @@ import triton.language as tl
 
 from .._params import GaeParams
 from .._validation import accumulate_dtype
-from ._gae_scan import (SCAN_BLOCK_B, SCAN_BLOCK_T, SCAN_WARPS, gae_tile, halves, load_values_tile, scalar,
-                        scan_blocks)
+from ._gae_scan import (SCAN_BLOCK_B, SCAN_BLOCK_T, SCAN_WARPS, gae_tile, halves, load_values_tile,
+                        scan_blocks, scan_start)
 from ._launch import as_kernel_mask
 
 
@@ -27,10 +27,8 @@ def gae_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     acc_dtype = adv_ptr.dtype.element_ty
-    gamma = scalar(gamma_hi, gamma_lo, acc_dtype)
-    gamma_lambda = scalar(gamma_lambda_hi, gamma_lambda_lo, acc_dtype)
-    next_value = tl.zeros((BLOCK_B,), acc_dtype)
-    running = tl.zeros((BLOCK_B,), acc_dtype)
+    gamma, gamma_lambda, next_value, running = scan_start(gamma_hi, gamma_lo, gamma_lambda_hi, gamma_lambda_lo,
+                                                          acc_dtype, BLOCK_B)
     n_chunks = tl.cdiv(T, BLOCK_T)
     for i in range(n_chunks):
         cols = (n_chunks - 1 - i) * BLOCK_T + tl.arange(0, BLOCK_T)

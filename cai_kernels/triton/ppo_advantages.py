@@ -12,7 +12,7 @@ import triton.language as tl
 from .._params import PpoAdvantagesParams
 from .._validation import accumulate_dtype
 from ._gae_scan import (SCAN_BLOCK_B, SCAN_BLOCK_T, SCAN_WARPS, gae_tile, halves, load_values_tile, scalar,
-                        scan_blocks)
+                        scan_blocks, scan_start)
 from ._kl_math import kl_bounds, kl_forward
 from ._launch import as_kernel_mask
 from ._whiten import row_moments, whiten_into, whiten_map
@@ -29,11 +29,9 @@ def ppo_advantages_kernel(
     row_ok = rows < B
     acc_dtype = adv_ptr.dtype.element_ty
     neg_kl_coef = scalar(neg_kl_coef_hi, neg_kl_coef_lo, acc_dtype)
-    gamma = scalar(gamma_hi, gamma_lo, acc_dtype)
-    gamma_lambda = scalar(gamma_lambda_hi, gamma_lambda_lo, acc_dtype)
+    gamma, gamma_lambda, next_value, running = scan_start(gamma_hi, gamma_lo, gamma_lambda_hi, gamma_lambda_lo,
+                                                          acc_dtype, BLOCK_B)
     score = tl.load(scores_ptr + rows, mask=row_ok, other=0.0)
-    next_value = tl.zeros((BLOCK_B,), acc_dtype)
-    running = tl.zeros((BLOCK_B,), acc_dtype)
     seen = tl.zeros((BLOCK_B,), tl.int32)  # a later response token exists: the score is placed
     n_chunks = tl.cdiv(T, BLOCK_T)
     for i in range(n_chunks):
