@@ -10,6 +10,8 @@ import pytest
 
 pytest.importorskip("triton")
 
+from cai_kernels import _registry  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def aot_results():
@@ -21,11 +23,9 @@ def aot_results():
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def test_every_op_with_triton_kernels_is_checked(aot_results):
-    from cai_kernels import _registry
-
-    modules = {r["family"] for r in aot_results}
-    assert {name for name, op in _registry.OPS.items() if op.triton} <= modules
+def test_every_family_is_checked(aot_results):
+    families = {r["family"] for r in aot_results}  # one per op with Triton kernels (cai_kernels/triton/<op>.py)
+    assert {name for name, op in _registry.OPS.items() if op.triton} <= families
     assert {r["arch"] for r in aot_results} == {"sm_80", "sm_90a"}
 
 

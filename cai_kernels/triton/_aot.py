@@ -1,11 +1,11 @@
 """Ahead-of-time compile checks of every Triton kernel for GPUs, on a machine without one.
 
-Each op's module (``cai_kernels/triton/<op>.py``) lists ``AOT_SPECS``: the pointer and float
-argument types (every other argument is an i64), the constexprs, and which arguments the JIT would
-see as multiples of 16 (aligned pointers, row lengths and strides, what it specializes on). Each
-spec is compiled with ``triton.compile`` for sm_80 and sm_90a; Triton's bundled ``ptxas-blackwell -v``
-reports registers and spills of the PTX, and ``cuobjdump -sass`` shows whether memory-bound kernels
-issue 128-bit global loads (``LDG.E.128``).
+Each op's module (``cai_kernels/triton/<op>.py``, its "family") lists ``AOT_SPECS``: the pointer and
+float argument types (every other argument is an i64), the constexprs, and which arguments the JIT
+would see as multiples of 16 (aligned pointers, row lengths and strides, what it specializes on).
+Each spec is compiled with ``triton.compile`` for sm_80 and
+sm_90a; Triton's bundled ``ptxas-blackwell -v`` reports registers and spills of the PTX, and
+``cuobjdump -sass`` shows whether memory-bound kernels issue 128-bit global loads (``LDG.E.128``).
 
 Run ``python -m cai_kernels.triton._aot [--json]`` with TRITON_INTERPRET unset (the interpreter
 replaces @triton.jit functions with objects the compiler cannot take).
@@ -48,7 +48,7 @@ def full_signature(kernel, spec: AotSpec) -> dict[str, str]:
 
 @dataclass
 class AotResult:
-    family: str  # the module's name: an op's name (cai_kernels/triton/<op>.py)
+    family: str
     kernel: str
     label: str
     arch: str
@@ -69,12 +69,12 @@ def _tools_dir() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def compile_spec(name: str, module, spec: AotSpec, arch: str) -> AotResult:
+def compile_spec(family: str, module, spec: AotSpec, arch: str) -> AotResult:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    result = AotResult(name, spec.kernel, spec.label, arch, wide_loads_required=spec.wide_loads)
+    result = AotResult(family, spec.kernel, spec.label, arch, wide_loads_required=spec.wide_loads)
     kernel = getattr(module, spec.kernel)
     try:
         attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in spec.aligned}
@@ -102,8 +102,8 @@ def compile_spec(name: str, module, spec: AotSpec, arch: str) -> AotResult:
     return result
 
 
-def kernel_modules():
-    """(op name, module) for every module of this package that declares AOT_SPECS."""
+def family_modules():
+    """(family name, module) for every module of this package that declares AOT_SPECS."""
     package = importlib.import_module("cai_kernels.triton")
     for info in pkgutil.iter_modules(package.__path__):
         if info.name.startswith("_"):
@@ -113,26 +113,25 @@ def kernel_modules():
             yield info.name, module
 
 
-def check_all(names: list[str] | None = None) -> list[AotResult]:
+def check_all(families: list[str] | None = None) -> list[AotResult]:
     results = []
-    for name, module in kernel_modules():
-        if names and name not in names:
+    for family, module in family_modules():
+        if families and family not in families:
             continue
         for spec in module.AOT_SPECS:
             for arch in ARCHS:
-                results.append(compile_spec(name, module, spec, arch))
+                results.append(compile_spec(family, module, spec, arch))
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
-    parser.add_argument("--family", "--op", dest="op", action="append",
-                        help="only these modules, by op name (default: all)")
+    parser.add_argument("--family", action="append", help="only these families (default: all)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled ahead of time")
-    results = check_all(args.op)
+    results = check_all(args.family)
     if args.json:
         print(json.dumps([asdict(r) | {"ok": r.ok} for r in results]))
     else:
