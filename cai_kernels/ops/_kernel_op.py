@@ -37,6 +37,7 @@ class KernelOp:
         self.n_flat = self.n_args + (len(params._fields) if params is not None else 0) + 1
         self.custom_op = torch.library.custom_op(f"cai_kernels::{name}", self._dispatched, mutates_args=(),
                                                  schema=f"({args}{fields}, str backend) -> {returns}")
+        self._overload = getattr(torch.ops.cai_kernels, name).default  # what custom_op's __call__ calls
 
     def _unpack(self, flat: tuple):
         """(leading args, bundle or None, backend) from the custom op's flat arguments."""
@@ -69,8 +70,8 @@ class KernelOp:
 
     def __call__(self, *args, params, backend: str):
         if params is None:
-            return self.custom_op(*args, backend)
-        return self.custom_op(*args, *params, backend)
+            return self._overload(*args, backend)
+        return self._overload(*args, *params, backend)
 
     def register_fake(self, fake):
         """``fake(*args, params)``: empty outputs of the right shapes and dtypes."""
