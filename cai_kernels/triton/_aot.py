@@ -1,8 +1,9 @@
 """Ahead-of-time compile checks of every Triton kernel for GPUs, on a machine without one.
 
-Each family module (``cai_kernels/triton/<family>.py``) lists ``AOT_SPECS``: the argument types, the
-constexprs, and which arguments the JIT would see as multiples of 16 (aligned pointers, row lengths
-and strides, what it specializes on). Each spec is compiled with ``triton.compile`` for sm_80 and
+Each op's module (``cai_kernels/triton/<op>.py``, its "family") lists ``AOT_SPECS``: the pointer and
+float argument types (every other argument is an i64), the constexprs, and which arguments the JIT
+would see as multiples of 16 (aligned pointers, row lengths and strides, what it specializes on).
+Each spec is compiled with ``triton.compile`` for sm_80 and
 sm_90a; Triton's bundled ``ptxas-blackwell -v`` reports registers and spills of the PTX, and
 ``cuobjdump -sass`` shows whether memory-bound kernels issue 128-bit global loads (``LDG.E.128``).
 
@@ -34,8 +35,8 @@ class AotSpec:
     """One compiled variant of a kernel: what the JIT would build for one dtype / flag combination."""
 
     kernel: str                       # attribute name of the @triton.jit function in its module
-    signature: dict[str, str]         # every argument: "*bf16", "i64", "fp32", ... or "constexpr"
-    constexprs: dict[str, object]
+    signature: dict[str, str]         # pointers ("*bf16", ...) and float scalars ("fp32"); the rest: i64
+    constexprs: dict[str, object]     # every constexpr argument's value
     aligned: tuple[str, ...]          # arguments divisible by 16, as the JIT specializes them
     num_warps: int = 4
     wide_loads: bool = True           # memory-bound: its SASS must hold LDG.E.128
@@ -43,6 +44,12 @@ class AotSpec:
     num_stages: int | None = None     # None: Triton's default
     tensor_cores: bool = False        # a GEMM: its SASS must hold TENSOR_CORE_OPS[arch]
     archs: tuple[str, ...] = tuple(ARCHS)  # the archs this variant is built for (blockings differ)
+
+
+def full_signature(kernel, spec: AotSpec) -> dict[str, str]:
+    """Every argument of ``kernel``: constexprs, the spec's pointer and float types, i64 for the rest."""
+    return {name: "constexpr" if name in spec.constexprs else spec.signature.get(name, "i64")
+            for name in kernel.arg_names}
 
 
 @dataclass
@@ -104,7 +111,8 @@ def compile_spec(family: str, module, spec: AotSpec, arch: str) -> AotResult:
     kernel = getattr(module, spec.kernel)
     try:
         attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in spec.aligned}
-        source = ASTSource(fn=kernel, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
+        source = ASTSource(fn=kernel, signature=full_signature(kernel, spec), constexprs=spec.constexprs,
+                           attrs=attrs)
         options = {"num_warps": spec.num_warps}
         if spec.num_stages is not None:
             options["num_stages"] = spec.num_stages

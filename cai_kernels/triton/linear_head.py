@@ -85,7 +85,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.logprobs import accumulate_dtype
+from .._validation import accumulate_dtype
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
