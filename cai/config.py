@@ -2,7 +2,7 @@
 
 Presets live in cai/presets/<name>.yaml (`tiny`, `paper`); a config is a preset name or a YAML file whose
 keys override the dataclass defaults (unknown keys are errors). `--set stage.key=value` overrides one key
-(the value is read as YAML: `--set label.principles=4`, `--set label.clamp=[0.3,0.7]`).
+(the value is read as YAML: `--set label.principles_per_comparison=4`, `--set label.clamp=[0.3,0.7]`).
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def load_config(spec: str, overrides: list[str] = ()) -> RunConfig:
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. label.principles=4")
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. label.both_orders=false")
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
