@@ -55,8 +55,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("train_pm", train_pm.train_pm, train_pm.TrainPMConfig, input="label", scale_out="data_parallel",
           report=train_pm.report_section),
     Stage("ppo", ppo.ppo, ppo.PPOConfig, input="prompts", scale_out="data_parallel", report=ppo.report_section),
-    Stage("evaluate", evaluate.evaluate, evaluate.EvaluateConfig, input=("critique_revise", "train_pm", "ppo"),
-          scale_out="none", report=evaluate.report_section),
+    Stage("evaluate", evaluate.evaluate, evaluate.EvaluateConfig,
+          input=("critique_revise", "sft", "train_pm", "ppo"), scale_out="none", report=evaluate.report_section),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(stage.name for stage in STAGES)
 BY_NAME: dict[str, Stage] = {stage.name: stage for stage in STAGES}
