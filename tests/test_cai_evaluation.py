@@ -263,3 +263,16 @@ def test_cli_eval_mc_reads_every_eval_file_of_a_folder(tiny_model_dir, tmp_path,
     assert "notes.json: skipped: not in the eval format" in out.err
     with pytest.raises(SystemExit):
         cai_main(["eval", "mc", "--data", str(folder), "--chain-of-thought", "--samples", "0"])
+
+
+def test_cli_eval_pm(tiny_model_dir, tmp_path, capsys):
+    require_ops("last_token_rewards")
+    lm, tokenizer = load_model(tiny_model_dir, device="cpu")
+    pm = RewardModel(lm, tokenizer)
+    pm.save(tmp_path / "pm")
+    data = _hhh_file(tmp_path)
+    assert cai_main(["eval", "pm", "--model", str(tmp_path / "pm"), "--data", str(data), "--limit", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 2 and len(result["rewards"]) == 2
+    # a zero head scores every reply 0: no comparison is won
+    assert result["accuracy"] == 0.0 and all(a == b == 0.0 for a, b in result["rewards"])

@@ -253,6 +253,7 @@ def mc_items(cfg: EvaluateConfig, ctx: Context, have_pm: bool) -> tuple[list[dic
 def mc_part(cfg: EvaluateConfig, ctx: Context, items: list[dict]) -> list[dict]:
     cache = _ModelCache(ctx)
     questions, comparisons = {}, {}
+    fewshot = cot_fewshot(cfg.cot_few_shot, seed=ctx.seed) if cfg.cot_models else ""
 
     def question(spec, q):
         if spec not in questions:
@@ -269,18 +270,20 @@ def mc_part(cfg: EvaluateConfig, ctx: Context, items: list[dict]) -> list[dict]:
                                                                device=ctx.device, dtype=ctx.dtype))
                 if spec not in comparisons:
                     comparisons[spec] = load_eval_comparisons(spec, limit=cfg.mc_limit)
-                result = pm_comparison_accuracy(pm, [comparisons[spec][i["question"]] for i in group],
-                                                batch_size=cfg.pm_batch_size)
-                for item, (good, bad) in zip(group, result["rewards"]):
+                asked = [comparisons[spec][i["question"]] for i in group]
+                result = pm_comparison_accuracy(pm, asked, batch_size=cfg.pm_batch_size)
+                for item, (good, bad), c in zip(group, result["rewards"], asked):
+                    # the baseline a length-only PM would score: is the correct reply the longer one?
+                    longer = None if len(c["chosen"]) == len(c["rejected"]) else len(c["chosen"]) > len(c["rejected"])
                     rows.append(_row("hhh_pm", item["id"], model="pm", value=good - bad, correct=good > bad,
-                                     file=spec, question=item["question"]))
+                                     file=spec, question=item["question"], correct_is_longer=longer))
                 continue
             lm, tokenizer = cache.get(model, lambda: ctx.load(model))
             asked = [question(spec, i["question"]) for i in group]
             if mode == "cot":
                 result = mc_eval_cot(lm, tokenizer, asked, samples=cfg.cot_samples,
                                      max_new_tokens=cfg.cot_max_new_tokens,
-                                     fewshot=cot_fewshot(cfg.cot_few_shot, seed=ctx.seed), batch_size=len(asked),
+                                     fewshot=fewshot, batch_size=len(asked),
                                      max_batch_tokens=cfg.max_batch_tokens,
                                      seed=seed_for(ctx.seed, NAME, "cot", batch_index))
             else:

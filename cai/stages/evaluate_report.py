@@ -143,9 +143,10 @@ def revision_section(run: RunDir, rows: list[dict], bootstrap: int, seed: int) -
     def draw(ax):
         for (criterion, mode), points in summary.items():
             xs = [p[0] for p in points]
-            ax.plot(xs, [p[1] for p in points], marker="o", linestyle="-" if mode == "critique" else "--",
-                    label=f"{CRITERION_TITLE.get(criterion, criterion)}, {mode}")
-            ax.fill_between(xs, [p[2] for p in points], [p[3] for p in points], alpha=0.15)
+            line, = ax.plot(xs, [p[1] for p in points], marker="o", linestyle="-" if mode == "critique" else "--",
+                            label=f"{CRITERION_TITLE.get(criterion, criterion)}, {mode}")
+            ax.fill_between(xs, [p[2] for p in points], [p[3] for p in points], alpha=0.15, color=line.get_color())
+        ax.set_xticks(sorted({p[0] for points in summary.values() for p in points}))
         ax.axhline(0.5, color="grey", linewidth=0.8)
         ax.legend(fontsize=7)
     return out + [plot(run, "revision_curves", draw, "Revisions vs the first answer (judge, 95 % CI)",
@@ -173,6 +174,10 @@ def hhh_section(run: RunDir, rows: list[dict], hhh_file: str | None) -> list[str
         bars.append((label, k / n if n else 0.0, lo, hi))
     if pm:
         add("trained preference model", pm)
+        longer = [json.loads(r["detail"]).get("correct_is_longer") for r in pm]
+        decided = [x for x in longer if x is not None]
+        if decided:  # what a preference model that learned only "longer is better" would score
+            add("baseline: the longer reply", [{"section": "baseline", "correct": x} for x in decided])
     groups = {}
     for r in mc:
         detail = json.loads(r["detail"])

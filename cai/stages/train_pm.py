@@ -27,7 +27,7 @@ import cai_kernels
 from ..data import load_comparisons
 from ..prompts import rng_for
 from ..reward import RewardModel
-from ..reporting import format_value, plot
+from ..reporting import format_value, plot, stage_rows
 from ..rundir import RunDir
 from ..stats import wilson_interval
 from ..training import set_trainable
@@ -212,13 +212,26 @@ def report_section(run: RunDir, metrics: dict[str, list[dict]]) -> list[str]:
                      "pairwise loss"), ""]
     if final:
         f = final[-1]
+        held = stage_rows(run, NAME)
         out += ["Held-out accuracy (share of held-out pairs where the PM prefers the labelled better response; "
-                "95 % Wilson interval):", "", "| pairs | labels | n | accuracy | 95 % CI |", "| --- | --- | --- | --- | --- |"]
+                "95 % Wilson interval), next to a baseline that prefers the longer response:", "",
+                "| pairs | labels | n | accuracy | 95 % CI | longer-response baseline |",
+                "| --- | --- | --- | --- | --- | --- |"]
         for kind, labels in (("harmless", "AI (soft)"), ("helpful", "human (hard)"), (None, "all")):
             suffix = "" if kind is None else f"_{kind}"
             acc, n = f.get(f"heldout_accuracy{suffix}"), f.get(f"heldout_decided{suffix}") or 0
             lo, hi = wilson_interval(round(acc * n), n) if acc is not None and n else (None, None)
             out.append(f"| {kind or 'both kinds'} | {labels} | {n} | {format_value(acc)} | "
-                       f"{format_value(lo)}–{format_value(hi)} |")
+                       f"{format_value(lo)}–{format_value(hi)} | {format_value(longer_baseline(held, kind))} |")
         out.append("")
     return out
+
+
+def longer_baseline(held: list[dict], kind: str | None) -> float | None:
+    """Accuracy on the held-out pairs of `kind` (None: all) of preferring the longer response: what a PM that
+    learned only length would score."""
+    decided = [h for h in held if (kind is None or h.get("pair_kind") == kind) and h["p_a"] != 0.5
+               and len(h["response_a"]) != len(h["response_b"])]
+    if not decided:
+        return None
+    return sum((len(h["response_a"]) > len(h["response_b"])) == (h["p_a"] > 0.5) for h in decided) / len(decided)
