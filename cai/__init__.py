@@ -6,3 +6,8 @@ See `cai --help`.
 """
 
 __version__ = "0.1.0"
+
+
+class CaiWarning(UserWarning):
+    """Something a user should know that does not stop the run (a lock taken over from a killed run, damaged
+    shards set aside by --repair, prompts cut to the model's context); the CLI prints it as `warning: ...`."""

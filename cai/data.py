@@ -40,8 +40,10 @@ BUILTIN = {"red_team": DATA_DIR / "red_team.jsonl", "helpful": DATA_DIR / "helpf
 
 @dataclass
 class PromptsConfig:
-    sources: list[str] = field(default_factory=lambda: ["builtin:red_team", "builtin:helpful"])
-    limit_per_source: int | None = None  # first N prompts of each source (None: all)
+    sources: list[str] = field(default_factory=lambda: ["builtin:red_team", "builtin:helpful"],
+                               metadata={"min_len": 1, "unique": True})
+    # the first N prompts of each source (None: all)
+    limit_per_source: int | None = field(default=None, metadata={"ge": 0})
 
 
 def paper_data_dir() -> Path | None:
@@ -69,16 +71,29 @@ def resolve_path(spec: str) -> Path | None:
     return Path(spec)
 
 
-def read_records(spec: str, *, allow_download: bool = False) -> list[dict]:
-    """Rows of a JSONL / JSON / CSV file, a builtin set, or an HF dataset (hf:NAME[:SPLIT])."""
+def located_records(spec: str, *, allow_download: bool = False) -> list[tuple[str, dict]]:
+    """[(where, row)] of a JSONL / JSON / CSV file, a builtin set, or an HF dataset (hf:NAME[:SPLIT]).
+
+    `where` names the row for messages: "path line 7" (JSONL, 1-based line), "path item 3" (JSON),
+    "path line 4" (CSV), "hf:NAME row 3". A line that is not JSON is an error naming it. With
+    allow_download false an hf: source is read from the local HF cache without a single network request.
+    """
     if spec.startswith("hf:"):
-        from datasets import load_dataset
+        from .offline import hub_offline
 
         name, _, rest = spec[3:].partition(":")
         split, _, data_dir = rest.partition(":")
-        if not allow_download:
-            os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-        return load_dataset(name, split=split or "train", data_dir=data_dir or None).to_list()
+        with hub_offline(not allow_download):  # before `datasets` is imported: it reads the switch then
+            from datasets import load_dataset
+
+            try:
+                rows = load_dataset(name, split=split or "train", data_dir=data_dir or None).to_list()
+            except Exception as err:
+                if allow_download:
+                    raise
+                raise FileNotFoundError(f"{spec}: not found locally, and downloads are off (set allow_download: "
+                                        f"true to fetch it from the Hub): {type(err).__name__}: {err}") from err
+        return [(f"{spec} row {i}", row) for i, row in enumerate(rows)]
     path = resolve_path(spec)
     if path is None:
         raise FileNotFoundError(f"{spec}: the paper's data folder is not on this machine (set CAI_PAPER_DATA)")
@@ -86,12 +101,31 @@ def read_records(spec: str, *, allow_download: bool = False) -> list[dict]:
         raise FileNotFoundError(f"{path}: no such file")
     if path.suffix == ".csv":
         with open(path, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
+            reader = csv.DictReader(f)
+            return [(f"{path} line {reader.line_num}", row) for row in reader]
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
-        data = json.loads(text)
-        return data if isinstance(data, list) else data.get("data", [])
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from None
+        data = data if isinstance(data, list) else data.get("data", []) if isinstance(data, dict) else None
+        if data is None:
+            raise ValueError(f"{path}: expected a JSON list of rows (or {{\"data\": [...]}})")
+        return [(f"{path} item {i}", row) for i, row in enumerate(data)]
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append((f"{path} line {number}", json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} line {number}: not valid JSON ({err.msg} at column {err.colno})") from None
+    return records
+
+
+def read_records(spec: str, *, allow_download: bool = False) -> list[dict]:
+    """Rows of a JSONL / JSON / CSV file, a builtin set, or an HF dataset (hf:NAME[:SPLIT]); see located_records."""
+    return [row for _, row in located_records(spec, allow_download=allow_download)]
 
 
 def _prompt_of(row: dict, where: str) -> str:
@@ -125,6 +159,8 @@ def load_prompts(cfg: PromptsConfig, *, allow_download: bool = False) -> list[di
     prompts, seen = [], set()
     for spec in cfg.sources:
         records = read_records(spec, allow_download=allow_download)
+        if not records:
+            raise ValueError(f"{spec}: no rows (an empty prompt source)")
         if cfg.limit_per_source is not None:
             records = records[:cfg.limit_per_source]
         tag = spec.split(":", 1)[1] if spec.startswith(("builtin:", "hf:")) else Path(spec).stem
@@ -188,6 +224,8 @@ def load_comparisons(specs: list[str], *, limit_per_source: int | None = None,
     out, dropped, seen = [], 0, set()
     for spec in specs:
         records = read_records(spec, allow_download=allow_download)
+        if not records:
+            raise ValueError(f"{spec}: no comparisons (the source has no rows)")
         if limit_per_source is not None:
             records = records[:limit_per_source]
         tag = spec.split(":", 1)[1] if spec.startswith(("builtin:", "hf:")) else Path(spec).stem
@@ -209,33 +247,49 @@ class MCQuestion:
     num_correct: int = 1
 
 
+def mc_question(row, where: str) -> MCQuestion:
+    """One question of the paper's eval format: `prompt` (non-empty text), `corrects` and `incorrects` (non-empty
+    lists of non-empty option strings). Anything else is a ValueError naming `where` (file and line)."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object with prompt, corrects, incorrects; got {row!r:.80}")
+    missing = [k for k in ("prompt", "corrects", "incorrects") if k not in row]
+    if missing:
+        raise ValueError(f"{where}: missing field(s) {missing} (the paper's format: prompt, corrects, incorrects)")
+    if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+        raise ValueError(f"{where}: 'prompt' must be non-empty text; got {row['prompt']!r:.80}")
+    for key in ("corrects", "incorrects"):
+        options = row[key]
+        if not isinstance(options, list) or not options:
+            raise ValueError(f"{where}: {key!r} must be a non-empty list of option strings, e.g. [\" (A)\"]; "
+                             f"got {options!r:.80}")
+        bad = [o for o in options if not isinstance(o, str) or not o]
+        if bad:
+            raise ValueError(f"{where}: {key!r} must hold non-empty strings; got {bad[0]!r:.80}")
+    return MCQuestion(row["prompt"], tuple(row["corrects"]) + tuple(row["incorrects"]), len(row["corrects"]))
+
+
 def load_mc_questions(spec: str, limit: int | None = None) -> list[MCQuestion]:
-    """Questions of a file in the paper's eval format (`prompt`, `corrects`, `incorrects`)."""
-    questions = []
-    for i, row in enumerate(read_records(spec)):
-        corrects, incorrects = row.get("corrects"), row.get("incorrects")
-        if not isinstance(row.get("prompt"), str) or not corrects or incorrects is None:
-            raise ValueError(f"{spec} row {i}: expected 'prompt' (text), 'corrects' and 'incorrects' (lists of "
-                             f"option strings)")
-        questions.append(MCQuestion(row["prompt"], tuple(corrects) + tuple(incorrects), len(corrects)))
-        if limit is not None and len(questions) >= limit:
-            break
-    return questions
+    """Questions of a file in the paper's eval format (`prompt`, `corrects`, `incorrects`), the first `limit`
+    (>= 1; None: all). Every row is checked (a malformed one is an error naming its line); no rows is an error."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive number of questions (or None for all); got {limit!r}")
+    questions = [mc_question(row, where) for where, row in located_records(spec)]
+    if not questions:
+        raise ValueError(f"{spec}: no questions (the file has no rows)")
+    return questions if limit is None else questions[:limit]
 
 
-def eval_format_problem(records: list[dict]) -> str:
-    """"" when every record is a question of the paper's eval format (`prompt` text, `corrects` and
-    `incorrects` lists of option strings, at least one correct); otherwise what is wrong, naming a row."""
-    if not records:
-        return "no rows"
-    for i, row in enumerate(records):
-        if not isinstance(row, dict):
-            return f"row {i} is not an object"
-        corrects, incorrects = row.get("corrects"), row.get("incorrects")
-        if not isinstance(row.get("prompt"), str) or not isinstance(corrects, list) or not corrects \
-                or not isinstance(incorrects, list) \
-                or not all(isinstance(o, str) for o in corrects + incorrects):
-            return f"row {i} lacks 'prompt' (text) and 'corrects' / 'incorrects' (lists of option strings)"
+def eval_format_problem(spec: str) -> str:
+    """"" when every row of `spec` is a question of the paper's eval format (`mc_question`); otherwise what is
+    wrong (the first bad row, or no rows)."""
+    try:
+        records = located_records(spec)
+        if not records:
+            return "no rows"
+        for where, row in records:
+            mc_question(row, where)
+    except (ValueError, OSError) as err:
+        return str(err)
     return ""
 
 
@@ -254,10 +308,7 @@ def eval_files(specs: list[str]) -> list[tuple[str, Path | None, str]]:
                 continue
             for path in sorted(p for p in folder.iterdir() if p.suffix in (".json", ".jsonl")):
                 name = f"paper:{path.name}" if spec.startswith("paper:") else str(path)
-                try:
-                    problem = eval_format_problem(read_records(str(path)))
-                except (ValueError, OSError) as err:
-                    problem = f"unreadable: {err}"
+                problem = eval_format_problem(str(path))
                 found.append((name, path, problem and f"not in the eval format: {problem}"))
             continue
         if any(c in spec for c in "*?[") and not spec.startswith(("paper:", "builtin:", "hf:")):
@@ -279,15 +330,14 @@ def load_eval_comparisons(spec: str, limit: int | None = None) -> list[dict]:
     `text_incorrect` transcripts (the paper's HHH evals) -> [{"prompt", "chosen", "rejected"}] (the shared
     context and the two final assistant replies), in file order; the first `limit` rows."""
     out = []
-    for i, row in enumerate(read_records(spec)):
+    for i, (where, row) in enumerate(located_records(spec)):
         if limit is not None and i >= limit:
             break
         good, bad = row.get("text_correct"), row.get("text_incorrect")
         if not isinstance(good, str) or not isinstance(bad, str):
-            raise ValueError(f"{spec} row {i}: expected 'text_correct' and 'text_incorrect' transcripts")
-        (prompt, chosen), (other, rejected) = split_transcript(good, f"{spec} row {i}"), \
-            split_transcript(bad, f"{spec} row {i}")
+            raise ValueError(f"{where}: expected 'text_correct' and 'text_incorrect' transcripts")
+        (prompt, chosen), (other, rejected) = split_transcript(good, where), split_transcript(bad, where)
         if prompt != other:
-            raise ValueError(f"{spec} row {i}: the two transcripts differ before their last assistant turn")
+            raise ValueError(f"{where}: the two transcripts differ before their last assistant turn")
         out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return out

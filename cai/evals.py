@@ -14,17 +14,22 @@ from .scoring import score_options
 
 
 def mc_eval(model, tokenizer, questions: list[MCQuestion], *, max_batch_tokens: int = 2048,
-            progress: bool = False) -> dict:
-    """{"n", "accuracy", "mean_correct_prob", "seconds", "probs": [[p(option) ...] per question]}."""
+            overflow: str = "truncate-left", progress: bool = False) -> dict:
+    """{"n", "accuracy", "mean_correct_prob", "seconds", "probs": [[p(option) ...] per question]}.
+
+    No questions is a ValueError (an accuracy of nothing is not a number to report). Prompts too long for
+    the model's context: `overflow` (see cai.scoring.score_options).
+    """
+    if not questions:
+        raise ValueError("no questions to evaluate")
     start = time.perf_counter()
     scores = score_options(model, tokenizer, [q.prompt for q in questions], [list(q.options) for q in questions],
-                           max_batch_tokens=max_batch_tokens, progress=progress)
+                           max_batch_tokens=max_batch_tokens, overflow=overflow, progress=progress)
     seconds = time.perf_counter() - start
     correct = sum(max(range(len(p)), key=p.__getitem__) < q.num_correct for p, q in zip(scores.probs, questions))
     correct_mass = [sum(p[:q.num_correct]) for p, q in zip(scores.probs, questions)]
     n = len(questions)
-    return {"n": n, "accuracy": correct / n if n else float("nan"),
-            "mean_correct_prob": sum(correct_mass) / n if n else float("nan"), "seconds": seconds,
+    return {"n": n, "accuracy": correct / n, "mean_correct_prob": sum(correct_mass) / n, "seconds": seconds,
             "probs": scores.probs}
 
 
@@ -34,7 +39,7 @@ def mc_eval(model, tokenizer, questions: list[MCQuestion], *, max_batch_tokens: 
 
 def mc_eval_cot(model, tokenizer, questions: list[MCQuestion], *, samples: int = 1, temperature: float | None = None,
                 max_new_tokens: int = 128, fewshot: str = "", batch_size: int = 8, max_batch_tokens: int = 2048,
-                seed: int = 0, progress: bool = False) -> dict:
+                seed: int = 0, overflow: str = "truncate-left", progress: bool = False) -> dict:
     """Multiple choice with chain-of-thought: each question as a Human/Assistant dialogue
     (`prompts.mc_prompt_as_cot`), the model reasons after "Let's think step by step:", then the options are
     scored after "So the answer is:". With `samples` > 1 the reasoning is sampled that many times (at
@@ -47,6 +52,8 @@ def mc_eval_cot(model, tokenizer, questions: list[MCQuestion], *, samples: int =
 
     if samples < 1:
         raise ValueError(f"samples must be >= 1; got {samples}")
+    if not questions:
+        raise ValueError("no questions to evaluate")
     start = time.perf_counter()
     temperature = (0.0 if samples == 1 else 1.0) if temperature is None else temperature
     prefix = SharedPrefix(model, tokenizer, fewshot) if fewshot else ""
@@ -61,9 +68,9 @@ def mc_eval_cot(model, tokenizer, questions: list[MCQuestion], *, samples: int =
     for k in rounds:
         thoughts = generate(model, tokenizer, asks, prefix=prefix, max_new_tokens=max_new_tokens,
                             temperature=temperature, batch_size=batch_size, seed=seed + 1000 * k,
-                            stop=cot_stop_strings())
+                            stop=cot_stop_strings(), overflow=overflow)
         scores = score_options(model, tokenizer, [a + " " + t + cot_answer_cue() for a, t in zip(asks, thoughts)],
-                               options, prefix=prefix, max_batch_tokens=max_batch_tokens)
+                               options, prefix=prefix, max_batch_tokens=max_batch_tokens, overflow=overflow)
         for q, p in enumerate(scores.probs):
             totals[q] = [t + x / samples for t, x in zip(totals[q], p)]
         if k == 0:

@@ -37,6 +37,7 @@ class CompareSettings:
     cot_temperature: float = 0.0  # 0: greedy reasoning
     clamp: tuple[float, float] | None = None  # clamps chain-of-thought answers only
     max_batch_tokens: int = 2048
+    overflow: str = "truncate-left"  # questions longer than the model's context (cai.models.fit_context)
 
     def questions_per_pair(self) -> int:
         return self.principles_per_comparison * (2 if self.both_orders else 1)
@@ -109,13 +110,14 @@ class Comparer:
         prefix = self.prefix or ""
         if not s.chain_of_thought:
             probs = score_options(self.model, self.tokenizer, asks, [self.options] * len(asks), prefix=prefix,
-                                  max_batch_tokens=s.max_batch_tokens).probs
+                                  max_batch_tokens=s.max_batch_tokens, overflow=s.overflow).probs
             return probs, [""] * len(questions)
         thoughts = generate(self.model, self.tokenizer, asks, prefix=prefix, max_new_tokens=s.cot_max_new_tokens,
-                            temperature=s.cot_temperature, batch_size=len(asks), seed=seed, stop=cot_stop_strings())
+                            temperature=s.cot_temperature, batch_size=len(asks), seed=seed, stop=cot_stop_strings(),
+                            overflow=s.overflow)
         probs = score_options(self.model, self.tokenizer, [a + " " + t + cot_answer_cue() for a, t in zip(asks, thoughts)],
                               [self.options] * len(asks), prefix=prefix, max_batch_tokens=s.max_batch_tokens,
-                              clamp=tuple(s.clamp) if s.clamp else None).probs
+                              clamp=tuple(s.clamp) if s.clamp else None, overflow=s.overflow).probs
         return probs, thoughts
 
     def compare(self, pairs: list[dict], seed: int) -> list[dict]:

@@ -14,11 +14,14 @@ import inspect
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 
+from . import CaiWarning
 from .constitution import RAW_LABELS, Turn
+from .offline import hub_offline
 
 EMBEDDED = "embedded"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -103,8 +106,9 @@ def load_tokenizer(name_or_path, *, allow_download: bool = False, trust_remote_c
 
     path = resolve_model(name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=not allow_download,
-                                                  trust_remote_code=trust_remote_code)
+        with hub_offline(not allow_download):
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=not allow_download,
+                                                      trust_remote_code=trust_remote_code)
     except OSError as err:
         raise ModelNotFoundError(_not_found(path, err)) from err
     if tokenizer.pad_token_id is None:
@@ -123,9 +127,10 @@ def load_model(name_or_path=None, *, device: str | torch.device = "auto", dtype:
     device = pick_device(device) if isinstance(device, str) else device
     tokenizer = load_tokenizer(path, allow_download=allow_download, trust_remote_code=trust_remote_code)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=pick_dtype(dtype, device), attn_implementation=attention_implementation(device),
-            local_files_only=not allow_download, trust_remote_code=trust_remote_code)
+        with hub_offline(not allow_download):
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=pick_dtype(dtype, device), attn_implementation=attention_implementation(device),
+                local_files_only=not allow_download, trust_remote_code=trust_remote_code)
     except OSError as err:
         raise ModelNotFoundError(_not_found(path, err)) from err
     return model.to(device).eval(), tokenizer
@@ -134,6 +139,44 @@ def load_model(name_or_path=None, *, device: str | torch.device = "auto", dtype:
 def _not_found(path, err) -> str:
     return (f"cannot load model {path!r} from this machine ({err}). Give a local folder, an HF id already in "
             f"the local HF cache, or 'embedded'; pass --allow-download (allow_download: true) to fetch from the Hub")
+
+
+OVERFLOW = ("truncate-left", "error")
+
+
+def context_length(model) -> int | None:
+    """The most positions the model was built for (config.max_position_embeddings or its other names); None
+    when the config does not say."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(model.config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def fit_context(rows: list[list[int]], room: list[int], overflow: str, *, context: int, what: str) -> list[list[int]]:
+    """Token lists that fit their `room` (positions left for each in the model's `context`).
+
+    overflow "truncate-left": longer rows lose their first tokens, with one warning that counts them;
+    "error": a ValueError naming the first one. No room at all (room < 1) is always an error.
+    """
+    if overflow not in OVERFLOW:
+        raise ValueError(f"overflow must be one of {OVERFLOW}; got {overflow!r}")
+    if min(room, default=1) < 1:
+        raise ValueError(f"{what}: what must follow the prompt (options, new tokens, a shared prefix) already "
+                         f"fills the model's context of {context} tokens")
+    long = [i for i, (ids, r) in enumerate(zip(rows, room)) if len(ids) > r]
+    if not long:
+        return rows
+    first = long[0]
+    if overflow == "error":
+        raise ValueError(f"{what}: {len(long)} of {len(rows)} prompts do not fit in the model's context of {context} "
+                         f"tokens (e.g. number {first}: {len(rows[first])} tokens, room for {room[first]}); "
+                         f"shorten them, or let them be cut from the left (overflow truncate-left)")
+    warnings.warn(f"{what}: {len(long)} of {len(rows)} prompts were longer than fits in the model's context of "
+                  f"{context} tokens and were cut from the left (e.g. number {first}: {len(rows[first])} tokens "
+                  f"to {room[first]})", CaiWarning, stacklevel=3)
+    return [ids[len(ids) - r:] if len(ids) > r else ids for ids, r in zip(rows, room)]
 
 
 def lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -249,19 +292,33 @@ def pad_rows(rows: list[list[int]], pad: int, *, left: bool) -> tuple[torch.Tens
     return ids, mask
 
 
+def fit_generation(model, prompt_ids: list[list[int]], prefix: SharedPrefix | None, max_new_tokens: int,
+                   overflow: str) -> list[list[int]]:
+    """Prompts cut (or refused, see fit_context) so that prefix + prompt + max_new_tokens fit the context."""
+    context = context_length(model)
+    if context is None:
+        return prompt_ids
+    room = context - max_new_tokens - (len(prefix) if prefix is not None else 0)
+    return fit_context(prompt_ids, [room] * len(prompt_ids), overflow, context=context,
+                       what=f"generation (max_new_tokens {max_new_tokens})")
+
+
 @torch.no_grad()
 def generate_ids(model, tokenizer, prompt_ids: list[list[int]], *, prefix: SharedPrefix | None = None,
                  max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
-                 seed: int | None = None) -> list[list[int]]:
+                 seed: int | None = None, overflow: str = "truncate-left") -> list[list[int]]:
     """Sample continuations of a batch of token lists; returns the new tokens of each, up to and with EOS.
 
     Without `prefix` the batch is left-padded; with it every row reads prefix + its tokens (see
-    SharedPrefix). temperature 0 = greedy. The sampling RNG is seeded with `seed` when given.
+    SharedPrefix). temperature 0 = greedy. The sampling RNG is seeded with `seed` when given. Prompts
+    that leave no room for max_new_tokens in the model's context are cut from the left or refused
+    (`overflow`, see fit_context).
     """
     from transformers import GenerationConfig
 
     if not any(prompt_ids):
         raise ValueError("generate_ids needs at least one non-empty prompt")
+    prompt_ids = fit_generation(model, prompt_ids, prefix, max_new_tokens, overflow)
     ids, mask = pad_rows(prompt_ids, tokenizer.pad_token_id, left=True)
     kwargs = {}
     if prefix is not None and len(prefix):
@@ -291,19 +348,22 @@ def encode(tokenizer, text: str, *, special: bool = True) -> list[int]:
 
 def generate(model, tokenizer, prompts: list[str], *, prefix: str | SharedPrefix = "", max_new_tokens: int = 64,
              temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 8, seed: int = 0,
-             stop: tuple[str, ...] = ()) -> list[str]:
+             stop: tuple[str, ...] = (), overflow: str = "truncate-left") -> list[str]:
     """Sample one completion per prompt (text in, text out), `batch_size` prompts at a time.
 
     `prefix`, when every prompt starts with it, is encoded once and shared (see SharedPrefix); pass a
-    SharedPrefix to reuse one across calls.
+    SharedPrefix to reuse one across calls. Prompts too long for the model's context are cut from the left
+    (kept after the shared prefix) or refused, as `overflow` says (see fit_context).
     Completions are cut at the first of `stop` and stripped. Batch i is seeded with `seed + i`.
     """
     shared, suffixes = shared_prefix(model, tokenizer, prompts, prefix)
+    encoded = fit_generation(model, [encode(tokenizer, s, special=shared is None) for s in suffixes], shared,
+                             max_new_tokens, overflow)
     completions = []
-    for i, start in enumerate(range(0, len(suffixes), batch_size)):
-        chunk = [encode(tokenizer, s, special=shared is None) for s in suffixes[start:start + batch_size]]
+    for i, start in enumerate(range(0, len(encoded), batch_size)):
+        chunk = encoded[start:start + batch_size]
         ids = generate_ids(model, tokenizer, chunk, prefix=shared, max_new_tokens=max_new_tokens,
-                           temperature=temperature, top_p=top_p, seed=seed + i)
+                           temperature=temperature, top_p=top_p, seed=seed + i, overflow=overflow)
         completions.extend(cut_at_stop(tokenizer.decode(row, skip_special_tokens=True), stop) for row in ids)
     return completions
 

@@ -6,8 +6,6 @@ plot is written to <run>/plots/<name>.png and its line links it); cai.report put
 
 from __future__ import annotations
 
-import json
-
 from .rundir import RunDir, load_rows
 
 
@@ -57,5 +55,4 @@ def stage_rows(run: RunDir, stage: str) -> list[dict]:
 
 def done_info(run: RunDir, stage: str) -> dict:
     """The stage's DONE record (rows, seconds, resumed, ranks); {} if it has not finished."""
-    path = run.root / stage / "DONE"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return run.done_info(stage)

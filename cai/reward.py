@@ -13,7 +13,7 @@ from torch import nn
 
 import cai_kernels
 
-from .models import PromptFormat, load_model, pad_rows
+from .models import PromptFormat, context_length, load_model, pad_rows
 from .training import encode_dialogue, save_pretrained, trunk_hidden
 
 HEAD_FILE = "score_head.safetensors"
@@ -44,7 +44,11 @@ class RewardModel(nn.Module):
         return self.lm.device
 
     def encode(self, prompts: list[str], responses: list[str], max_length: int | None = None):
-        """(input_ids, attention_mask), right-padded, of the rendered (prompt, response) dialogues."""
+        """(input_ids, attention_mask), right-padded, of the rendered (prompt, response) dialogues, each at most
+        `max_length` tokens and never longer than the model's context (cut as cai.training.encode_dialogue does)."""
+        context = context_length(self.lm)
+        if context is not None:
+            max_length = context if max_length is None else min(max_length, context)
         rows = [encode_dialogue(self.format, self.tokenizer, p, r, max_length)[0] for p, r in zip(prompts, responses)]
         ids, mask = pad_rows(rows, self.tokenizer.pad_token_id, left=False)
         return ids.to(self.device), mask.to(self.device)

@@ -21,7 +21,8 @@ import torch
 
 import cai_kernels
 
-from .models import SharedPrefix, cache_kwarg, encode, lm_head, pad_rows, returned_cache, shared_prefix
+from .models import (SharedPrefix, cache_kwarg, context_length, encode, fit_context, lm_head, pad_rows,
+                     returned_cache, shared_prefix)
 
 
 @dataclass
@@ -34,6 +35,9 @@ class OptionScores:
 def tokenize_questions(tokenizer, prompts: list[str], options: list[list[str]], *, special: bool = True):
     """(prompt token lists, per-question lists of option token lists)."""
     prompt_ids = [encode(tokenizer, p, special=special) for p in prompts]
+    empty = [q for q, ids in enumerate(prompt_ids) if not ids]
+    if empty:  # the first option token is predicted from the prompt's last position: there must be one
+        raise ValueError(f"question {empty[0]}: the prompt {prompts[empty[0]]!r} encodes to no tokens")
     option_ids = []
     for q, opts in enumerate(options):
         if not opts:
@@ -114,18 +118,26 @@ def _score_batch(model, tokenizer, prompt_ids, option_ids, *, prefix: SharedPref
 
 def score_options(model, tokenizer, prompts: list[str], options: list[list[str]], *, max_batch_tokens: int = 2048,
                   temperature: float = 1.0, clamp: tuple[float, float] | None = None,
-                  prefix: str | SharedPrefix = "",
+                  prefix: str | SharedPrefix = "", overflow: str = "truncate-left",
                   progress: bool = False) -> OptionScores:
     """Log-probs and normalized probabilities of `options[q]` as continuations of `prompts[q]`.
 
     Questions may have different numbers of options and options of several tokens. `clamp=(lo, hi)`
     clamps the probabilities (CAI clamps chain-of-thought labels to (0.4, 0.6)). A `prefix` that every
     prompt starts with (few-shot examples) is encoded once and its KV cache shared by all questions.
+    A prompt that does not fit in the model's context together with its options (and the prefix) is cut
+    from the left (`overflow="truncate-left"`, kept after the prefix, with a warning that counts them)
+    or refused (`overflow="error"`).
     """
     if len(prompts) != len(options):
         raise ValueError(f"prompts and options must have the same length; got {len(prompts)} and {len(options)}")
     shared, prompts = shared_prefix(model, tokenizer, prompts, prefix)
     prompt_ids, option_ids = tokenize_questions(tokenizer, prompts, options, special=shared is None)
+    context = context_length(model)
+    if context is not None:  # positions: prefix, prompt, then every option token but its last
+        taken = len(shared) if shared is not None else 0
+        room = [context - taken - (max(len(o) for o in opts) - 1) for opts in option_ids]
+        prompt_ids = fit_context(prompt_ids, room, overflow, context=context, what="multiple-choice scoring")
     logprobs: list[list[float]] = [[] for _ in prompts]
     probs: list[list[float]] = [[] for _ in prompts]
     batches = plan_batches(prompt_ids, max_batch_tokens)

@@ -1,20 +1,23 @@
 """Training helpers shared by sft, train_pm and ppo: trainable subsets, resumable checkpoints, saving.
 
 A checkpoint holds only what training changed (the trainable parameters, as safetensors), the optimizer
-state, the step reached and the rows produced so far, all in one folder moved into place atomically. The
-frozen parameters come back from the model the stage started from.
+state, the step reached and the rows produced so far, all in one folder moved into place atomically with its
+manifest (row count, file sizes and checksums: a damaged checkpoint is an error, not a silent restart or lost
+rows). The frozen parameters come back from the model the stage started from.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .rundir import replace_dir, staging_dir
+from . import CaiWarning
+from .rundir import DamagedRunError, check_manifest, replace_dir, staging_dir, write_manifest
 
 
 def decoder_layers(model) -> nn.ModuleList:
@@ -38,6 +41,9 @@ def set_trainable(model, train_layers: int | None) -> list[nn.Parameter]:
     for p in model.parameters():
         p.requires_grad_(False)
     layers = decoder_layers(model)
+    if not 0 <= train_layers <= len(layers):
+        raise ValueError(f"train_layers must be between 0 and the model's {len(layers)} decoder layers "
+                         f"(or null for all parameters); got {train_layers}")
     modules = list(layers[len(layers) - train_layers:]) if train_layers > 0 else []
     norm = getattr(model.base_model, "norm", None) or getattr(model.base_model, "ln_f", None)
     if norm is not None and train_layers > 0:
@@ -68,15 +74,35 @@ class Checkpoint:
             torch.save(optimizer.state_dict(), staging / "optimizer.pt")
             (staging / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
             (staging / "state.json").write_text(json.dumps({"step": step, "extra": extra or {}}), encoding="utf-8")
+            write_manifest(staging, len(rows))
             replace_dir(staging, self.folder)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def restore(self, modules: dict[str, nn.Module], optimizer) -> tuple[int, list[dict], dict]:
-        """(step, rows, extra) of the saved state loaded into `modules` / `optimizer`; (0, [], {}) if none."""
+    def restore(self, modules: dict[str, nn.Module], optimizer, *,
+                repair: bool = False) -> tuple[int, list[dict], dict]:
+        """(step, rows, extra) of the saved state loaded into `modules` / `optimizer`; (0, [], {}) if none.
+
+        A damaged checkpoint raises DamagedRunError; with `repair` it is discarded (the stage restarts from
+        its first step) with a warning.
+        """
         from safetensors.torch import load_file
 
-        if not (self.folder / "state.json").is_file():
+        if not self.folder.is_dir():
+            return 0, [], {}
+        expected, problems = check_manifest(self.folder)
+        rows = []
+        if not problems:
+            rows = [json.loads(line) for line in (self.folder / "rows.jsonl").read_text(encoding="utf-8").splitlines()]
+            if len(rows) != expected:
+                problems = [(self.folder / "rows.jsonl", f"{len(rows)} rows, the manifest records {expected}")]
+        if problems:
+            if not repair:
+                raise DamagedRunError(problems, "the checkpoint is damaged: re-run with --repair to discard it "
+                                                "and restart this stage from its first step")
+            self.clear()
+            warnings.warn(f"{self.folder}: damaged checkpoint discarded (--repair); the stage restarts from its "
+                          f"first step", CaiWarning, stacklevel=2)
             return 0, [], {}
         saved = load_file(str(self.folder / "trainable.safetensors"))
         for prefix, module in modules.items():
@@ -87,8 +113,6 @@ class Checkpoint:
                         params[key[len(prefix) + 1:]].copy_(value)
         optimizer.load_state_dict(torch.load(self.folder / "optimizer.pt", weights_only=True))
         state = json.loads((self.folder / "state.json").read_text(encoding="utf-8"))
-        rows = [json.loads(line) for line in (self.folder / "rows.jsonl").read_text(encoding="utf-8").splitlines()
-                if line.strip()]
         return state["step"], rows, state.get("extra", {})
 
     def clear(self):

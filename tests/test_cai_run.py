@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cai import CaiWarning
 from cai.cli import main as cai_main
 from cai.config import ConfigError, config_from_dict, load_config
 from cai.rundir import load_rows
@@ -31,8 +33,8 @@ def test_presets_load():
 
 @pytest.mark.parametrize("data, message", [
     ({"label": {"principals": 2}}, "label: unknown key(s) ['principals']"),
-    ({"sft": {"lr": "fast"}}, "sft.lr: expected float"),
-    ({"stages": ["sft", "rlhf"]}, "unknown stage(s) ['rlhf']"),
+    ({"sft": {"lr": "fast"}}, "sft.lr: expected a number, got 'fast'"),
+    ({"stages": ["sft", "rlhf"]}, "stages[1]: must be one of 'critique_revise', "),
     ({"seed": None}, "seed: may not be null"),
 ])
 def test_config_errors(data, message):
@@ -71,7 +73,7 @@ def test_full_run_report_and_skip(tiny_model_dir, tmp_path):
         open_run(config_from_dict(tiny_run_config(tiny_model_dir, seed=1)), out)
 
 
-def test_stage_subcommand_with_input(tiny_model_dir, tmp_path):
+def test_stage_subcommand_with_input(tiny_model_dir, tmp_path, capsys):
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(tiny_run_config(tiny_model_dir)))
     prompts = tmp_path / "prompts.jsonl"
@@ -81,8 +83,13 @@ def test_stage_subcommand_with_input(tiny_model_dir, tmp_path):
                      "--no-progress"]) == 0
     rows = load_rows(out / "critique_revise")
     assert [r["kind"] for r in rows] == ["red_team", "helpful"] and len(rows[0]["revisions"]) == 2
-    with pytest.raises(RuntimeError, match="has not finished"):
-        cai_main(["label", "--config", str(config_path), "--out", str(out), "--no-progress"])
+    capsys.readouterr()
+    assert cai_main(["label", "--config", str(config_path), "--out", str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: stage label reads the output of sample_pairs, which has not finished")
+    assert "Traceback" not in err and "--debug" not in err  # cai's own message: nothing to add
+    with pytest.raises(RuntimeError, match="has not finished"):  # --debug: the exception itself
+        cai_main(["label", "--config", str(config_path), "--out", str(out), "--no-progress", "--debug"])
 
 
 def test_sigkill_during_label_then_resume(tiny_model_dir, tmp_path):
@@ -114,7 +121,8 @@ def test_sigkill_during_label_then_resume(tiny_model_dir, tmp_path):
     assert 1 <= len(shards_before) < len(pairs)
 
     messages = []
-    run_all(config_from_dict(config), out, progress=False, log=messages.append)
+    with pytest.warns(CaiWarning, match=f"took over the lock of a run that ended .*pid {proc.pid} "):
+        run_all(config_from_dict(config), out, progress=False, log=messages.append)
     assert "[cai] label: resuming" in messages
     labels = load_rows(out / "label")
     assert [r["id"] for r in labels] == [p["id"] for p in pairs]  # none lost, none twice, in order
@@ -123,3 +131,141 @@ def test_sigkill_during_label_then_resume(tiny_model_dir, tmp_path):
     ctx = open_run(config_from_dict(config), fresh, progress=False)
     run_stage("label", config_from_dict(config), ctx, input_path=out / "sample_pairs" / "dataset", log=lambda *_: None)
     assert [r["p_a"] for r in load_rows(fresh / "label")] == pytest.approx([r["p_a"] for r in labels], abs=1e-6)
+
+
+# ---- damaged run folders (issue 13) ---------------------------------------------------------------
+
+PAIRS = [{"id": f"p{i}", "prompt": f"Can you help me with task {i}?", "kind": "red_team",
+          "response_a": "Sure, here is a safe way to do it.", "response_b": "No. Go away."} for i in range(6)]
+
+
+def _label_setup(tiny_model_dir, tmp_path):
+    """A config (label batches of 2) and a pairs file: 3 label batches."""
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tiny_run_config(tiny_model_dir, label={"principles_per_comparison": 1, "few_shot": 1,
+                                                                            "batch_size": 2})))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
+    return ["label", "--config", str(config), "--input", str(pairs), "--no-progress"]
+
+
+def _count_calls(monkeypatch, fail_at: int | None = None) -> list:
+    """Count label's score_options calls (one per batch); the `fail_at`-th raises (a run killed there)."""
+    from cai import feedback as label_module  # label's questions are asked by cai.feedback.Comparer
+
+    real, calls = label_module.score_options, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise KeyboardInterrupt  # stands for the kill: the CLI stops, the shards so far stay
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(label_module, "score_options", counted)
+    return calls
+
+
+@pytest.mark.parametrize("how", ["a line dropped", "an empty file", "lines duplicated"])
+def test_damaged_shard_stops_the_resume_and_repair_redoes_that_batch(tiny_model_dir, tmp_path, monkeypatch, capsys,
+                                                                     how):
+    """Issue 13: a damaged shard was accepted on resume (11 of 12 rows, or 8, or 16 with duplicate ids)."""
+    from test_cai_rundir import damage
+
+    require_ops("choice_logprobs")
+    command = _label_setup(tiny_model_dir, tmp_path)
+    assert cai_main(command + ["--out", str(tmp_path / "reference")]) == 0
+    reference = load_rows(tmp_path / "reference" / "label")
+    out = tmp_path / "run"
+    _count_calls(monkeypatch, fail_at=3)
+    assert cai_main(command + ["--out", str(out)]) == 130  # killed in the third batch
+    shard = out / "label" / "shards" / "00000.jsonl"
+    damage(shard, how)
+    capsys.readouterr()
+
+    calls = _count_calls(monkeypatch)
+    assert cai_main(command + ["--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {shard}: ") and "Traceback" not in err
+    assert "error: 1 of the 3 batches of label have damaged shards: re-run with --repair" in err
+    assert calls == [] and not (out / "label" / "DONE").exists()
+
+    assert cai_main(command + ["--out", str(out), "--repair"]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {shard}: " in err and "batch 0 is redone (--repair)" in err
+    assert len(calls) == 2  # the damaged batch and the one never finished; batch 1 was read from its shard
+    assert load_rows(out / "label") == reference  # every pair once, in order, the uninterrupted labels
+
+
+def test_duplicated_rows_are_not_marked_done(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """A shard copied over another passes its own checksum; the unique-id check before DONE catches it."""
+    require_ops("choice_logprobs")
+    command = _label_setup(tiny_model_dir, tmp_path)
+    out = tmp_path / "run"
+    _count_calls(monkeypatch, fail_at=3)
+    assert cai_main(command + ["--out", str(out)]) == 130
+    shards = out / "label" / "shards"
+    (shards / "00001.jsonl").write_bytes((shards / "00000.jsonl").read_bytes())
+    capsys.readouterr()
+    _count_calls(monkeypatch)
+    assert cai_main(command + ["--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {out / 'label'}: rows 0 and 2 have the same id 'p0'" in err
+    assert "so the stage was not marked done" in err
+    assert not (out / "label" / "DONE").exists() and (shards / "00000.jsonl").is_file()
+
+
+def test_damaged_dataset_of_a_finished_stage(tiny_model_dir, tmp_path, capsys):
+    """A finished stage's dataset is checked on the next run; --repair recomputes it (the same rows)."""
+    config = tiny_run_config(tiny_model_dir, stages=["critique_revise"])
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "run"
+    command = ["run", "--config", str(path), "--out", str(out), "--no-progress"]
+    assert cai_main(command) == 0
+    rows = load_rows(out / "critique_revise")
+    arrow = next((out / "critique_revise" / "dataset").glob("*.arrow"))
+    arrow.write_bytes(arrow.read_bytes()[:-10])
+    capsys.readouterr()
+    assert cai_main(command) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {arrow}: ") and "re-run with --repair to recompute them" in err
+    assert cai_main(command + ["--repair"]) == 0
+    assert "warning: " in capsys.readouterr().err
+    assert load_rows(out / "critique_revise") == rows
+    assert list((out / "critique_revise").glob("dataset.damaged-*"))  # kept for a look, not deleted
+
+
+def test_empty_inputs_are_errors(tiny_model_dir, tmp_path, capsys):
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tiny_run_config(tiny_model_dir)))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert cai_main(["critique-revise", "--config", str(config), "--out", str(tmp_path / "a"), "--input", str(empty),
+                     "--no-progress"]) == 1
+    assert capsys.readouterr().err == f"error: --input {empty}: no rows\n"
+    assert not (tmp_path / "a" / "critique_revise" / "DONE").exists()
+    assert cai_main(["run", "--config", str(config), "--out", str(tmp_path / "b"), "--no-progress",
+                     "--set", f"prompts.sources=[builtin:red_team,{empty}]"]) == 1
+    assert capsys.readouterr().err == f"error: {empty}: no rows (an empty prompt source)\n"
+    duplicated = tmp_path / "pairs.jsonl"
+    duplicated.write_text("".join(json.dumps(p) + "\n" for p in PAIRS[:2] + PAIRS[:1]))
+    assert cai_main(["label", "--config", str(config), "--out", str(tmp_path / "c"), "--input", str(duplicated),
+                     "--no-progress"]) == 1
+    assert "error: the input of label: rows 0 and 2 have the same id 'p0'" in capsys.readouterr().err
+
+
+def test_second_run_on_a_folder_is_refused(tiny_model_dir, tmp_path, capsys):
+    from test_cai_rundir import hold_lock
+
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tiny_run_config(tiny_model_dir, stages=["critique_revise"])))
+    out = tmp_path / "run"
+    holder = hold_lock(out)
+    try:
+        assert cai_main(["run", "--config", str(config), "--out", str(out), "--no-progress"]) == 1
+    finally:
+        holder.kill()
+        holder.wait()
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out} is in use by another cai run (pid {holder.pid} on ")
+    assert not (out / "config.yaml").exists()

@@ -54,6 +54,8 @@ def test_table_rows_are_consistent():
         assert stage.report is None or callable(stage.report)
     with pytest.raises(ValueError, match="scale_out"):
         Stage("x", len, RunSettings, input="prompts", scale_out="slurm", report=None)
+    with pytest.raises(ValueError, match="key"):
+        Stage("x", len, RunSettings, input="prompts", scale_out="none", report=None, key=())
 
 
 def test_report_is_the_sections_in_table_order(tmp_path, monkeypatch):

@@ -5,7 +5,11 @@ See tests/_stack_modules.py for how OpenRLHF's modules load without DeepSpeed / 
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 import typing
+import warnings
 
 import pytest
 import torch
@@ -18,7 +22,7 @@ if loaded is None:
 orl_utils, orl_loss, EXPERIENCE_MAKER = loaded
 
 from cai_kernels.integrations import openrlhf as adapter  # noqa: E402
-from cai_kernels.integrations._patching import Unsupported  # noqa: E402
+from cai_kernels.integrations._patching import PatchWarning, Unsupported  # noqa: E402
 
 # OpenRLHF's own implementations, captured before any test patches them
 ORL = {name: getattr(orl_utils, name) for name in ("log_probs_from_logits", "compute_approx_kl", "compute_entropy")}
@@ -170,7 +174,16 @@ def test_value_loss(clip_eps, token_level, global_counts):
 
 
 def test_apply_to_openrlhf_patches_and_undoes():
-    handle = adapter.apply_to_openrlhf()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        handle = adapter.apply_to_openrlhf()
+    # whatever it could not reach (here RemoteExperienceMaker: its module needs vLLM glue) is listed and warned
+    maker = "openrlhf.trainer.ppo_utils.experience_maker.RemoteExperienceMaker."
+    for method in ("get_advantages_and_returns", "get_cumulative_returns"):
+        assert (maker + method in handle.not_patched) != (maker + method in handle.patched)
+    warned = [str(w.message) for w in caught if issubclass(w.category, PatchWarning)]
+    assert len(warned) == (1 if handle.not_patched else 0)
+    assert all(target in warned[0] for target in handle.not_patched)
     try:
         assert orl_utils.compute_approx_kl is not ORL["compute_approx_kl"]
         assert orl_utils.compute_approx_kl.__wrapped__ is adapter.compute_approx_kl
@@ -183,3 +196,51 @@ def test_apply_to_openrlhf_patches_and_undoes():
         handle.undo()
     assert all(getattr(orl_utils, name) is fn for name, fn in ORL.items())
     assert all(getattr(orl_loss, name) is cls for name, cls in ORL_LOSS.items())
+
+
+@pytest.mark.parametrize("clip_eps", [None, 0.2])
+@pytest.mark.parametrize("token_level", [True, False])
+def test_patched_value_loss_class_constructs_and_matches(clip_eps, token_level):
+    """The patched ValueLoss keeps OpenRLHF's __init__ (the adapter's bare super() pointed at a class
+    the patched one does not inherit from: TypeError on construction)."""
+    mask = holes_mask(4, 6, seed=25)
+    values, old, returns = rand(4, 6, seed=26), rand(4, 6, seed=27), rand(4, 6, seed=28)
+    expected = ORL_LOSS["ValueLoss"](clip_eps, token_level)(values, old, returns, mask)
+    with warnings.catch_warnings():  # RemoteExperienceMaker may need Ray / vLLM glue that is not installed
+        warnings.simplefilter("ignore", PatchWarning)
+        handle = adapter.apply_to_openrlhf()
+    try:
+        patched = orl_loss.ValueLoss(clip_eps=clip_eps, token_level_loss=token_level)
+        assert isinstance(patched, ORL_LOSS["ValueLoss"]) and patched.clip_eps == clip_eps
+        got = patched(values, old, returns, mask)
+        assert type(patched).forward.__wrapped__ is adapter.ValueLoss.forward  # really ours
+        for cls in ("PairWiseLoss", "LogExpLoss"):
+            getattr(orl_loss, cls)()  # the other patched classes construct too
+    finally:
+        handle.undo()
+    assert got.dtype == expected.dtype
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_apply_to_openrlhf_warns_and_lists_what_it_could_not_patch():
+    """Without flash-attn (or DeepSpeed / PEFT) ``openrlhf.models`` does not import: nothing under it can
+    be patched, and the patcher says so instead of returning an empty handle in silence."""
+    code = textwrap.dedent("""
+        import sys, warnings
+        sys.modules["flash_attn"] = None  # `import flash_attn` raises ImportError, as on a machine without it
+        from cai_kernels.integrations import PatchWarning, apply_to_openrlhf
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            handle = apply_to_openrlhf()
+        messages = [str(w.message) for w in caught if issubclass(w.category, PatchWarning)]
+        assert len(messages) == 1, messages
+        assert handle.patched == [], handle.patched
+        for name in ("log_probs_from_logits", "compute_entropy", "compute_approx_kl"):
+            assert "openrlhf.models.utils." + name in handle.not_patched, handle.not_patched
+            assert "openrlhf.models.utils." + name in messages[0]
+        for name in ("PairWiseLoss", "LogExpLoss", "ValueLoss"):
+            assert "failed to import" in handle.not_patched["openrlhf.models.loss." + name]
+        print("OK")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "OK", out.stderr[-3000:]

@@ -244,3 +244,110 @@ def test_dpo_trainer_step_same_loss_patched(tiny_model_dir, tmp_path):
     ours = _dpo_losses(tiny_model_dir, tmp_path / "patched", patched=True)
     assert len(reference) == 2 and all(torch.isfinite(torch.tensor(reference)))
     torch.testing.assert_close(torch.tensor(ours), torch.tensor(reference), rtol=1e-4, atol=1e-5)
+
+
+trl_fused = pytest.importorskip("trl.kernels.logprob_entropy")  # TRL defines it when Triton is installed
+TRL_KERNEL_BOTH = trl_fused.selective_log_softmax_and_entropy
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_kernel_selective_log_softmax_and_entropy_matches_trls_triton_kernel(dtype, masked):
+    """``trl.kernels.selective_log_softmax_and_entropy``: TRL's own Triton kernel (here through the Triton
+    interpreter) against the adapter: fp32 outputs for every logits dtype, masked rows 0, gradients."""
+    base = _logits((2, 5, 301), dtype, 21)
+    base[..., :100] += 8.0  # sharply different maxima across the vocabulary
+    index = torch.randint(0, 301, (2, 5), generator=torch.Generator().manual_seed(22))[:, 1:4]
+    row_mask = torch.tensor([[1, 1, 0, 1, 1], [1, 0, 1, 1, 1]], dtype=torch.bool)[:, 1:4] if masked else None
+    outs, grads = [], []
+    for fn in (adapter.kernel_selective_log_softmax_and_entropy, TRL_KERNEL_BOTH):
+        logits = base.clone().requires_grad_(True)
+        logps, entropy = fn(logits[:, 1:4], index, temperature=0.7, row_mask=row_mask)  # non-contiguous view
+        (2.0 * logps + 0.5 * entropy).sum().backward()
+        outs.append((logps, entropy))
+        grads.append(logits.grad)
+    for ours, theirs in zip(*outs):
+        assert ours.dtype == theirs.dtype == torch.float32
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    if masked:
+        assert (outs[0][0][~row_mask] == 0).all() and (outs[0][1][~row_mask] == 0).all()
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-2)
+    torch.testing.assert_close(grads[0].float(), grads[1].float(), **tol)
+
+
+def test_apply_to_trl_patches_trl_kernels_everywhere():
+    """Every name TRL exposes its fused log-prob / entropy kernel under gets the adapter, and undo restores it."""
+    import sys
+
+    trl_kernels_pkg = sys.modules["trl.kernels"]
+    places = {"trl.kernels": (trl_kernels_pkg, "selective_log_softmax_and_entropy"),
+              "trl.kernels.logprob_entropy": (trl_fused, "selective_log_softmax_and_entropy"),
+              "trl.trainer.utils": (trl_utils, "_fused_logprob_entropy")}
+    assert all(getattr(m, name) is TRL_KERNEL_BOTH for m, name in places.values())
+    with adapter.apply_to_trl() as handle:
+        for label, (module, name) in places.items():
+            patched = getattr(module, name)
+            assert patched.__wrapped__ is adapter.kernel_selective_log_softmax_and_entropy, label
+            assert f"{label}.{name}" in handle.patched
+        from trl.kernels import selective_log_softmax_and_entropy  # what TRL's kernel tests import
+        assert selective_log_softmax_and_entropy.__wrapped__ is adapter.kernel_selective_log_softmax_and_entropy
+        assert handle.not_patched == {}
+    assert all(getattr(m, name) is TRL_KERNEL_BOTH for m, name in places.values())
+
+
+def test_fused_path_rule_is_trls():
+    """`_trl_fused_path` (fp32 results on TRL's GPU kernel path) against TRL's own ``_supports_trl_loss_kernel``,
+    on stand-ins with CUDA / XPU / CPU devices, every dtype, ranks, strides and index / mask forms."""
+    from types import SimpleNamespace
+
+    def fake(shape, dtype, device="cuda", last_stride=1):
+        return SimpleNamespace(shape=torch.Size(shape), dtype=dtype, ndim=len(shape), device=torch.device(device),
+                               stride=lambda dim: last_stride)
+
+    cases = []
+    for device in ("cuda", "xpu", "cpu"):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            for shape in ((7,), (3, 7), (2, 3, 7), (2, 2, 3, 7), (3, 0)):
+                logits = fake(shape, dtype, device)
+                cases.append((logits, None, None))
+                index = fake(shape[:-1], torch.int64, device)
+                cases += [(logits, index, None), (logits, fake(shape[:-1] + (2,), torch.int64, device), None),
+                          (logits, fake(shape[:-1], torch.int16, device), None),
+                          (logits, index, fake(shape[:-1], torch.bool, device)),
+                          (logits, index, fake(shape[:-1], torch.float32, device)),
+                          (logits, index, fake(shape[:-1], torch.int32, "cpu"))]
+        cases.append((fake((3, 7), torch.float32, device, last_stride=2), None, None))
+    assert any(trl_utils._supports_trl_loss_kernel(*case) for case in cases)
+    for case in cases:
+        assert adapter._trl_fused_path(*case) == (trl_utils._supports_trl_loss_kernel(*case)
+                                                  and trl_utils.is_triton_available())
+
+
+def _ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of ``dtype`` numbers at |x| (x float64)."""
+    tiny = torch.finfo(dtype).tiny
+    return torch.finfo(dtype).eps * torch.exp2(torch.floor(torch.log2(x.abs().clamp(min=tiny))))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_accuracy_contract(dtype):
+    """The README's contract: in fp16 / bf16 our results are the exact value rounded once (<= 0.5 ulp of the
+    dtype, plus fp32 noise), never farther from it than TRL's; TRL's half-precision CPU path is off by up to
+    ~1 ulp (log-probs) / ~3 ulp (entropy), so TRL's bit-equality tests see 1-3 ulp differences."""
+    logits = _logits((4, 32, 1024), dtype, 23, scale=1.0)
+    index = torch.randint(0, 1024, (4, 32), generator=torch.Generator().manual_seed(24))
+    exact_logp = torch.gather(logits.double().log_softmax(-1), -1, index.unsqueeze(-1)).squeeze(-1)
+    logp64 = logits.double().log_softmax(-1)
+    exact_entropy = -(logp64.exp() * logp64).sum(-1)
+    for ours, theirs, exact, trl_max_ulp in (
+            (adapter.selective_log_softmax(logits, index), TRL_SELECTIVE(logits, index), exact_logp, 1.1),
+            (adapter.entropy_from_logits(logits), TRL_ENTROPY(logits), exact_entropy, 4.0)):
+        assert ours.dtype == theirs.dtype == dtype
+        ulp = _ulp(exact, dtype)
+        our_err, their_err = (ours.double() - exact).abs() / ulp, (theirs.double() - exact).abs() / ulp
+        assert our_err.max() <= 0.5 + 1e-3
+        assert (our_err <= their_err + 1e-3).all()
+        assert their_err.max() <= trl_max_ulp
+        differ = (ours != theirs).double().mean()
+        assert 0 < differ < 0.9  # they do differ (TRL's bit-equality tests fail patched) -- by at most a few ulp
+        assert ((ours.double() - theirs.double()).abs() / ulp).max() <= trl_max_ulp + 0.5

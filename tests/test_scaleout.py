@@ -68,7 +68,7 @@ def test_label_on_ray_gives_the_local_rows(tiny_model_dir, tmp_path, local_ray, 
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
     config = _write_config(tmp_path / "config.yaml", tiny_model_dir,
-                           label={"principles": 2, "few_shot": 1, "batch_size": 2})
+                           label={"principles_per_comparison": 2, "few_shot": 1, "batch_size": 2})
     common = ["label", "--config", str(config), "--input", str(pairs), "--no-progress"]
     assert cai_main(common + ["--out", str(tmp_path / "local")]) == 0
     assert cai_main(common + ["--out", str(tmp_path / "ray"), "--engine", "ray", "--actors", "2"]) == 0
@@ -188,3 +188,29 @@ def test_sft_and_ppo_two_gloo_ranks_match_one_process(tiny_model_dir, tmp_path):
     # not a trivial run: scores differ, the value loss is nonzero, the second rollout's policy has moved
     assert ppo_one[0]["vf_loss"] > 1e-4 and abs(ppo_one[1]["kl"]) > 1e-6
     assert [r["response"] for r in load_rows(two / "ppo")] == [r["response"] for r in load_rows(one / "ppo")]
+
+
+@pytest.mark.slow
+def test_a_locked_run_folder_stops_every_torchrun_rank(tiny_model_dir, tmp_path):
+    """Rank 0 holds a launch's lock; when another process holds it, every rank stops with the error (none is
+    left waiting in a barrier), and no rank writes to the folder."""
+    from test_cai_rundir import hold_lock
+
+    revisions = tmp_path / "revisions.jsonl"
+    revisions.write_text("".join(json.dumps({"id": p["id"], "prompt": p["prompt"], "final": p["response_a"]}) + "\n"
+                                 for p in PAIRS))
+    config = _write_config(tmp_path / "config.yaml", tiny_model_dir, sft={"batch_size": 4, "max_length": 64})
+    out = tmp_path / "run"
+    holder = hold_lock(out)
+    env = dict(os.environ, OMP_NUM_THREADS="1", CAI_DIST_BACKEND="gloo", PYTHONPATH=str(ROOT))
+    try:
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                               "127.0.0.1", "--master_port", str(_free_port()), "-m", "cai.cli", "sft", "--config",
+                               str(config), "--out", str(out), "--input", str(revisions), "--no-progress"],
+                              env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert done.returncode != 0
+    assert done.stderr.count(f"error: {out} is in use by another cai run (pid {holder.pid} ") == 2  # both ranks
+    assert sorted(p.name for p in out.iterdir()) == ["cai.lock"]

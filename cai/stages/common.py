@@ -5,14 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import CaiWarning
 from ..constitution import Constitution
 from ..scaleout.data_parallel import DataParallel
 from ..models import load_model
 from ..prompts import rng_for
-from ..rundir import RunDir, atomic_write_json
+from ..rundir import DamagedRunError, RunDir, atomic_write_json
 
 
 @dataclass
@@ -27,6 +29,10 @@ class Context:
     allow_download: bool = False
     trust_remote_code: bool = False
     progress: bool = True
+    # prompts longer than the model's context: "truncate-left" (with a warning that counts them) or "error"
+    prompt_overflow: str = "truncate-left"
+    # damaged resume state (shards, checkpoints): redo just what is damaged instead of stopping with an error
+    repair: bool = False
     # how batch stages run: "local" (this process) or "ray" (an actor pool, cai.scaleout.ray_engine);
     # engine_options: address, actors, cpus_per_actor, gpus_per_actor (see cai.scaleout.ray_engine)
     engine: str = "local"
@@ -62,21 +68,41 @@ def run_batches(ctx: Context, stage: str, items: list[dict], batch_size: int, pr
 
     Finished batches (their shard exists) are skipped, so a killed stage resumes where it stopped. The
     shards belong to one plan (the items' ids, the batch size and `fingerprint`, e.g. the stage config);
-    if the plan changed they are discarded. `process` must seed itself from the batch, not process state.
-    Instead of `process`, a stage may pass `make_process(ctx) -> process` (picklable: a module-level
-    function, or a functools.partial of one): it is called only if some batch is left, and with
-    ctx.engine == "ray" it runs once per Ray actor, which then processes batches in parallel.
+    if the plan changed they are discarded. Every shard checks itself (row count and checksum, see
+    cai.rundir): damaged ones are an error naming them, or with ctx.repair are set aside and redone.
+    `process` must seed itself from the batch, not process state. Instead of `process`, a stage may
+    pass `make_process(ctx) -> process` (picklable: a module-level function, or a functools.partial of
+    one): it is called only if some batch is left, and with ctx.engine == "ray" it runs once per Ray
+    actor, which then processes batches in parallel.
     """
     shards = ctx.run.shards(stage)
     plan = {"ids": hashlib.sha256(json.dumps([r.get("id") for r in items]).encode()).hexdigest(),
             "batch_size": batch_size, "fingerprint": fingerprint or {}, "seed": ctx.seed,
             "base_model": ctx.base_model, "constitution": ctx.constitution.source}
     plan_path = shards.folder / "plan.json"
-    if plan_path.is_file() and json.loads(plan_path.read_text()) != json.loads(json.dumps(plan)):
-        shards.clear()
+    if plan_path.is_file():
+        try:
+            previous = json.loads(plan_path.read_text(encoding="utf-8"))
+        except ValueError:
+            if not ctx.repair:
+                raise DamagedRunError([(plan_path, "not valid JSON")], "re-run with --repair to redo this stage's "
+                                      "batches (which batches the shards belong to is unknown)") from None
+            warnings.warn(f"{plan_path}: damaged; the stage's finished batches are redone (--repair)", CaiWarning)
+            previous = None
+        if previous != json.loads(json.dumps(plan)):
+            shards.clear()
     shards.folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(plan_path, plan)
     count = math.ceil(len(items) / batch_size)
+    damaged = shards.damaged(count)
+    if damaged and not ctx.repair:
+        raise DamagedRunError([(shards.path(i), problem) for i, problem in damaged],
+                              f"{len(damaged)} of the {count} batches of {stage} have damaged shards: re-run with "
+                              f"--repair to redo just those batches")
+    for i, problem in damaged:
+        aside = shards.set_aside(i)
+        warnings.warn(f"{shards.path(i)}: {problem}; moved aside to {aside.name}, batch {i} is redone (--repair)",
+                      CaiWarning)
     pending = [i for i in range(count) if not shards.done(i)]
     bar = ctx.tqdm(total=count, initial=count - len(pending), desc=desc, unit="batch")
     if pending and ctx.engine == "ray" and make_process is not None:

@@ -38,20 +38,25 @@ HISTORY = ("latest", "full")
 @dataclass
 class CritiqueReviseConfig:
     model: str | None = None  # default: the run's base model
-    rounds: int = 4
-    temperature: float = 1.0
-    top_p: float = 1.0
-    response_tokens: int = 128
-    critique_tokens: int = 128
-    revision_tokens: int = 128
-    few_shot: int | None = None  # critique/revision examples in front (None: all of the constitution's)
-    batch_size: int = 8
+    rounds: int = field(default=4, metadata={"ge": 0})
+    temperature: float = field(default=1.0, metadata={"ge": 0})  # 0: greedy
+    top_p: float = field(default=1.0, metadata={"gt": 0, "le": 1})
+    response_tokens: int = field(default=128, metadata={"ge": 1})
+    critique_tokens: int = field(default=128, metadata={"ge": 1})
+    revision_tokens: int = field(default=128, metadata={"ge": 1})
+    # critique/revision examples in front (None: all of the constitution's)
+    few_shot: int | None = field(default=None, metadata={"ge": 0})
+    batch_size: int = field(default=8, metadata={"ge": 1})
     revise_kinds: list[str] = field(default_factory=lambda: ["red_team"])
-    critique: bool = True  # False: revise directly from the revision request, no critique (paper §3.5)
-    history: str = "latest"  # "latest": prompt + latest revision each round (paper); "full": whole transcript
-    helpful_samples: int = 1  # responses kept per prompt that is not revised (paper: 2)
+    # False: revise directly from the revision request, no critique (paper §3.5)
+    critique: bool = True
+    # "latest": each round reads the prompt + the latest revision (paper); "full": the whole transcript so far
+    history: str = field(default="latest", metadata={"choices": HISTORY})
+    # responses kept per prompt that is not revised (paper: 2)
+    helpful_samples: int = field(default=1, metadata={"ge": 1})
     ablation: bool = False  # also revise with critique toggled, for the judge's critique vs critique-free curves
-    prompt_format: str = "auto"  # auto: the tokenizer's chat template if it has one, else raw Human:/Assistant:
+    # auto: the tokenizer's chat template if it has one, else raw Human:/Assistant:
+    prompt_format: str = field(default="auto", metadata={"choices": ("auto", "chat", "raw")})
 
 
 def draw_principle(ctx: Context, prompt_id: str, round_index: int):
@@ -91,7 +96,8 @@ def make_critique_revise_process(cfg: CritiqueReviseConfig, ctx: Context):
         texts = [fmt.render(fewshot[with_critique] + conv, next_role=next_role) for conv in conversations]
         return generate(model, tokenizer, texts, prefix=prefixes[with_critique], max_new_tokens=max_new_tokens,
                         temperature=cfg.temperature, top_p=cfg.top_p, batch_size=len(texts),
-                        seed=seed_for(ctx.seed, NAME, batch_index, what), stop=stop)
+                        seed=seed_for(ctx.seed, NAME, batch_index, what), stop=stop,
+                        overflow=ctx.prompt_overflow)
 
     def revise(batch, responses, batch_index, with_critique, tag):
         """Every round of one mode for the rows of `batch`: (critiques, revisions, principle ids) per row."""

@@ -46,34 +46,40 @@ CRITERIA = {"harmless": "red_team", "helpful": "helpful"}  # judge criterion -> 
 @dataclass
 class EvaluateConfig:
     # held-out prompts and the models that answer them
-    prompts: list[str] = field(default_factory=lambda: ["builtin:red_team_eval", "builtin:helpful_eval"])
-    limit_per_source: int | None = None
-    models: list[str] = field(default_factory=lambda: ["base", "sft", "ppo"])  # "ppo" brings its snapshots too
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    sample_batch_size: int = 8
+    prompts: list[str] = field(default_factory=lambda: ["builtin:red_team_eval", "builtin:helpful_eval"],
+                               metadata={"min_len": 1, "unique": True})
+    limit_per_source: int | None = field(default=None, metadata={"ge": 1})
+    # "ppo" brings its snapshots too (ppo.snapshot_every)
+    models: list[str] = field(default_factory=lambda: ["base", "sft", "ppo"], metadata={"unique": True})
+    max_new_tokens: int = field(default=128, metadata={"ge": 1})
+    temperature: float = field(default=1.0, metadata={"ge": 0})  # 0: greedy
+    sample_batch_size: int = field(default=8, metadata={"ge": 1})
     # the judge
     judge: str | None = None  # the judge model; default: the run's base model (the feedback model)
-    judge_principles_per_comparison: int = 1  # held-out principles asked per comparison (x2 orders)
-    judge_few_shot: int | None = None  # labelling examples in front of the judge's questions (None: all)
-    judge_batch_size: int = 16  # comparisons per shard
-    revision_criteria: list[str] = field(default_factory=lambda: ["harmless", "helpful"])
-    revision_limit: int | None = None  # first N revised prompts of critique_revise for the revision curves
-    bootstrap: int = 1000  # bootstrap resamples of the prompts for every interval
+    # held-out principles asked per comparison (each in both orders)
+    judge_principles_per_comparison: int = field(default=1, metadata={"ge": 1})
+    judge_few_shot: int | None = field(default=None, metadata={"ge": 0})  # labelling examples in front (None: all)
+    judge_batch_size: int = field(default=16, metadata={"ge": 1})  # comparisons per shard
+    revision_criteria: list[str] = field(default_factory=lambda: ["harmless", "helpful"],
+                                         metadata={"choices": tuple(CRITERIA), "unique": True})
+    # first N revised prompts of critique_revise for the revision curves (None: all)
+    revision_limit: int | None = field(default=None, metadata={"ge": 1})
+    bootstrap: int = field(default=1000, metadata={"ge": 10})  # bootstrap resamples of the prompts per interval
     # the feedback model's accuracy on the paper's HHH questions, next to the trained preference model's
     hhh_file: str = "paper:438HHHEvaluations.jsonl"
     reward_model: str | None = None  # default: the train_pm stage's model
-    mc_files: list[str] = field(default_factory=lambda: ["builtin:harmless_mc", "paper:*"])
-    mc_limit: int | None = None  # first N questions of each file (the HHH comparisons included)
-    mc_models: list[str] = field(default_factory=lambda: ["base", "sft", "ppo"])  # plain multiple choice
-    cot_models: list[str] = field(default_factory=lambda: ["base"])  # also with chain-of-thought (HHH file)
-    cot_limit: int | None = None  # first N questions of the HHH file with chain-of-thought (None: as mc_limit)
-    cot_samples: int = 1  # reasoning samples per question, probabilities averaged (1: greedy)
-    cot_few_shot: int = 2  # worked chain-of-thought examples in front
-    cot_max_new_tokens: int = 96
-    mc_batch_size: int = 16  # questions per shard
-    pm_batch_size: int = 8
-    max_batch_tokens: int = 2048
+    mc_files: list[str] = field(default_factory=lambda: ["builtin:harmless_mc", "paper:*"], metadata={"unique": True})
+    mc_limit: int | None = field(default=None, metadata={"ge": 1})  # first N questions of each file (HHH included)
+    mc_models: list[str] = field(default_factory=lambda: ["base", "sft", "ppo"], metadata={"unique": True})
+    # models also asked the HHH questions with chain-of-thought
+    cot_models: list[str] = field(default_factory=lambda: ["base"], metadata={"unique": True})
+    cot_limit: int | None = field(default=None, metadata={"ge": 1})  # first N HHH questions with chain-of-thought
+    cot_samples: int = field(default=1, metadata={"ge": 1})  # reasoning samples per question, averaged (1: greedy)
+    cot_few_shot: int = field(default=2, metadata={"ge": 0})  # worked chain-of-thought examples in front
+    cot_max_new_tokens: int = field(default=96, metadata={"ge": 1})
+    mc_batch_size: int = field(default=16, metadata={"ge": 1})  # questions per shard
+    pm_batch_size: int = field(default=8, metadata={"ge": 1})
+    max_batch_tokens: int = field(default=2048, metadata={"ge": 1})
 
 
 def _row(section: str, ident: str, *, model=None, a=None, b=None, criterion=None, prompt_id=None, prompt=None,
@@ -145,7 +151,7 @@ def sample_part(cfg: EvaluateConfig, ctx: Context, models: list[dict], prompts: 
             texts = [fmt.render(fmt.conversation(item["prompt"]["prompt"]), next_role="assistant") for item in group]
             responses = generate(lm, tokenizer, texts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                  batch_size=len(texts), seed=seed_for(ctx.seed, NAME, "samples", name, batch_index),
-                                 stop=fmt.stop_strings())
+                                 stop=fmt.stop_strings(), overflow=ctx.prompt_overflow)
             for item, response in zip(group, responses):
                 p = item["prompt"]
                 rows.append(_row("sample", item["id"], model=name, criterion=p["kind"], prompt_id=p["id"],
@@ -192,7 +198,7 @@ def judge_part(cfg: EvaluateConfig, ctx: Context, items: list[dict]) -> list[dic
     # files) borrows ours, which no training stage of such a run reads
     constitution = ctx.constitution if ctx.constitution.judge_principles else load_constitution("default")
     settings = CompareSettings(principles_per_comparison=cfg.judge_principles_per_comparison, both_orders=True,
-                               max_batch_tokens=cfg.max_batch_tokens)
+                               max_batch_tokens=cfg.max_batch_tokens, overflow=ctx.prompt_overflow)
     count = len(constitution.label_examples) if cfg.judge_few_shot is None else cfg.judge_few_shot
     examples = pick_label_examples(constitution, count, chain_of_thought=False)
 
@@ -284,10 +290,11 @@ def mc_part(cfg: EvaluateConfig, ctx: Context, items: list[dict]) -> list[dict]:
                 result = mc_eval_cot(lm, tokenizer, asked, samples=cfg.cot_samples,
                                      max_new_tokens=cfg.cot_max_new_tokens,
                                      fewshot=fewshot, batch_size=len(asked),
-                                     max_batch_tokens=cfg.max_batch_tokens,
+                                     max_batch_tokens=cfg.max_batch_tokens, overflow=ctx.prompt_overflow,
                                      seed=seed_for(ctx.seed, NAME, "cot", batch_index))
             else:
-                result = mc_eval(lm, tokenizer, asked, max_batch_tokens=cfg.max_batch_tokens)
+                result = mc_eval(lm, tokenizer, asked, max_batch_tokens=cfg.max_batch_tokens,
+                                 overflow=ctx.prompt_overflow)
             for n, (item, probs, q) in enumerate(zip(group, result["probs"], asked)):
                 best = max(range(len(probs)), key=probs.__getitem__)
                 rows.append(_row("mc", item["id"], model=model, value=sum(probs[:q.num_correct]),

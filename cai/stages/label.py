@@ -30,32 +30,39 @@ from .common import Context, run_batches
 NAME = "label"
 
 
+def _low_high(pair: list[float]) -> str | None:
+    return None if pair[0] <= pair[1] else "expected [low, high] with low <= high"
+
+
 @dataclass
 class LabelConfig:
     model: str | None = None  # the feedback model; default: the run's base model
-    principles_per_comparison: int = 1  # principles drawn per pair (paper: 1; more = an ensemble per pair)
-    few_shot: int | None = None  # labelling examples in front (None: all)
+    # principles drawn per pair (paper: 1; more = an ensemble per pair, each one more question per order)
+    principles_per_comparison: int = field(default=1, metadata={"ge": 1})
+    few_shot: int | None = field(default=None, metadata={"ge": 0})  # labelling examples in front (None: all)
     both_orders: bool = True  # ask with the responses swapped too and average (x2 questions)
     chain_of_thought: bool = False
-    cot_max_new_tokens: int = 96
-    cot_temperature: float = 0.0  # 0: greedy reasoning
-    clamp: list[float] | None = field(default_factory=lambda: [0.4, 0.6])  # for chain-of-thought labels
-    batch_size: int = 8  # pairs per batch (= per shard)
-    max_batch_tokens: int = 2048
+    cot_max_new_tokens: int = field(default=96, metadata={"ge": 1})
+    cot_temperature: float = field(default=0.0, metadata={"ge": 0})  # 0: greedy reasoning
+    # chain-of-thought labels are clamped to [low, high] (the paper: 0.4-0.6)
+    clamp: list[float] | None = field(default_factory=lambda: [0.4, 0.6],
+                                      metadata={"len": 2, "ge": 0, "le": 1, "check": _low_high})
+    batch_size: int = field(default=8, metadata={"ge": 1})  # pairs per batch (= per shard)
+    max_batch_tokens: int = field(default=2048, metadata={"ge": 1})
 
 
-def settings_of(cfg: LabelConfig) -> CompareSettings:
+def settings_of(cfg: LabelConfig, overflow: str = "truncate-left") -> CompareSettings:
     return CompareSettings(principles_per_comparison=cfg.principles_per_comparison, both_orders=cfg.both_orders,
                            chain_of_thought=cfg.chain_of_thought, cot_max_new_tokens=cfg.cot_max_new_tokens,
                            cot_temperature=cfg.cot_temperature, clamp=tuple(cfg.clamp) if cfg.clamp else None,
-                           max_batch_tokens=cfg.max_batch_tokens)
+                           max_batch_tokens=cfg.max_batch_tokens, overflow=overflow)
 
 
 def make_comparer(cfg: LabelConfig, ctx: Context, model, tokenizer) -> Comparer:
     count = len(ctx.constitution.label_examples) if cfg.few_shot is None else cfg.few_shot
     examples = pick_label_examples(ctx.constitution, count, cfg.chain_of_thought)
-    return Comparer(model, tokenizer, ctx.constitution.choice_principles, examples, settings_of(cfg), seed=ctx.seed,
-                    stage=NAME)
+    return Comparer(model, tokenizer, ctx.constitution.choice_principles, examples,
+                    settings_of(cfg, ctx.prompt_overflow), seed=ctx.seed, stage=NAME)
 
 
 def label(pairs: list[dict], cfg: LabelConfig, ctx: Context) -> list[dict]:

@@ -20,14 +20,15 @@ prompt, response, score, kl).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 import cai_kernels
+from cai_kernels.reference.ppo import ESTIMATORS
 
-from ..models import PromptFormat, cut_at_stop, encode, generate_ids, lm_head, pad_rows
+from ..models import PromptFormat, cut_at_stop, encode, fit_generation, generate_ids, lm_head, pad_rows
 from ..prompts import rng_for, seed_for
 from ..reporting import format_value, plot
 from ..reward import ScalarHead, load_reward_model
@@ -44,28 +45,30 @@ class PPOConfig:
     model: str | None = None  # policy init; default: the sft stage's model
     reference: str | None = None  # default: the policy init
     reward_model: str | None = None  # default: the train_pm stage's model
-    steps: int = 20  # PPO iterations (rollout + update)
-    rollout_batch_size: int = 8
-    minibatch_size: int = 4
-    ppo_epochs: int = 2
-    lr: float = 1e-6
-    value_lr: float = 1e-4  # the value head's learning rate
-    kl_coef: float = 0.05
-    kl_estimator: str = "k1"
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip: float = 0.2
-    value_clip: float = 0.2
-    vf_coef: float = 0.1
+    steps: int = field(default=20, metadata={"ge": 1})  # PPO iterations (rollout + update)
+    rollout_batch_size: int = field(default=8, metadata={"ge": 1})
+    minibatch_size: int = field(default=4, metadata={"ge": 1})
+    ppo_epochs: int = field(default=2, metadata={"ge": 1})
+    lr: float = field(default=1e-6, metadata={"ge": 0})
+    value_lr: float = field(default=1e-4, metadata={"ge": 0})  # the value head's learning rate
+    kl_coef: float = field(default=0.05, metadata={"ge": 0})
+    kl_estimator: str = field(default="k1", metadata={"choices": ESTIMATORS})
+    gamma: float = field(default=1.0, metadata={"ge": 0, "le": 1})
+    lam: float = field(default=0.95, metadata={"ge": 0, "le": 1})
+    clip: float = field(default=0.2, metadata={"ge": 0, "lt": 1})
+    value_clip: float = field(default=0.2, metadata={"ge": 0})
+    vf_coef: float = field(default=0.1, metadata={"ge": 0})
     whiten: bool = True
-    max_grad_norm: float = 1.0
-    max_new_tokens: int = 64
-    temperature: float = 1.0  # sampling temperature; old / reference / new log-probs are taken at it too
-    top_p: float = 1.0  # < 1 truncates the sampler: its log-probs then differ from the scored ones
-    train_layers: int | None = None
-    save_every: int = 1
-    snapshot_every: int | None = None  # keep the policy every N iterations (ppo/snapshots/) for the Elo curve
-    prompt_format: str = "auto"
+    max_grad_norm: float = field(default=1.0, metadata={"gt": 0})
+    max_new_tokens: int = field(default=64, metadata={"ge": 1})
+    # the sampling temperature; old / reference / new log-probs are taken at it too (0: greedy, scored at 1)
+    temperature: float = field(default=1.0, metadata={"ge": 0})
+    top_p: float = field(default=1.0, metadata={"gt": 0, "le": 1})  # < 1: the sampler's log-probs differ from those scored
+    train_layers: int | None = field(default=None, metadata={"ge": 0})
+    save_every: int = field(default=1, metadata={"ge": 1})
+    # keep the policy every N iterations (ppo/snapshots/) for the evaluation's Elo along RL
+    snapshot_every: int | None = field(default=None, metadata={"ge": 1})
+    prompt_format: str = field(default="auto", metadata={"choices": ("auto", "chat", "raw")})
 
 
 def sampling_temperature(cfg: "PPOConfig") -> float:
@@ -117,18 +120,21 @@ def gather_rows(dp: DataParallel, local: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def rollout(policy, reference, value_head, pm, tokenizer, fmt, prompts: list[str], cfg: PPOConfig, seed: int,
-            dp: DataParallel = DataParallel()) -> Rollout:
+            dp: DataParallel = DataParallel(), overflow: str = "truncate-left") -> Rollout:
     """Sample a response per prompt from the policy; score it with the policy, the reference and the PM.
 
     Data-parallel: each rank samples (with its own seed) and scores its slice of the prompts; every
-    rank returns the whole batch.
+    rank returns the whole batch. Prompts that leave no room for max_new_tokens in the policy's context
+    are cut from the left or refused (`overflow`, see cai.models.fit_context).
     """
     policy.eval()
     prompt_ids = [encode(tokenizer, fmt.render(fmt.conversation(p), next_role="assistant")) for p in prompts]
+    prompt_ids = fit_generation(policy, prompt_ids, None, cfg.max_new_tokens, overflow)
     local_prompts = dp.shard(prompt_ids)
     local_seed = seed_for(seed, "rank", dp.rank) if dp.enabled else seed
     responses = generate_ids(policy, tokenizer, local_prompts, max_new_tokens=cfg.max_new_tokens,
-                             temperature=cfg.temperature, top_p=cfg.top_p, seed=local_seed) if local_prompts else []
+                             temperature=cfg.temperature, top_p=cfg.top_p, seed=local_seed,
+                             overflow=overflow) if local_prompts else []
     responses = [r or [tokenizer.eos_token_id] for part in dp.gather(responses) for r in part]
     prompt_block, prompt_mask = pad_rows(prompt_ids, tokenizer.pad_token_id, left=True)
     response_block, response_mask = pad_rows(responses, tokenizer.pad_token_id, left=False)
@@ -250,7 +256,7 @@ def ppo(prompts: list[dict], cfg: PPOConfig, ctx: Context) -> list[dict]:
                                    {"params": list(value_head.parameters()), "lr": cfg.value_lr}])
     checkpoint = Checkpoint(stage_dir)
     modules = {"policy": policy, "value_head": value_head}
-    start, rollouts, _ = checkpoint.restore(modules, optimizer)
+    start, rollouts, _ = checkpoint.restore(modules, optimizer, repair=ctx.repair)
     dp = ctx.dp  # data-parallel ranks (cai.scaleout.data_parallel): each rolls out and trains on a slice
     if dp.is_main and cfg.snapshot_every:  # the model a snapshot's weights go into: the policy init
         atomic_write_text(stage_dir / SNAPSHOTS / "init.txt", cfg.model or "sft")
@@ -258,7 +264,7 @@ def ppo(prompts: list[dict], cfg: PPOConfig, ctx: Context) -> list[dict]:
     for it in range(start, cfg.steps):
         chosen = rng_for(ctx.seed, NAME, "prompts", it).sample(prompts, min(cfg.rollout_batch_size, len(prompts)))
         batch = rollout(policy, reference, value_head, pm, tokenizer, fmt, [r["prompt"] for r in chosen], cfg,
-                        seed_for(ctx.seed, NAME, it), dp)
+                        seed_for(ctx.seed, NAME, it), dp, overflow=ctx.prompt_overflow)
         with torch.no_grad():
             advantages, returns, _, kl = cai_kernels.ppo_advantages(
                 batch.scores, batch.old_logprobs, batch.ref_logprobs, batch.old_values, batch.response_mask,

@@ -22,13 +22,14 @@ NAME = "sample_pairs"
 @dataclass
 class SamplePairsConfig:
     model: str | None = None  # default: the sft stage's model
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 128
-    batch_size: int = 8  # pairs per batch (2x as many sequences)
-    kinds: list[str] = field(default_factory=lambda: ["red_team"])  # prompts that get AI-labelled pairs (paper)
-    pairs_per_prompt: int = 1
-    prompt_format: str = "auto"
+    temperature: float = field(default=1.0, metadata={"ge": 0})  # 0: greedy
+    top_p: float = field(default=1.0, metadata={"gt": 0, "le": 1})
+    max_new_tokens: int = field(default=128, metadata={"ge": 1})
+    batch_size: int = field(default=8, metadata={"ge": 1})  # pairs per batch (2x as many sequences)
+    # prompts that get AI-labelled pairs (the paper: red-team prompts)
+    kinds: list[str] = field(default_factory=lambda: ["red_team"], metadata={"min_len": 1, "unique": True})
+    pairs_per_prompt: int = field(default=1, metadata={"ge": 1})
+    prompt_format: str = field(default="auto", metadata={"choices": ("auto", "chat", "raw")})
 
 
 def pair_items(prompts: list[dict], cfg: SamplePairsConfig) -> list[dict]:
@@ -56,7 +57,8 @@ def make_sample_pairs_process(cfg: SamplePairsConfig, ctx: Context):
         texts = [fmt.render(fmt.conversation(row["prompt"]), next_role="assistant") for row in batch]
         samples = generate(model, tokenizer, [t for t in texts for _ in range(2)], max_new_tokens=cfg.max_new_tokens,
                            temperature=cfg.temperature, top_p=cfg.top_p, batch_size=2 * len(texts),
-                           seed=seed_for(ctx.seed, NAME, batch_index), stop=fmt.stop_strings())
+                           seed=seed_for(ctx.seed, NAME, batch_index), stop=fmt.stop_strings(),
+                           overflow=ctx.prompt_overflow)
         rows = [{"id": row["id"], "prompt": row["prompt"], "kind": row["kind"],
                  "response_a": samples[2 * i], "response_b": samples[2 * i + 1]} for i, row in enumerate(batch)]
         ctx.run.metrics.log(NAME, batch_index, pairs=len(rows),

@@ -11,11 +11,11 @@ resume; the model is saved to sft/model (safetensors). Output rows: the training
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from ..models import PromptFormat
+from ..models import PromptFormat, context_length
 from ..reporting import plot
 from ..rundir import RunDir
 from ..training import IGNORE, encode_dialogue, response_batch, save_pretrained, sequence_token_logprobs, set_trainable
@@ -29,18 +29,20 @@ TARGETS = ("final", "all_rounds")
 @dataclass
 class SFTConfig:
     model: str | None = None  # the model to fine-tune; default: the run's base model
-    epochs: int = 1
-    max_steps: int | None = None  # stop early after this many optimizer steps
-    batch_size: int = 8
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-    max_length: int = 512
-    targets: str = "all_rounds"  # "all_rounds": every round's revision is a target (paper); "final": the last one
-    train_layers: int | None = None  # None: all parameters; N: the last N blocks + final norm
-    save_every: int = 50  # optimizer steps between resumable checkpoints
-    prompt_format: str = "auto"
+    epochs: int = field(default=1, metadata={"ge": 1})
+    max_steps: int | None = field(default=None, metadata={"ge": 1})  # stop early after this many optimizer steps
+    batch_size: int = field(default=8, metadata={"ge": 1})
+    lr: float = field(default=1e-5, metadata={"ge": 0})
+    weight_decay: float = field(default=0.0, metadata={"ge": 0})
+    warmup_steps: int = field(default=0, metadata={"ge": 0})
+    max_grad_norm: float = field(default=1.0, metadata={"gt": 0})
+    max_length: int = field(default=512, metadata={"ge": 2})  # tokens of prompt + response
+    # "all_rounds": every round's revision is a target (paper); "final": the last one only
+    targets: str = field(default="all_rounds", metadata={"choices": TARGETS})
+    # None: all parameters; N: the last N blocks + final norm
+    train_layers: int | None = field(default=None, metadata={"ge": 1})
+    save_every: int = field(default=50, metadata={"ge": 1})  # optimizer steps between resumable checkpoints
+    prompt_format: str = field(default="auto", metadata={"choices": ("auto", "chat", "raw")})
 
 
 def sft_examples(revisions: list[dict], targets: str) -> list[dict]:
@@ -70,7 +72,8 @@ def sft(revisions: list[dict], cfg: SFTConfig, ctx: Context) -> list[dict]:
     dataset = sft_examples(revisions, cfg.targets)
     model, tokenizer = ctx.load(cfg.model)
     fmt = PromptFormat(tokenizer, cfg.prompt_format)
-    examples = [encode_dialogue(fmt, tokenizer, e["prompt"], e["target"], cfg.max_length) for e in dataset]
+    max_length = min(cfg.max_length, context_length(model) or cfg.max_length)  # never past the model's context
+    examples = [encode_dialogue(fmt, tokenizer, e["prompt"], e["target"], max_length) for e in dataset]
     if ctx.dp.is_main:
         ctx.run.metrics.log(NAME + "_data", 0, examples=len(examples), prompts=len(revisions),
                             revision_examples=sum(e["source"].startswith("revision") for e in dataset),

@@ -41,23 +41,25 @@ KINDS = ("harmless", "helpful")
 @dataclass
 class TrainPMConfig:
     model: str | None = None  # the PM's backbone init; default: the run's base model
-    epochs: int = 1
-    max_steps: int | None = None
-    batch_size: int = 8  # pairs per step
-    lr: float = 1e-5
-    head_lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-    max_length: int = 512
-    heldout_fraction: float = 0.2  # of each kind
+    epochs: int = field(default=1, metadata={"ge": 1})
+    max_steps: int | None = field(default=None, metadata={"ge": 1})
+    batch_size: int = field(default=8, metadata={"ge": 1})  # pairs per step
+    lr: float = field(default=1e-5, metadata={"ge": 0})
+    head_lr: float = field(default=1e-3, metadata={"ge": 0})
+    weight_decay: float = field(default=0.0, metadata={"ge": 0})
+    warmup_steps: int = field(default=0, metadata={"ge": 0})
+    max_grad_norm: float = field(default=1.0, metadata={"gt": 0})
+    max_length: int = field(default=512, metadata={"ge": 2})  # tokens of prompt + response
+    heldout_fraction: float = field(default=0.2, metadata={"ge": 0, "lt": 1})  # of each kind
     # human helpfulness comparisons (hard labels): files / builtin:helpful_pairs / hf:NAME[:SPLIT[:DATA_DIR]]
-    helpful_data: list[str] = field(default_factory=lambda: ["builtin:helpful_pairs"])
-    helpful_limit: int | None = None  # first N comparisons of each helpful_data source
-    helpful_fraction: float = 0.43  # share of every batch from the helpful comparisons (paper: 135k of 318k)
-    train_layers: int | None = None  # None: all parameters; N: the last N blocks + final norm
-    save_every: int = 50
-    prompt_format: str = "auto"
+    helpful_data: list[str] = field(default_factory=lambda: ["builtin:helpful_pairs"], metadata={"unique": True})
+    helpful_limit: int | None = field(default=None, metadata={"ge": 1})  # first N comparisons of each source
+    # share of every batch from the helpful comparisons (paper: 135k of 318k)
+    helpful_fraction: float = field(default=0.43, metadata={"ge": 0, "le": 1})
+    # None: all parameters; N: the last N blocks + final norm
+    train_layers: int | None = field(default=None, metadata={"ge": 0})
+    save_every: int = field(default=50, metadata={"ge": 1})
+    prompt_format: str = field(default="auto", metadata={"choices": ("auto", "chat", "raw")})
 
 
 def pm_pairs(labels: list[dict], cfg: TrainPMConfig, ctx: Context) -> dict[str, list[dict]]:

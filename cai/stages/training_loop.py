@@ -31,7 +31,7 @@ class TrainingLoop:
         # read before a checkpoint's (warmed-up) learning rates replace them
         self.base_lrs = [group["lr"] for group in optimizer.param_groups]
         self.checkpoint = Checkpoint(ctx.run.stage(stage))
-        self.start, self.rows, _ = self.checkpoint.restore(modules, optimizer)
+        self.start, self.rows, _ = self.checkpoint.restore(modules, optimizer, repair=ctx.repair)
         self.bar = ctx.tqdm(total=total, initial=self.start, desc=stage, unit="step")
 
     def steps(self) -> range:

@@ -5,26 +5,26 @@
     cai_kernels.integrations.verl      logprobs_from_logits, kl_penalty, compute_gae_advantage_return, ...
 
 Each ``apply_to_*()`` patches the installed stack in place (every module that imported a name) and
-returns a `PatchHandle`: ``with apply_to_trl(): trainer.train()``, or ``handle.undo()``. Nothing here
-imports the stacks (or transformers) until ``apply_to_*`` is called.
+returns a `PatchHandle`: ``with apply_to_trl(): trainer.train()``, or ``handle.undo()``. What it could
+not patch is in ``handle.not_patched`` and named in a `PatchWarning`. The adapters keep the stacks'
+output dtypes. Nothing here imports the stacks (or transformers) until ``apply_to_*`` is called.
+
+``pytest -p cai_kernels.integrations.pytest_plugin --cai-patch STACK`` runs a stack's own test files
+with the patch applied (see `pytest_plugin`).
 """
 
-from ._patching import PatchHandle, Unsupported
+import importlib
+
+from ._patching import PatchHandle, PatchWarning, Unsupported
+
+_PATCHERS = {"apply_to_trl": "trl", "apply_to_openrlhf": "openrlhf", "apply_to_verl": "verl"}
 
 
-def apply_to_trl() -> PatchHandle:
-    from .trl import apply_to_trl as apply
-    return apply()
+def __getattr__(name: str):
+    # the patchers load lazily (each adapter module is cheap, but keeps this package import-free)
+    if name in _PATCHERS:
+        return getattr(importlib.import_module(f".{_PATCHERS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def apply_to_openrlhf() -> PatchHandle:
-    from .openrlhf import apply_to_openrlhf as apply
-    return apply()
-
-
-def apply_to_verl() -> PatchHandle:
-    from .verl import apply_to_verl as apply
-    return apply()
-
-
-__all__ = ["PatchHandle", "Unsupported", "apply_to_trl", "apply_to_openrlhf", "apply_to_verl"]
+__all__ = ["PatchHandle", "PatchWarning", "Unsupported", "apply_to_trl", "apply_to_openrlhf", "apply_to_verl"]

@@ -23,6 +23,9 @@ Same names, signatures, return dtypes and semantics as OpenRLHF's (``openrlhf.mo
       is finite where OpenRLHF's LogExpLoss overflows (reject - chosen > 88 in fp32).
   ValueLoss(clip_eps=None, token_level_loss=True): 0.5 * clipped squared error, OpenRLHF's reductions.
 
+Dtypes are OpenRLHF's for every input dtype (see ``_common``): e.g. ``ValueLoss(token_level_loss=False)``
+is fp32 for bf16 inputs (its ``token_counts + 1e-8``), a float32 ``action_mask`` makes the GAE fp32.
+
 ``apply_to_openrlhf()`` patches them into the installed package (functions in every module that
 imported them, the loss classes, the two ``RemoteExperienceMaker`` methods) and returns an undo
 handle. Importing this module does not import OpenRLHF. Not covered: ``PolicyLoss`` (its vLLM
@@ -31,11 +34,14 @@ importance-sampling corrections have no counterpart in ``ppo_policy_loss``).
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ._common import global_agg_scale, result_dtype
-from ._patching import PatchHandle, Unsupported, import_modules, mark_adapter, patch_package, with_fallback
+from ._common import dtype_key, global_agg_scale, key_probe, result_dtype
+from ._patching import PatchHandle, Target, Unsupported, apply_targets, mark_adapter, with_fallback
 
 __all__ = ["log_probs_from_logits", "compute_entropy", "compute_approx_kl", "get_advantages_and_returns",
            "get_cumulative_returns", "PairWiseLoss", "LogExpLoss", "ValueLoss", "apply_to_openrlhf", "Unsupported"]
@@ -105,7 +111,8 @@ def get_advantages_and_returns(values: torch.Tensor, rewards: torch.Tensor, acti
     import cai_kernels
 
     _check_discount(gamma=gamma, lambd=lambd)
-    dtype = result_dtype(values, rewards)
+    # OpenRLHF multiplies by the mask first: a float32 mask promotes bf16 values / rewards to fp32
+    dtype = result_dtype(values, rewards) if action_mask is None else result_dtype(values, rewards, action_mask)
     if action_mask is not None:
         values, rewards = action_mask * values, action_mask * rewards
     everywhere = torch.ones(rewards.shape, dtype=torch.bool, device=rewards.device)
@@ -128,11 +135,21 @@ def get_cumulative_returns(rewards: torch.Tensor, action_mask: torch.Tensor | No
     return returns.to(dtype)
 
 
-def _pairwise_mean(chosen: torch.Tensor, rejected: torch.Tensor, margin=None) -> torch.Tensor:
+@functools.lru_cache(maxsize=None)
+def _pairwise_dtype(chosen, reject, margin, log_exp: bool) -> torch.dtype:
+    """OpenRLHF's PairWiseLoss / LogExpLoss arithmetic replayed on probes (arguments: `dtype_key`s)."""
+    c, r, m = key_probe(chosen), key_probe(reject), key_probe(margin)
+    if log_exp:  # log(1 + exp(reject - chosen)).mean(), the margin unused
+        return torch.log(1 + torch.exp(r - c)).mean().dtype
+    return (-F.logsigmoid(c - r if m is None else c - r - m)).mean().dtype
+
+
+def _pairwise_mean(chosen: torch.Tensor, rejected: torch.Tensor, margin=None, log_exp: bool = False) -> torch.Tensor:
     import cai_kernels
 
-    dtype = result_dtype(chosen, rejected)
-    loss = cai_kernels.pairwise_loss(chosen.to(dtype), rejected.to(dtype), margin=margin, reduction="mean")
+    dtype = _pairwise_dtype(dtype_key(chosen), dtype_key(rejected), dtype_key(margin), log_exp)
+    compute = result_dtype(chosen, rejected)
+    loss = cai_kernels.pairwise_loss(chosen.to(compute), rejected.to(compute), margin=margin, reduction="mean")
     return loss.to(dtype)
 
 
@@ -149,7 +166,35 @@ class LogExpLoss(nn.Module):
 
     def forward(self, chosen_reward: torch.Tensor, reject_reward: torch.Tensor,
                 margin: torch.Tensor | None = None) -> torch.Tensor:
-        return _pairwise_mean(chosen_reward, reject_reward)
+        return _pairwise_mean(chosen_reward, reject_reward, log_exp=True)
+
+
+def _masked_mean(tensor: torch.Tensor, mask) -> torch.Tensor:
+    return tensor.mean() if mask is None else (tensor * mask).sum() / mask.sum()
+
+
+@functools.lru_cache(maxsize=None)
+def _value_loss_dtype(values, old_values, returns, mask, clipped: bool, token_level: bool, batch_num_tokens,
+                      global_batch_size) -> torch.dtype:
+    """OpenRLHF's ValueLoss.forward + aggregate_loss arithmetic replayed on probes (arguments: `dtype_key`s)."""
+    v, old, ret = (key_probe(k, dims=2) for k in (values, old_values, returns))
+    mask = key_probe(mask, dims=2)
+    loss = torch.max((old + (v - old).clamp(-0.2, 0.2) - ret) ** 2, (v - ret) ** 2) if clipped else (v - ret) ** 2
+    if token_level:
+        if batch_num_tokens is None:
+            out = _masked_mean(loss, mask)
+        else:
+            out = (loss * mask).sum() / key_probe(batch_num_tokens, dims=0)
+    else:
+        mask = mask if mask is not None else torch.ones_like(loss, dtype=torch.bool)
+        token_counts = mask.sum(dim=-1)
+        seq_loss = (loss * mask).sum(dim=-1) / (token_counts + 1e-8)
+        seq_mask = (token_counts > 0).float()
+        if global_batch_size is None:
+            out = _masked_mean(seq_loss, seq_mask)
+        else:
+            out = (seq_loss * seq_mask).sum() / key_probe(global_batch_size, dims=0)
+    return (0.5 * out).dtype
 
 
 class ValueLoss(nn.Module):
@@ -157,7 +202,10 @@ class ValueLoss(nn.Module):
 
     token_level_loss: masked token mean ("token-mean"); else the mean over sequences (with tokens)
     of each one's token mean. ``batch_num_tokens`` / ``global_batch_size`` replace the local
-    counts and ``dp_size`` multiplies, as in OpenRLHF's ``aggregate_loss``.
+    counts and ``dp_size`` multiplies, as in OpenRLHF's ``aggregate_loss``. The result has
+    OpenRLHF's dtype (fp32 for bf16 inputs with ``token_level_loss=False`` or a float32 mask).
+    The forward reads ``self.clip_eps`` / ``self.token_level_loss``, the attributes OpenRLHF's
+    ``__init__`` sets (the patched class keeps OpenRLHF's ``__init__``).
     """
 
     def __init__(self, clip_eps: float | None = None, token_level_loss: bool = True) -> None:
@@ -178,7 +226,10 @@ class ValueLoss(nn.Module):
         denominator = batch_num_tokens if self.token_level_loss else global_batch_size
         if denominator is not None:
             loss = loss * global_agg_scale(mask, agg, denominator, dp_size)
-        return loss.to(result_dtype(values, old_values, returns))
+        dtype = _value_loss_dtype(dtype_key(values), dtype_key(old_values), dtype_key(returns),
+                                  dtype_key(action_mask), self.clip_eps is not None, bool(self.token_level_loss),
+                                  dtype_key(batch_num_tokens), dtype_key(global_batch_size))
+        return loss.to(dtype)
 
 
 def _method(adapter):
@@ -187,17 +238,36 @@ def _method(adapter):
     def method(self, *args, **kwargs):
         return adapter(*args, **kwargs)
 
-    method.__name__, method.__doc__ = adapter.__name__, adapter.__doc__
+    method.__name__, method.__qualname__, method.__doc__ = adapter.__name__, adapter.__name__, adapter.__doc__
     return method
 
 
 def _module_class(adapter_cls: type, original: type) -> type:
-    """A subclass of the stack's class whose forward is ours (falling back to theirs when unsupported)."""
+    """A subclass of the stack's class whose forward is ours (falling back to theirs when unsupported).
+
+    Only ``forward`` is taken from the adapter: ``__init__`` stays OpenRLHF's (an adapter
+    ``__init__`` calls ``super()`` of a class the patched one does not inherit from), and our
+    forwards read the attributes it sets.
+    """
     cls = type(adapter_cls.__name__, (original,), {
-        "__init__": adapter_cls.__init__ if "__init__" in vars(adapter_cls) else original.__init__,
         "forward": with_fallback(adapter_cls.forward, original.forward),
         "__doc__": adapter_cls.__doc__, "__module__": adapter_cls.__module__})
     return mark_adapter(cls)
+
+
+_MAKER = "openrlhf.trainer.ppo_utils.experience_maker"
+
+
+def _targets() -> list[Target]:
+    """Everything apply_to_openrlhf replaces, with how each replacement wraps OpenRLHF's original."""
+    targets = [Target("openrlhf.models.utils", fn.__name__, functools.partial(with_fallback, fn))
+               for fn in (log_probs_from_logits, compute_entropy, compute_approx_kl)]
+    targets += [Target("openrlhf.models.loss", cls.__name__, functools.partial(_module_class, cls))
+                for cls in (PairWiseLoss, LogExpLoss, ValueLoss)]
+    targets += [Target(_MAKER, f"RemoteExperienceMaker.{fn.__name__}",
+                       lambda original, fn=fn: with_fallback(_method(fn), original))
+                for fn in (get_advantages_and_returns, get_cumulative_returns)]
+    return targets
 
 
 def apply_to_openrlhf() -> PatchHandle:
@@ -205,30 +275,10 @@ def apply_to_openrlhf() -> PatchHandle:
 
     Patches ``log_probs_from_logits``, ``compute_entropy``, ``compute_approx_kl`` wherever imported,
     the ``PairWiseLoss`` / ``LogExpLoss`` / ``ValueLoss`` classes (subclasses of OpenRLHF's), and
-    ``RemoteExperienceMaker.get_advantages_and_returns`` / ``get_cumulative_returns`` when that
-    module imports (it needs Ray). Calls with options we do not cover run OpenRLHF's own code.
+    ``RemoteExperienceMaker.get_advantages_and_returns`` / ``get_cumulative_returns`` (that module
+    needs Ray and vLLM). Calls with options we do not cover run OpenRLHF's own code. What cannot be
+    patched (``openrlhf.models`` imports flash-attn, DeepSpeed and PEFT; without them nothing under
+    it loads) is listed in ``handle.not_patched`` and named in a `PatchWarning`.
     """
-    import sys
-
-    import_modules(["openrlhf.models.utils", "openrlhf.models.loss", "openrlhf.models",
-                    "openrlhf.trainer.ppo_utils.experience_maker"])
-    utils, loss = sys.modules.get("openrlhf.models.utils"), sys.modules.get("openrlhf.models.loss")
-    replacements, attributes = [], []
-    if utils is not None:
-        for adapter in (log_probs_from_logits, compute_entropy, compute_approx_kl):
-            original = getattr(utils, adapter.__name__, None)
-            if original is not None:
-                replacements.append((original, with_fallback(adapter, original)))
-    if loss is not None:
-        for adapter_cls in (PairWiseLoss, LogExpLoss, ValueLoss):
-            original = getattr(loss, adapter_cls.__name__, None)
-            if original is not None:
-                replacements.append((original, _module_class(adapter_cls, original)))
-    maker = sys.modules.get("openrlhf.trainer.ppo_utils.experience_maker")
-    cls = getattr(maker, "RemoteExperienceMaker", None) if maker is not None else None
-    if cls is not None:
-        for adapter in (get_advantages_and_returns, get_cumulative_returns):
-            original = vars(cls).get(adapter.__name__)
-            if original is not None:
-                attributes.append((cls, adapter.__name__, mark_adapter(with_fallback(_method(adapter), original))))
-    return patch_package("openrlhf", replacements, attributes)
+    return apply_targets("openrlhf", _targets(),
+                         ["openrlhf", "openrlhf.models.utils", "openrlhf.models.loss", "openrlhf.models", _MAKER])

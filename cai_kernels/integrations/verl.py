@@ -23,6 +23,11 @@ Same names, signatures, return types and semantics as ``verl.utils.torch_functio
   compute_value_loss(vpreds, returns, values, response_mask, cliprange_value, loss_agg_mode="token-mean",
                      dp_size=1, batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None)
 
+Dtypes are veRL's for every input dtype (see ``_common``): its GAE, policy and value losses follow
+the promotion of its arithmetic (a float32 ``response_mask`` makes bf16 results fp32, the seq-mean
+modes are fp32, ``vf_clipfrac`` is fp32). veRL's GAE raises on a bool ``response_mask`` (``1 - mask``);
+ours accepts it (result dtype: the rewards' and values').
+
 One difference, by design of our ops: at positions where the mask is 0, ``masked_whiten``, the GAE
 advantages and returns are 0, where veRL leaves whitened / carried values that no consumer reads
 (its losses and metrics all mask them out). Our ``masked_whiten`` and ``gae`` have no option to fill
@@ -36,12 +41,13 @@ per-token weights), gamma / lam outside [0, 1].
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 
-from ._common import global_agg_scale, mask_count, result_dtype
-from ._patching import PatchHandle, Unsupported, import_modules, patch_package, with_fallback
+from ._common import dtype_key, global_agg_scale, key_probe, mask_count, result_dtype
+from ._patching import PatchHandle, Target, Unsupported, apply_targets, with_fallback
 
 __all__ = ["logprobs_from_logits", "entropy_from_logits", "masked_whiten", "kl_penalty",
            "compute_gae_advantage_return", "compute_policy_loss_vanilla", "compute_value_loss", "apply_to_verl",
@@ -126,7 +132,8 @@ def compute_gae_advantage_return(token_level_rewards: torch.Tensor, values: torc
     gamma, lam = float(gamma), float(lam)
     if not (0.0 <= gamma <= 1.0 and 0.0 <= lam <= 1.0):
         raise Unsupported(f"gamma={gamma}, lam={lam}: cai_kernels.gae takes discounts in [0, 1]")
-    dtype = result_dtype(token_level_rewards, values)
+    # veRL's loop multiplies by the mask: a float32 mask promotes bf16 rewards / values to fp32
+    dtype = result_dtype(token_level_rewards, values, response_mask)
     with torch.no_grad():
         advantages, returns = cai_kernels.gae(token_level_rewards, values, response_mask, gamma=gamma, lam=lam)
         advantages = masked_whiten(advantages, response_mask)
@@ -156,6 +163,48 @@ def _to_verl_agg(loss: torch.Tensor, mask: torch.Tensor, loss_agg_mode: str, dp_
     if loss_agg_mode == "seq-mean-token-sum-norm":
         loss = loss / (loss_scale_factor if loss_scale_factor is not None else mask.shape[-1])
     return loss
+
+
+def _masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (torch.where(mask.bool(), values, 0.0) * mask).sum()
+
+
+def _agg_loss_dtype(loss: torch.Tensor, mask: torch.Tensor, loss_agg_mode: str, batch_num_tokens,
+                    global_batch_size) -> torch.dtype:
+    """veRL's ``agg_loss`` arithmetic replayed on probes: the dtype of its result."""
+    if loss_agg_mode == "token-mean":
+        denominator = mask.sum() if batch_num_tokens is None else key_probe(batch_num_tokens, dims=0)
+        return (_masked_sum(loss, mask) / denominator).dtype
+    if loss_agg_mode == "token-sum":
+        return _masked_sum(loss, mask).dtype
+    if loss_agg_mode == "seq-mean-token-mean":
+        seq_losses = torch.sum(loss * mask, dim=-1) / (torch.sum(mask, dim=-1) + 1e-8)
+    else:  # seq-mean-token-sum(-norm)
+        seq_losses = torch.sum(loss * mask, dim=-1)
+    seq_mask = (torch.sum(mask, dim=-1) > 0).float()
+    denominator = seq_mask.sum() if global_batch_size is None else key_probe(global_batch_size, dims=0)
+    return (_masked_sum(seq_losses, seq_mask) / denominator).dtype
+
+
+@functools.lru_cache(maxsize=None)
+def _policy_loss_dtype(log_prob, old_log_prob, advantages, mask, loss_agg_mode, batch_num_tokens,
+                       global_batch_size) -> torch.dtype:
+    """compute_policy_loss_vanilla's loss dtype (arguments: `dtype_key`s)."""
+    lp, old, adv = (key_probe(k, dims=2) for k in (log_prob, old_log_prob, advantages))
+    pg_losses = -adv * torch.exp(torch.clamp(lp - old, min=-20.0, max=20.0))
+    return _agg_loss_dtype(pg_losses, key_probe(mask, dims=2), loss_agg_mode, batch_num_tokens, global_batch_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _value_loss_dtypes(vpreds, returns, values, mask, loss_agg_mode, batch_num_tokens,
+                       global_batch_size) -> tuple[torch.dtype, torch.dtype]:
+    """compute_value_loss's (vf_loss, vf_clipfrac) dtypes (arguments: `dtype_key`s)."""
+    v, ret, old = (key_probe(k, dims=2) for k in (vpreds, returns, values))
+    mask = key_probe(mask, dims=2)
+    losses = torch.max((v - ret) ** 2, (torch.clamp(v, old - 0.2, old + 0.2) - ret) ** 2)
+    loss_dtype = _agg_loss_dtype(losses, mask, loss_agg_mode, batch_num_tokens, global_batch_size)  # 0.5 * it
+    clipfrac = _masked_sum(torch.gt(losses, losses).float(), mask) / (mask.sum() + 1e-8)
+    return loss_dtype, clipfrac.dtype
 
 
 def _config_get(config, name: str, default):
@@ -192,7 +241,10 @@ def compute_policy_loss_vanilla(old_log_prob: torch.Tensor, log_prob: torch.Tens
     loss = _to_verl_agg(loss, response_mask, loss_agg_mode, **info)
     metrics = {"actor/pg_clipfrac": stats["clipfrac"].item(), "actor/ppo_kl": stats["approx_kl_k1"].item(),
                "actor/pg_clipfrac_lower": stats["dual_clipfrac"].item()}
-    return loss.to(result_dtype(log_prob, old_log_prob, advantages)), metrics
+    dtype = _policy_loss_dtype(dtype_key(log_prob), dtype_key(old_log_prob), dtype_key(advantages),
+                               dtype_key(response_mask), loss_agg_mode, dtype_key(info.get("batch_num_tokens")),
+                               dtype_key(info.get("global_batch_size")))
+    return loss.to(dtype), metrics
 
 
 def compute_value_loss(vpreds: torch.Tensor, returns: torch.Tensor, values: torch.Tensor,
@@ -210,8 +262,19 @@ def compute_value_loss(vpreds: torch.Tensor, returns: torch.Tensor, values: torc
                                                 agg=ours)
     loss = _to_verl_agg(loss, response_mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size,
                         loss_scale_factor)
-    dtype = result_dtype(vpreds, returns, values)
-    return loss.to(dtype), clipfrac.to(dtype)
+    loss_dtype, clipfrac_dtype = _value_loss_dtypes(dtype_key(vpreds), dtype_key(returns), dtype_key(values),
+                                                    dtype_key(response_mask), loss_agg_mode,
+                                                    dtype_key(batch_num_tokens), dtype_key(global_batch_size))
+    return loss.to(loss_dtype), clipfrac.to(clipfrac_dtype)
+
+
+def _targets() -> list[Target]:
+    """Everything apply_to_verl replaces (registries follow by identity), each wrapping veRL's original."""
+    sources = {"verl.utils.torch_functional": (logprobs_from_logits, entropy_from_logits, masked_whiten),
+               "verl.trainer.ppo.core_algos": (kl_penalty, compute_gae_advantage_return, compute_policy_loss_vanilla,
+                                               compute_value_loss)}
+    return [Target(module, fn.__name__, functools.partial(with_fallback, fn))
+            for module, adapters in sources.items() for fn in adapters]
 
 
 def apply_to_verl() -> PatchHandle:
@@ -219,19 +282,7 @@ def apply_to_verl() -> PatchHandle:
 
     Patches the functions above wherever veRL imported them, and the entries of its registries
     that hold them (``POLICY_LOSS_REGISTRY["vanilla"]``, ``ADV_ESTIMATOR_REGISTRY["gae"]``). Calls
-    with options we do not cover run veRL's own code.
+    with options we do not cover run veRL's own code. What cannot be patched (a veRL module that
+    fails to import) is listed in ``handle.not_patched`` and named in a `PatchWarning`.
     """
-    import sys
-
-    import_modules(["verl.utils.torch_functional", "verl.trainer.ppo.core_algos"])
-    sources = {"verl.utils.torch_functional": (logprobs_from_logits, entropy_from_logits, masked_whiten),
-               "verl.trainer.ppo.core_algos": (kl_penalty, compute_gae_advantage_return,
-                                               compute_policy_loss_vanilla, compute_value_loss)}
-    replacements = []
-    for module_name, adapters in sources.items():
-        module = sys.modules.get(module_name)
-        for adapter in adapters:
-            original = getattr(module, adapter.__name__, None) if module is not None else None
-            if original is not None:
-                replacements.append((original, with_fallback(adapter, original)))
-    return patch_package("verl", replacements)
+    return apply_targets("verl", _targets(), ["verl", "verl.utils.torch_functional", "verl.trainer.ppo.core_algos"])
