@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "probabilities averaged; 1 = greedy reasoning (default)")
     mc.add_argument("--few-shot", type=_number(int, low=0), default=2,
                     help="with --chain-of-thought: worked chain-of-thought examples of our constitution in front")
-    mc.add_argument("--max-new-tokens", type=_number(int, low=1), default=128, help="with --chain-of-thought: reasoning length")
+    mc.add_argument("--max-new-tokens", type=_number(int, low=1), default=128,
+                    help="with --chain-of-thought: reasoning length")
     mc.add_argument("--seed", type=int, default=0)
     pm = evals.add_parser("pm", help="a preference model on the comparisons of an eval file (the HHH questions' "
                                      "text_correct / text_incorrect transcripts)")

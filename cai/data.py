@@ -301,7 +301,8 @@ def eval_files(specs: list[str]) -> list[tuple[str, Path | None, str]]:
 
     found: list[tuple[str, Path | None, str]] = []
     for spec in specs:
-        if spec in ("paper:*", "paper:") or (not spec.startswith(("paper:", "builtin:", "hf:")) and Path(spec).is_dir()):
+        named = spec.startswith(("paper:", "builtin:", "hf:"))
+        if spec in ("paper:*", "paper:") or (not named and Path(spec).is_dir()):
             folder = paper_data_dir() if spec.startswith("paper:") else Path(spec)
             if folder is None:
                 found.append((spec, None, "the paper's data folder is not on this machine (set CAI_PAPER_DATA)"))
@@ -311,7 +312,7 @@ def eval_files(specs: list[str]) -> list[tuple[str, Path | None, str]]:
                 problem = eval_format_problem(str(path))
                 found.append((name, path, problem and f"not in the eval format: {problem}"))
             continue
-        if any(c in spec for c in "*?[") and not spec.startswith(("paper:", "builtin:", "hf:")):
+        if any(c in spec for c in "*?[") and not named:
             matches = sorted(glob.glob(spec))
             found += [(m, Path(m), "") for m in matches] or [(spec, None, "no file matches")]
             continue

@@ -115,9 +115,10 @@ class Comparer:
         thoughts = generate(self.model, self.tokenizer, asks, prefix=prefix, max_new_tokens=s.cot_max_new_tokens,
                             temperature=s.cot_temperature, batch_size=len(asks), seed=seed, stop=cot_stop_strings(),
                             overflow=s.overflow)
-        probs = score_options(self.model, self.tokenizer, [a + " " + t + cot_answer_cue() for a, t in zip(asks, thoughts)],
-                              [self.options] * len(asks), prefix=prefix, max_batch_tokens=s.max_batch_tokens,
-                              clamp=tuple(s.clamp) if s.clamp else None, overflow=s.overflow).probs
+        answers = [a + " " + t + cot_answer_cue() for a, t in zip(asks, thoughts)]
+        probs = score_options(self.model, self.tokenizer, answers, [self.options] * len(asks), prefix=prefix,
+                              max_batch_tokens=s.max_batch_tokens, clamp=tuple(s.clamp) if s.clamp else None,
+                              overflow=s.overflow).probs
         return probs, thoughts
 
     def compare(self, pairs: list[dict], seed: int) -> list[dict]:

@@ -119,7 +119,8 @@ def test_judge_asks_held_out_principles_in_both_orders(tiny_model_dir, tmp_path,
         assert all(criterion[i] == row["criterion"] for i in ids)
         assert 0.0 <= row["value"] <= 1.0
     # the orders: each comparison once with the first reply as (A), once as (B)
-    assert sum("(A) Sure, here is how." in q for q in asked) == 2 and sum("(B) Sure, here is how." in q for q in asked) == 2
+    assert sum("(A) Sure, here is how." in q for q in asked) == 2
+    assert sum("(B) Sure, here is how." in q for q in asked) == 2
 
 
 def test_judge_can_be_a_separate_model(tiny_model_dir, tiny_raw_model_dir, tmp_path, monkeypatch):

@@ -328,7 +328,8 @@ def test_ppo_old_logprobs_are_the_samplers_own(tiny_model_dir, monkeypatch):
 
 def test_paper_preset_is_the_papers_recipe():
     paper = load_config("paper")
-    assert paper.critique_revise.rounds == 4 and paper.critique_revise.critique and paper.critique_revise.history == "latest"
+    assert paper.critique_revise.rounds == 4 and paper.critique_revise.critique
+    assert paper.critique_revise.history == "latest"
     assert paper.critique_revise.helpful_samples == 2 and paper.sft.targets == "all_rounds"
     assert paper.label.principles_per_comparison == 1 and paper.label.chain_of_thought
     assert paper.sample_pairs.kinds == ["red_team"]

@@ -101,13 +101,14 @@ def make_critique_revise_process(cfg: CritiqueReviseConfig, ctx: Context):
 
     def revise(batch, responses, batch_index, with_critique, tag):
         """Every round of one mode for the rows of `batch`: (critiques, revisions, principle ids) per row."""
-        history = [[Turn("human", row["prompt"]), Turn("assistant", response)] for row, response in zip(batch, responses)]
+        history = [[Turn("human", row["prompt"]), Turn("assistant", reply)] for row, reply in zip(batch, responses)]
         latest = list(responses)
         out = [([], [], []) for _ in batch]
         for r in range(cfg.rounds):
             principles = [draw_principle(ctx, row["id"], r) for row in batch]
             if cfg.history == "latest":  # the prompt and the reply as it stands now
-                history = [[Turn("human", row["prompt"]), Turn("assistant", reply)] for row, reply in zip(batch, latest)]
+                history = [[Turn("human", row["prompt"]), Turn("assistant", reply)]
+                           for row, reply in zip(batch, latest)]
             critiques = [None] * len(batch)
             if with_critique:
                 asks = [conv + [critique_request(p)] for conv, p in zip(history, principles)]

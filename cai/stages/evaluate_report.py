@@ -75,7 +75,8 @@ def elo_section(run: RunDir, rows: list[dict], setup: dict, bootstrap: int, seed
     out += ["", "Differences between models (first minus second; * = the 95 % interval excludes 0, i.e. "
             "significant at this sample size):", "",
             "| comparison | " + " | ".join(f"{CRITERION_TITLE[c]} Elo difference [95 % CI] | "
-                                          f"{CRITERION_TITLE[c]} win rate of the first [95 % CI]" for c in results) + " |",
+                                          f"{CRITERION_TITLE[c]} win rate of the first [95 % CI]"
+                                          for c in results) + " |",
             "| --- |" + " --- | --- |" * len(results)]
     for b_index, b in enumerate(models):
         for a in models[b_index + 1:]:
@@ -106,7 +107,8 @@ def elo_section(run: RunDir, rows: list[dict], setup: dict, bootstrap: int, seed
             xs = [iterations[m] for m in along]
             for criterion, result in results.items():
                 ys = [result.elo[m] for m in along]
-                err = [[result.elo[m] - result.ci[m][0] for m in along], [result.ci[m][1] - result.elo[m] for m in along]]
+                err = [[result.elo[m] - result.ci[m][0] for m in along],
+                       [result.ci[m][1] - result.elo[m] for m in along]]
                 ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=CRITERION_TITLE[criterion])
             ax.legend()
         out += [plot(run, "elo_by_ppo_iteration", draw_iterations, "Elo along RL training (judge, 95 % CI)",
@@ -127,7 +129,8 @@ def revision_section(run: RunDir, rows: list[dict], bootstrap: int, seed: int) -
            "orders (0.5 = no better than the first answer). `critique`: revisions after a critique; `direct`: "
            "revisions straight from the revision request, no critique (paper §3.5), from the same first answers "
            "and principles. 95 % bootstrap intervals over prompts.", "",
-           "| criterion | revisions | round | win rate vs first answer [95 % CI] | n |", "| --- | --- | --- | --- | --- |"]
+           "| criterion | revisions | round | win rate vs first answer [95 % CI] | n |",
+           "| --- | --- | --- | --- | --- |"]
     summary = {}
     from ..stats import bootstrap_mean
     for (criterion, mode), rounds in sorted(curves.items()):

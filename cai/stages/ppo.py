@@ -13,8 +13,8 @@ Tensor layout: [prompt, left-padded | response, right-padded]; position t of the
 predicted by the hidden state one position earlier. Log-probs (old, reference, new) are taken at the sampling
 temperature `temperature`: the old ones are then the sampler's own log-probs of its tokens. A checkpoint every
 `save_every` iterations makes the stage resumable; `snapshot_every` keeps the policy's trainable weights every N
-iterations (ppo/snapshots/) for the evaluation's Elo along RL training. Saves ppo/model (+ value_head.safetensors). Output rows: every rollout (iteration, id,
-prompt, response, score, kl).
+iterations (ppo/snapshots/) for the evaluation's Elo along RL training. Saves ppo/model (+ value_head.safetensors).
+Output rows: every rollout (iteration, id, prompt, response, score, kl).
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ class PPOConfig:
     max_new_tokens: int = field(default=64, metadata={"ge": 1})
     # the sampling temperature; old / reference / new log-probs are taken at it too (0: greedy, scored at 1)
     temperature: float = field(default=1.0, metadata={"ge": 0})
-    top_p: float = field(default=1.0, metadata={"gt": 0, "le": 1})  # < 1: the sampler's log-probs differ from those scored
+    # < 1 truncates the sampler: its log-probs then differ from the scored ones
+    top_p: float = field(default=1.0, metadata={"gt": 0, "le": 1})
     train_layers: int | None = field(default=None, metadata={"ge": 0})
     save_every: int = field(default=1, metadata={"ge": 1})
     # keep the policy every N iterations (ppo/snapshots/) for the evaluation's Elo along RL

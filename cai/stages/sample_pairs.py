@@ -44,8 +44,8 @@ def pair_items(prompts: list[dict], cfg: SamplePairsConfig) -> list[dict]:
 
 
 def sample_pairs(prompts: list[dict], cfg: SamplePairsConfig, ctx: Context) -> list[dict]:
-    return run_batches(ctx, NAME, pair_items(prompts, cfg), cfg.batch_size, make_process=partial(make_sample_pairs_process, cfg),
-                       desc=NAME, fingerprint=vars(cfg))
+    return run_batches(ctx, NAME, pair_items(prompts, cfg), cfg.batch_size,
+                       make_process=partial(make_sample_pairs_process, cfg), desc=NAME, fingerprint=vars(cfg))
 
 
 def make_sample_pairs_process(cfg: SamplePairsConfig, ctx: Context):
