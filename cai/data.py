@@ -281,15 +281,24 @@ def load_mc_questions(spec: str, limit: int | None = None) -> list[MCQuestion]:
 
 def eval_format_problem(spec: str) -> str:
     """"" when every row of `spec` is a question of the paper's eval format (`mc_question`); otherwise what is
-    wrong (the first bad row, or no rows)."""
+    wrong with the first bad row (or "no rows"). The message names the row by its number and never quotes the
+    file's text (reports list these, and some files' text must not be copied)."""
     try:
         records = located_records(spec)
-        if not records:
-            return "no rows"
-        for where, row in records:
-            mc_question(row, where)
     except (ValueError, OSError) as err:
-        return str(err)
+        return f"unreadable ({type(err).__name__})"
+    if not records:
+        return "no rows"
+    for number, (where, row) in enumerate(records):
+        if not isinstance(row, dict):
+            return f"row {number} is not an object with prompt, corrects, incorrects"
+        missing = [k for k in ("prompt", "corrects", "incorrects") if k not in row]
+        if missing:
+            return f"row {number} lacks {', '.join(missing)}"
+        try:
+            mc_question(row, where)
+        except ValueError:
+            return f"row {number}: prompt, corrects or incorrects are not text / lists of option strings"
     return ""
 
 

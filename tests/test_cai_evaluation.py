@@ -224,6 +224,7 @@ def test_paper_hhh_file_as_comparisons_and_eval_files():
     found = {spec: problem for spec, _, problem in eval_files(["paper:*"])}
     assert found["paper:438HHHEvaluations.jsonl"] == ""
     assert found["paper:RLMadisonInstructions.json"].startswith("not in the eval format")
+    assert "choose" not in found["paper:RLMadisonInstructions.json"]  # reasons never quote the paper's text
 
 
 def test_mc_prompt_as_cot():
@@ -252,7 +253,7 @@ def test_cli_eval_mc_reads_every_eval_file_of_a_folder(tiny_model_dir, tmp_path,
     folder = tmp_path / "evals"
     folder.mkdir()
     _hhh_file(folder)
-    (folder / "notes.json").write_text(json.dumps(["not", "an", "eval"]))
+    (folder / "notes.json").write_text(json.dumps(["a secret sentence of the file"]))
     (folder / "harmless.jsonl").write_text((load_mc_path := eval_files(["builtin:harmless_mc"])[0][1]).read_text())
     assert load_mc_path.is_file()
     assert cai_main(["eval", "mc", "--data", str(folder), "--model", str(tiny_model_dir), "--limit", "2", "--json",
@@ -261,7 +262,8 @@ def test_cli_eval_mc_reads_every_eval_file_of_a_folder(tiny_model_dir, tmp_path,
     results = [json.loads(line) for line in out.out.splitlines()]
     assert [r["data"].rsplit("/", 1)[-1] for r in results] == ["harmless.jsonl", "hhh.jsonl"]
     assert all(r["n"] == 2 and r["samples"] == 2 and r["chain_of_thought"] for r in results)
-    assert "notes.json: skipped: not in the eval format" in out.err
+    assert "notes.json: skipped: not in the eval format: row 0 is not an object" in out.err
+    assert "secret" not in out.err  # the reason does not quote the file
     with pytest.raises(SystemExit):
         cai_main(["eval", "mc", "--data", str(folder), "--chain-of-thought", "--samples", "0"])
 
