@@ -25,11 +25,16 @@ def display_name(model: str) -> str:
 
 
 def _interval(lo, hi, digits=0) -> str:
+    if digits == 0:
+        return f"[{_signed(lo).lstrip('+')}, {_signed(hi).lstrip('+')}]"
     return f"[{format_value(lo, digits)}, {format_value(hi, digits)}]"
 
 
 def _signed(value, digits=0) -> str:
-    return "n/a" if value is None else f"{value:+.{digits}f}"
+    if value is None:
+        return "n/a"
+    value = round(value, digits) or 0.0  # no "-0"
+    return f"{value:+.{digits}f}" if value else f"{0:.{digits}f}"
 
 
 def elo_section(run: RunDir, rows: list[dict], setup: dict, bootstrap: int, seed: int) -> list[str]:
@@ -73,7 +78,9 @@ def elo_section(run: RunDir, rows: list[dict], setup: dict, bootstrap: int, seed
                       f"{format_value(rate)} {_interval(lo, hi, 3)} (n = {n})"]
         out.append("| " + " | ".join(cells) + " |")
     out += ["", "Differences between models (first minus second; * = the 95 % interval excludes 0, i.e. "
-            "significant at this sample size):", "",
+            "significant at this sample size). The Elo difference uses every comparison, indirect ones too; the "
+            "win rate only the two models' direct comparisons, so near the edge one can be significant and the "
+            "other not:", "",
             "| comparison | " + " | ".join(f"{CRITERION_TITLE[c]} Elo difference [95 % CI] | "
                                           f"{CRITERION_TITLE[c]} win rate of the first [95 % CI]"
                                           for c in results) + " |",
