@@ -3,8 +3,8 @@
 #               test extras, then run the whole test suite
 #   make demo   the same set-up, then the whole Constitutional AI loop on the embedded SmolLM2-135M
 #               (cai run --config tiny --out runs/demo: a few minutes on 2 CPU cores) and its report
-# make demo-small: the `small` preset (cai run --config small --out runs/small: about 15 minutes on 2 cores), the
-#               recipe at a size whose report tells which differences are significant
+# make demo-small: the `small` preset (cai run --config small --out runs/small: 11 CPU-minutes, 10-17 minutes on
+#               2 shared cores), the recipe at a size whose report tells which differences are significant
 # Others: make bench (benchmark suite: results, table and plots in benchmarks/results/, README section),
 #         make bench-quick (3-minute subset, times only: the memory column comes from make bench),
 #         make test-fast (skips slow tests), make test-peers (TRL's / veRL's / OpenRLHF's own test files,

@@ -117,6 +117,7 @@ def elo_section(run: RunDir, rows: list[dict], setup: dict, bootstrap: int, seed
                 err = [[result.elo[m] - result.ci[m][0] for m in along],
                        [result.ci[m][1] - result.elo[m] for m in along]]
                 ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=CRITERION_TITLE[criterion])
+            ax.set_xticks(sorted(set(xs)))
             ax.legend()
         out += [plot(run, "elo_by_ppo_iteration", draw_iterations, "Elo along RL training (judge, 95 % CI)",
                      "PPO iteration (0 = SL-CAI)", f"Elo ({display_name(anchor)} = 0)"), ""]
@@ -197,9 +198,12 @@ def hhh_section(run: RunDir, rows: list[dict], hhh_file: str | None) -> list[str
     out.append("")
 
     def draw(ax):
+        import textwrap
+
         xs = range(len(bars))
-        ax.bar(xs, [b[1] for b in bars], yerr=[[b[1] - b[2] for b in bars], [b[3] - b[1] for b in bars]], capsize=3)
-        ax.set_xticks(list(xs), [b[0].replace(", ", "\n") for b in bars], fontsize=6)
+        ax.bar(xs, [b[1] for b in bars], yerr=[[b[1] - b[2] for b in bars], [b[3] - b[1] for b in bars]], capsize=3,
+               color=["grey" if b[0].startswith("baseline") else "C0" for b in bars])
+        ax.set_xticks(list(xs), [textwrap.fill(b[0], 16) for b in bars], fontsize=6)
         ax.axhline(0.5, color="grey", linewidth=0.8)
         ax.set_ylim(0, 1)
     return out + [plot(run, "hhh_accuracy", draw, "HHH comparisons (95 % CI)", "", "accuracy"), ""]
