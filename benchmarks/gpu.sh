@@ -10,6 +10,8 @@
 #   bash benchmarks/gpu.sh bench-linear        # linear_token_logprobs, choice_logprobs
 #   bash benchmarks/gpu.sh bench-rest report   # preference-model, PPO and pipeline benches; the report
 #   bash benchmarks/gpu.sh test bench-quick     # a short lease: the tests, then the headline cases only
+#   bash benchmarks/gpu.sh linear-head         # the tensor-core fused LM head alone (benchmarks/linear_head_gpu.py):
+#                                              # correctness, timings vs GEMMs / Liger / CCE, config sweep, < 2 min
 # or `bash benchmarks/gpu.sh all` where one command may run longer.
 # Each bench part writes benchmarks/results/<device>-<date>-<part>.json and copies it to $OUT at once
 # (a machine given back between calls loses its files). `report` merges the parts it finds into
@@ -27,8 +29,8 @@ PARTS=()
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
-    test|bench-logprobs|bench-linear|bench-rest|bench-quick|report|all|setup) PARTS+=("$arg") ;;
-    *) echo "usage: $0 [setup|test|bench-logprobs|bench-linear|bench-rest|bench-quick|report|all]... [--dry-run]" >&2; exit 2 ;;
+    test|bench-logprobs|bench-linear|bench-rest|bench-quick|report|all|setup|linear-head) PARTS+=("$arg") ;;
+    *) echo "usage: $0 [setup|test|bench-logprobs|bench-linear|bench-rest|bench-quick|report|all|linear-head]... [--dry-run]" >&2; exit 2 ;;
   esac
 done
 [ ${#PARTS[@]} -gt 0 ] || PARTS=(all)
@@ -130,6 +132,11 @@ for part in "${PARTS[@]}"; do
                  run "$PY" -m benchmarks.report "benchmarks/results/$(name)-quick.json" --readme README.md || true
                  [ "$DRY_RUN" = 1 ] || cp benchmarks/results/"$(name)"-quick.* README.md "$OUT/" 2>/dev/null || true ;;
     report) part_report ;;
+    # no setup: needs neither the C++ extension nor the suite's peers beyond .whl/ (installed by the script)
+    linear-head) if [ "$DRY_RUN" = 1 ]; then run "$PY" -m benchmarks.linear_head_gpu --out "$OUT"
+                 else mkdir -p "$OUT"
+                      timeout -s INT -k 20 "$TIME_LIMIT" "$PY" -m benchmarks.linear_head_gpu --out "$OUT" 2>&1 | tee "$OUT/linear-head.log"
+                 fi ;;
     all) setup; part_test; part_bench logprobs benchmarks/test_bench_token_logprobs.py
          [ ${#LINEAR_BENCHES[@]} -eq 0 ] || part_bench linear "${LINEAR_BENCHES[@]}"
          [ ${#REST_BENCHES[@]} -eq 0 ] || part_bench rest "${REST_BENCHES[@]}"

@@ -14,6 +14,8 @@ is asked for by name but cannot run on those tensors is an error, never a silent
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 from dataclasses import dataclass
 
@@ -28,48 +30,85 @@ ENV_VAR = "CAI_KERNELS_BACKEND"
 
 @dataclass(frozen=True)
 class Op:
-    """Where the implementations of one public op live (``module:function`` or C++ op names)."""
+    """One public op and where its implementations live. Every layer uses the op's name:
+    ``cai_kernels/ops/<name>.py`` (the public function, its custom ops and autograd),
+    ``cai_kernels/reference/<name>.py`` (the function ``<name>``), ``cai_kernels/triton/<name>.py`` (its
+    Triton kernels and launchers), ``csrc/cpu/<name>.cpp`` (its C++ kernels), ``tests/test_<name>.py``
+    and ``benchmarks/test_bench_<name>.py``. A composite op (``parts``) runs its parts' kernels and has
+    none of its own."""
 
     name: str
-    reference: str
-    cpu: tuple[str, ...]     # kernels in torch.ops.cai_kernels_cpu (csrc/cpu/*.cpp)
-    triton: str              # module holding the Triton kernels and their launchers
+    cpu: tuple[str, ...] = ()    # its kernels in torch.ops.cai_kernels_cpu (registered by csrc/cpu/<name>.cpp)
+    triton: bool = True          # whether cai_kernels/triton/<name>.py exists
+    parts: tuple[str, ...] = ()  # ops whose kernels it runs too
+
+    @property
+    def ops_module(self) -> str:
+        return f"cai_kernels.ops.{self.name}"
+
+    @property
+    def reference_module(self) -> str:
+        return f"cai_kernels.reference.{self.name}"
+
+    @property
+    def triton_module(self) -> str | None:
+        return f"cai_kernels.triton.{self.name}" if self.triton else None
 
 
 OPS: dict[str, Op] = {op.name: op for op in (
-    # Family 1: log-prob scoring
-    Op("token_logprobs", "cai_kernels.reference.logprobs:token_logprobs",
-       ("token_logprobs_fwd", "token_logprobs_bwd"), "cai_kernels.triton.logprobs"),
-    Op("linear_token_logprobs", "cai_kernels.reference.logprobs:linear_token_logprobs",
-       ("linear_token_logprobs_fwd", "linear_token_logprobs_bwd"), "cai_kernels.triton.linear_logprobs"),
-    Op("choice_logprobs", "cai_kernels.reference.logprobs:choice_logprobs",
-       ("token_logprobs_fwd", "token_logprobs_bwd", "linear_token_logprobs_fwd", "linear_token_logprobs_bwd",
-        "option_scores"), "cai_kernels.triton.choice"),
-    # Family 2: preference-model losses
-    Op("pairwise_loss", "cai_kernels.reference.pairwise:pairwise_loss",
-       ("pairwise_loss_fwd", "pairwise_loss_bwd"), "cai_kernels.triton.pairwise"),
-    Op("last_token_rewards", "cai_kernels.reference.pairwise:last_token_rewards",
-       ("last_token_rewards_fwd", "last_token_rewards_bwd"), "cai_kernels.triton.pairwise"),
-    Op("reward_pairwise_loss", "cai_kernels.reference.pairwise:reward_pairwise_loss",
-       ("last_token_rewards_fwd", "last_token_rewards_bwd", "pairwise_loss_fwd", "pairwise_loss_bwd"),
-       "cai_kernels.triton.pairwise"),
-    Op("ranked_pairwise_loss", "cai_kernels.reference.pairwise:ranked_pairwise_loss",
-       ("ranked_pairwise_loss_fwd", "ranked_pairwise_loss_bwd"), "cai_kernels.triton.pairwise"),
-    Op("reward_ranked_loss", "cai_kernels.reference.pairwise:reward_ranked_loss",
-       ("last_token_rewards_fwd", "last_token_rewards_bwd", "ranked_pairwise_loss_fwd", "ranked_pairwise_loss_bwd"),
-       "cai_kernels.triton.pairwise"),
-    # Family 3: PPO advantages, KL and clipped losses
-    Op("kl_penalty", "cai_kernels.reference.ppo:kl_penalty",
-       ("kl_penalty_fwd", "kl_penalty_bwd"), "cai_kernels.triton.ppo"),
-    Op("gae", "cai_kernels.reference.ppo:gae", ("gae_fwd",), "cai_kernels.triton.ppo"),
-    Op("masked_whiten", "cai_kernels.reference.ppo:masked_whiten", ("masked_whiten_fwd",), "cai_kernels.triton.ppo"),
-    Op("ppo_advantages", "cai_kernels.reference.ppo:ppo_advantages", ("ppo_advantages_fwd",),
-       "cai_kernels.triton.ppo"),
-    Op("ppo_policy_loss", "cai_kernels.reference.ppo:ppo_policy_loss", ("ppo_loss_fwd", "ppo_loss_bwd"),
-       "cai_kernels.triton.ppo"),
-    Op("ppo_value_loss", "cai_kernels.reference.ppo:ppo_value_loss", ("ppo_loss_fwd", "ppo_loss_bwd"),
-       "cai_kernels.triton.ppo"),
+    # log-prob scoring
+    Op("token_logprobs", cpu=("token_logprobs_fwd", "token_logprobs_bwd")),
+    Op("linear_token_logprobs", cpu=("linear_token_logprobs_fwd", "linear_token_logprobs_bwd")),
+    Op("choice_logprobs", cpu=("option_scores",), parts=("token_logprobs", "linear_token_logprobs")),
+    # preference-model losses
+    Op("pairwise_loss", cpu=("pairwise_loss_fwd", "pairwise_loss_bwd")),
+    Op("last_token_rewards", cpu=("last_token_rewards_fwd", "last_token_rewards_bwd")),
+    Op("reward_pairwise_loss", triton=False, parts=("last_token_rewards", "pairwise_loss")),
+    Op("ranked_pairwise_loss", cpu=("ranked_pairwise_loss_fwd", "ranked_pairwise_loss_bwd")),
+    Op("reward_ranked_loss", triton=False, parts=("last_token_rewards", "ranked_pairwise_loss")),
+    # PPO: KL, advantages, clipped losses
+    Op("kl_penalty", cpu=("kl_penalty_fwd", "kl_penalty_bwd")),
+    Op("gae", cpu=("gae_fwd",)),
+    Op("masked_whiten", cpu=("masked_whiten_fwd",)),
+    Op("ppo_advantages", cpu=("ppo_advantages_fwd",)),
+    Op("ppo_policy_loss", cpu=("ppo_policy_loss_fwd", "ppo_policy_loss_bwd")),
+    Op("ppo_value_loss", cpu=("ppo_value_loss_fwd", "ppo_value_loss_bwd")),
 )}
+
+
+def cpu_kernel_names(op: Op) -> tuple[str, ...]:
+    """The C++ kernels ``op`` runs: its own and its parts'."""
+    return op.cpu + tuple(name for part in op.parts for name in cpu_kernel_names(OPS[part]))
+
+
+_KERNELS: dict[tuple[str, str], object] = {}
+
+
+def kernels(op_name: str, backend: str):
+    """What holds ``op_name``'s compiled kernels for ``backend``: the C++ kernels (``torch.ops.cai_kernels_cpu``
+    behind ``_extension.cpu_kernels``) for "cpu", the module ``cai_kernels/triton/<op_name>.py`` for
+    "triton". Both take the same arguments: tensors first, then the op's parameter bundle."""
+    found = _KERNELS.get((op_name, backend))
+    if found is None:
+        if backend == "cpu":
+            found = _extension.cpu_kernels
+        elif backend == "triton":
+            found = importlib.import_module(OPS[op_name].triton_module)
+        else:
+            raise ValueError(f"{op_name} has no compiled kernels for backend {backend!r}")
+        _KERNELS[(op_name, backend)] = found
+    return found
+
+
+@functools.cache
+def _cpu_live(op_name: str) -> tuple[bool, str]:
+    ext = _extension.status()
+    if not ext.loaded:
+        return False, ext.reason
+    missing = [name for name in cpu_kernel_names(OPS[op_name]) if not hasattr(torch.ops.cai_kernels_cpu, name)]
+    if missing:
+        return False, f"the loaded extension lacks {missing} (rebuild it)"
+    return True, ext.reason
 
 
 def _live(op: Op, backend: str, device_type: str) -> tuple[bool, str]:
@@ -78,13 +117,7 @@ def _live(op: Op, backend: str, device_type: str) -> tuple[bool, str]:
     if backend == "cpu":
         if device_type != "cpu":
             return False, f"the C++ kernels run on CPU tensors, not {device_type}"
-        ext = _extension.status()
-        if not ext.loaded:
-            return False, ext.reason
-        missing = [name for name in op.cpu if not hasattr(torch.ops.cai_kernels_cpu, name)]
-        if missing:
-            return False, f"the loaded extension lacks {missing} (rebuild it)"
-        return True, ext.reason
+        return _cpu_live(op.name)
     return _triton.available_for(device_type)
 
 

@@ -1,8 +1,14 @@
-"""Argument checks shared by the public ops.
+"""The dtype rules and the argument checks of every op: the one place both are written.
 
-Errors name the argument and what was expected: a wrong type or dtype is a TypeError, a wrong
-shape, value or device a ValueError. Checks that read tensor *data* (target ranges) live in
-``check_targets_in_range`` and run only on real tensors, never while torch.compile traces.
+Dtype rules: every op computes and returns in fp32 (fp64 when an input is fp64), whatever the input
+dtype; inputs of different float dtypes are promoted to a common one first (an exact upcast).
+
+Checks: errors name the argument and what was expected: a wrong type or dtype is a TypeError, a wrong
+shape, value or device a ValueError. Checks that read tensor *data* (target ranges, labels in [0, 1],
+a real token in every sequence, num_valid in [0, K], the multiple-choice layout) are the
+``check_*_values`` / ``*_in_range`` / ``check_option_layout`` functions: the public ops run them for the
+reference backend (never while torch.compile traces), the Triton launchers run them on the host, and
+the C++ kernels check while they read.
 """
 
 from __future__ import annotations
@@ -12,10 +18,38 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from ._params import NO_BOUND
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+# Masks of real tokens (preference models): bool or integer. Response masks (PPO): also floating.
+TOKEN_MASK_DTYPES = (torch.bool,) + INTEGER_DTYPES
+RESPONSE_MASK_DTYPES = TOKEN_MASK_DTYPES + (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _describe(t: torch.Tensor) -> str:
+# ---- dtype rules ---------------------------------------------------------------------------------
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype an op computes and returns in for inputs of ``dtype``: fp64 for fp64, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def common_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The float dtype several inputs are promoted to (bf16 + fp32 -> fp32, fp64 wins)."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """accumulate_dtype of several inputs: fp64 if any is fp64, else fp32."""
+    return accumulate_dtype(common_dtype(*tensors))
+
+
+# ---- tensors -------------------------------------------------------------------------------------
+
+def describe(t: torch.Tensor) -> str:
     return f"{t.dtype} of shape {tuple(t.shape)} on {t.device}"
 
 
@@ -26,11 +60,11 @@ def check_tensor(name: str, value, *, dtypes: Sequence[torch.dtype] | None = Non
         raise TypeError(f"{name} must be a torch.Tensor; got {type(value).__name__}")
     if dtypes is not None and value.dtype not in dtypes:
         allowed = ", ".join(str(d) for d in dtypes)
-        raise TypeError(f"{name} must have dtype in ({allowed}); got {_describe(value)}")
+        raise TypeError(f"{name} must have dtype in ({allowed}); got {describe(value)}")
     if ndim is not None and value.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions; got {_describe(value)}")
+        raise ValueError(f"{name} must have {ndim} dimensions; got {describe(value)}")
     if min_ndim is not None and value.dim() < min_ndim:
-        raise ValueError(f"{name} must have at least {min_ndim} dimension(s); got {_describe(value)}")
+        raise ValueError(f"{name} must have at least {min_ndim} dimension(s); got {describe(value)}")
     return value
 
 
@@ -40,9 +74,11 @@ def check_float_tensor(name: str, value, **kwargs) -> torch.Tensor:
 
 def check_shape(name: str, value: torch.Tensor, shape: Iterable[int], what: str) -> None:
     """``value.shape == shape``; ``what`` says where the expected shape comes from."""
+    if value.shape == shape:
+        return
     shape = tuple(shape)
     if tuple(value.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape} ({what}); got {_describe(value)}")
+        raise ValueError(f"{name} must have shape {shape} ({what}); got {describe(value)}")
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> None:
@@ -54,13 +90,57 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
                              f"got {t.device}")
 
 
-def check_positive_float(name: str, value) -> float:
-    """A finite number > 0 (temperature, eps, ...)."""
+def check_rows(name: str, value, *, shape: tuple[int, ...] | None = None, what: str = "") -> torch.Tensor:
+    """A floating (B, T) tensor (the PPO ops' layout), of ``shape`` when given."""
+    check_float_tensor(name, value, ndim=2)
+    if shape is not None:
+        check_shape(name, value, shape, what)
+    return value
+
+
+def check_mask(name: str, value, shape: Iterable[int], *, what: str = "one entry per token",
+               floating: bool = True) -> torch.Tensor:
+    """A mask of exactly ``shape``, nonzero = a real / response token: bool, integer or (``floating``, the
+    PPO ops' response masks) floating."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(value).__name__}")
+    if floating and value.dtype not in RESPONSE_MASK_DTYPES:
+        raise TypeError(f"{name} must be bool, integer or floating (nonzero = response token); "
+                        f"got {describe(value)}")
+    if not floating and value.dtype not in TOKEN_MASK_DTYPES:
+        allowed = ", ".join(str(d) for d in TOKEN_MASK_DTYPES)
+        raise TypeError(f"{name} must be bool or an integer dtype ({allowed}); got {describe(value)}")
+    check_shape(name, value, shape, what)
+    return value
+
+
+# ---- numbers and options -------------------------------------------------------------------------
+
+def _check_real(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number; got {type(value).__name__}")
+
+
+def check_positive_float(name: str, value) -> float:
+    """A finite number > 0 (temperature, ...)."""
+    _check_real(name, value)
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0; got {value}")
     return float(value)
+
+
+def check_number(name: str, value, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False) -> float:
+    """A finite real number in [low, high] (``low_open``: (low, high])."""
+    _check_real(name, value)
+    value = float(value)
+    too_low = low is not None and (value <= low if low_open else value < low)
+    if not math.isfinite(value) or too_low or (high is not None and value > high):
+        bracket = "(" if low_open else "["
+        lo = "-inf" if low is None else low
+        hi = "inf" if high is None else high
+        raise ValueError(f"{name} must be a finite number in {bracket}{lo}, {hi}]; got {value}")
+    return value
 
 
 def check_optional_int(name: str, value) -> int | None:
@@ -71,15 +151,95 @@ def check_optional_int(name: str, value) -> int | None:
     return value
 
 
+def check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
+    return value
+
+
+def check_choice(name: str, value, choices: dict):
+    """``value`` is one of the names in ``choices`` (a dict name -> enum member); returns the member."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, one of {tuple(choices)}; got {type(value).__name__}")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}; got {value!r}")
+    return choices[value]
+
+
+def check_reduction(reduction, choices: dict):
+    """pairwise_loss / ranked_pairwise_loss's ``reduction``: a str, one of ``choices``; returns the member."""
+    if not isinstance(reduction, str):
+        raise TypeError(f"reduction must be a str; got {type(reduction).__name__}")
+    if reduction not in choices:
+        raise ValueError(f"reduction must be one of {tuple(choices)}; got {reduction!r}")
+    return choices[reduction]
+
+
+# Two kinds of (lo, hi) pairs, with different rules: clamps of probabilities (choice_logprobs) are two
+# numbers within [0, 1]; bounds of a log-ratio or an estimate (kl_penalty) may leave a side open.
+
+def check_probability_clamp(name: str, value) -> tuple[float, float] | None:
+    """None, or a pair (lo, hi) of numbers with 0 <= lo <= hi <= 1 (bounds for probabilities)."""
+    if value is None:
+        return None
+    if (not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 2
+            or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value)):
+        raise TypeError(f"{name} must be None or a pair (lo, hi) of numbers; got {value!r}")
+    lo, hi = float(value[0]), float(value[1])
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"{name} must satisfy 0 <= lo <= hi <= 1; got ({lo}, {hi})")
+    return lo, hi
+
+
+def check_bounds(name: str, value) -> tuple[float, float]:
+    """None, or (lo, hi) with lo <= hi, either possibly None or infinite (unbounded). Returns finite
+    stand-ins: -NO_BOUND / NO_BOUND for a missing side."""
+    if value is None:
+        return -NO_BOUND, NO_BOUND
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise TypeError(f"{name} must be None or a (lo, hi) pair; got {value!r}")
+    lo, hi = value
+    for side, bound in (("lo", lo), ("hi", hi)):
+        if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float))):
+            raise TypeError(f"{name} {side} must be a number or None; got {type(bound).__name__}")
+        if bound is not None and math.isnan(bound):
+            raise ValueError(f"{name} {side} must not be NaN; got {value!r}")
+    lo = -NO_BOUND if lo is None or lo == -math.inf else float(lo)
+    hi = NO_BOUND if hi is None or hi == math.inf else float(hi)
+    if lo > hi:
+        raise ValueError(f"{name} must have lo <= hi; got {value!r}")
+    return lo, hi
+
+
+# ---- log-prob ops --------------------------------------------------------------------------------
+
 def check_targets(name: str, targets, *, lead_shape: torch.Size, what: str) -> torch.Tensor:
     """int64 class indices with one entry per row of the scores."""
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(targets).__name__}")
     if targets.dtype != torch.int64:
         raise TypeError(f"{name} must be int64 with shape {tuple(lead_shape)} ({what}); "
-                        f"got {_describe(targets)}")
+                        f"got {describe(targets)}")
     check_shape(name, targets, lead_shape, what)
     return targets
+
+
+def check_linear_operands(hidden, weight, bias) -> None:
+    """hidden (..., H), weight (V, H), bias (V,) or None: one float dtype, matching sizes."""
+    check_float_tensor("hidden", hidden, min_ndim=1)
+    if hidden.size(-1) == 0:
+        raise ValueError(f"hidden must have a non-empty last (hidden-size) dimension; got shape {tuple(hidden.shape)}")
+    check_float_tensor("weight", weight, ndim=2)
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have hidden's dtype ({hidden.dtype}); got {weight.dtype}")
+    if weight.size(1) != hidden.size(-1) or weight.size(0) == 0:
+        raise ValueError(f"weight must have shape (V, H) with V >= 1 and H = hidden.shape[-1] = {hidden.size(-1)}; "
+                         f"got {tuple(weight.shape)}")
+    if bias is not None:
+        check_float_tensor("bias", bias)
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias must have hidden's dtype ({hidden.dtype}); got {bias.dtype}")
+        check_shape("bias", bias, (weight.size(0),), "one entry per row of weight")
 
 
 def check_targets_in_range(name: str, targets: torch.Tensor, num_classes: int,
@@ -115,14 +275,122 @@ def check_option_layout(option_ids: torch.Tensor, num_options: torch.Tensor) -> 
                          f"(option_ids must cover [0, O), O = num_options.sum() = {num_opts})")
 
 
-def check_clamp(name: str, value) -> tuple[float, float] | None:
-    """None, or a pair (lo, hi) of numbers with 0 <= lo <= hi <= 1 (bounds for probabilities)."""
+# ---- preference-model ops ------------------------------------------------------------------------
+
+def check_per_row_arg(name: str, value, shape: torch.Size, device: torch.device, *, probability: bool):
+    """``value`` is None, a finite number (in [0, 1] when ``probability``) or a float tensor broadcastable to
+    ``shape`` on ``device``; returns it with a number as a float."""
     if value is None:
         return None
-    if (not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 2
-            or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value)):
-        raise TypeError(f"{name} must be None or a pair (lo, hi) of numbers; got {value!r}")
-    lo, hi = float(value[0]), float(value[1])
-    if not 0.0 <= lo <= hi <= 1.0:
-        raise ValueError(f"{name} must satisfy 0 <= lo <= hi <= 1; got ({lo}, {hi})")
-    return lo, hi
+    if isinstance(value, torch.Tensor):
+        check_float_tensor(name, value)
+        if value.device != device:
+            raise ValueError(f"{name} must be on the same device as the rewards ({device}); got {value.device}")
+        if not _broadcasts_to(value.shape, shape):
+            raise ValueError(f"{name} must be broadcastable to the rewards' shape {tuple(shape)}; "
+                             f"got {describe(value)}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, a torch.Tensor or None; got {type(value).__name__}")
+    if not math.isfinite(value) or (probability and not 0.0 <= value <= 1.0):
+        expected = "a number in [0, 1]" if probability else "a finite number"
+        raise ValueError(f"{name} must be {expected}; got {value}")
+    return float(value)
+
+
+def _broadcasts_to(value_shape: torch.Size, shape: torch.Size) -> bool:
+    """torch.broadcast_shapes(value_shape, shape) == shape, without its (slow, Python) general case."""
+    if len(value_shape) > len(shape):
+        return False
+    return all(v in (1, s) for v, s in zip(reversed(value_shape), reversed(shape)))
+
+
+def check_probability_values(name: str, labels: torch.Tensor) -> None:
+    """Every entry of the flattened per-pair labels lies in [0, 1] (NaN does not); reads the data."""
+    bad = ~((labels >= 0) & (labels <= 1))
+    if bool(bad.any()):
+        first = int(bad.reshape(-1).nonzero()[0, 0])
+        raise ValueError(f"{name} must lie in [0, 1]; got {labels.reshape(-1)[first].item()} for pair {first}")
+
+
+def check_hidden_and_mask(hidden_name: str, hidden, mask_name: str, mask, ndim: int) -> torch.Tensor:
+    """hidden: float, ``ndim`` dims (..., T, H) with T, H >= 1; mask: bool / integer of shape hidden.shape[:-1]."""
+    check_float_tensor(hidden_name, hidden, ndim=ndim)
+    if hidden.size(-2) == 0 or hidden.size(-1) == 0:
+        raise ValueError(f"{hidden_name} must have at least one position and one hidden unit; "
+                         f"got shape {tuple(hidden.shape)}")
+    check_mask(mask_name, mask, hidden.shape[:-1], what=f"{hidden_name}.shape[:-1]", floating=False)
+    if mask.device != hidden.device:
+        raise ValueError(f"{mask_name} must be on the same device as {hidden_name} ({hidden.device}); "
+                         f"got {mask.device}")
+    return hidden
+
+
+def check_head(head_weight, head_bias, hidden_size: int, device: torch.device) -> None:
+    check_float_tensor("head_weight", head_weight)
+    if tuple(head_weight.shape) not in ((hidden_size,), (1, hidden_size)):
+        raise ValueError(f"head_weight must have shape ({hidden_size},) or (1, {hidden_size}) (the hidden size); "
+                         f"got {describe(head_weight)}")
+    if head_weight.device != device:
+        raise ValueError(f"head_weight must be on the same device as the hidden states ({device}); "
+                         f"got {head_weight.device}")
+    if head_bias is None:
+        return
+    check_float_tensor("head_bias", head_bias)
+    if head_bias.numel() != 1:
+        raise ValueError(f"head_bias must be a 0-d or 1-element tensor or None; got {describe(head_bias)}")
+    if head_bias.device != device:
+        raise ValueError(f"head_bias must be on the same device as the hidden states ({device}); "
+                         f"got {head_bias.device}")
+
+
+def check_real_token_values(name: str, index: torch.Tensor, active: torch.Tensor | None, inner: int) -> None:
+    """Every active sequence has a real token (its last-token index is >= 0); reads the data."""
+    bad = index < 0
+    if active is not None and active.numel():
+        bad &= active
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])
+        where = f"row {first // inner}" + (f", response {first % inner}" if inner > 1 else "")
+        raise ValueError(f"{name}: every sequence needs at least one real token (mask != 0); sequence {first} "
+                         f"({where}) has none")
+
+
+def check_num_valid(num_valid, batch: int, device: torch.device) -> torch.Tensor | None:
+    if num_valid is None:
+        return None
+    if not isinstance(num_valid, torch.Tensor):
+        raise TypeError(f"num_valid must be a torch.Tensor or None; got {type(num_valid).__name__}")
+    if num_valid.dtype not in INTEGER_DTYPES:
+        raise TypeError(f"num_valid must have an integer dtype; got {describe(num_valid)}")
+    if tuple(num_valid.shape) != (batch,):
+        raise ValueError(f"num_valid must have shape ({batch},) (one count per row); got {describe(num_valid)}")
+    if num_valid.device != device:
+        raise ValueError(f"num_valid must be on the same device as the rewards ({device}); got {num_valid.device}")
+    return num_valid
+
+
+def check_num_valid_values(num_valid: torch.Tensor, K: int) -> None:
+    """Every count lies in [0, K]; reads the data."""
+    bad = (num_valid < 0) | (num_valid > K)
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])
+        raise ValueError(f"num_valid must lie in [0, {K}] (K = rewards.size(1)); "
+                         f"got num_valid[{first}] = {int(num_valid[first])}")
+
+
+# ---- PPO ops -------------------------------------------------------------------------------------
+
+def check_discount(gamma, lam) -> tuple[float, float]:
+    """GAE's gamma and lam, each in [0, 1]."""
+    return check_number("gamma", gamma, low=0.0, high=1.0), check_number("lam", lam, low=0.0, high=1.0)
+
+
+def check_loss_inputs(names: tuple[str, str, str], tensors, response_mask) -> None:
+    """The three (B, T) inputs of a PPO loss, of one shape, and its response mask, on one device."""
+    check_rows(names[0], tensors[0])
+    shape = tuple(tensors[0].shape)
+    for name, t in zip(names[1:], tensors[1:]):
+        check_rows(name, t, shape=shape, what=f"like {names[0]}")
+    check_mask("response_mask", response_mask, shape)
+    check_same_device(**dict(zip(names, tensors)), response_mask=response_mask)

@@ -35,3 +35,22 @@ def response_mask(B: int, T: int, kind: str = "holes", *, dtype=torch.bool) -> t
             mask[0] = False
             mask[B // 2] = False
     return mask.to(dtype).to(DEVICE)
+
+
+def check_loss(op, reference_op, x, y, z, mask, backend, **kwargs):
+    """A PPO loss ``op(x, y, z, mask) -> (loss, stats)`` against ``reference_op`` in float64: the 0-d loss, and
+    its gradient w.r.t. x (x's dtype, 0 on masked positions). Returns (loss, stats, reference stats, gradient)."""
+    from tests._backends import assert_close, grad_tolerance
+
+    leaf = x.detach().requires_grad_()
+    loss, stats = op(leaf, y, z, mask, backend=backend, **kwargs)
+    assert loss.shape == () and loss.dtype == (torch.float64 if x.dtype == torch.float64 else torch.float32)
+    ref_leaf = x.detach().double().requires_grad_()
+    ref_loss, ref_stats = reference_op(ref_leaf, y.double(), z.double(), mask, **kwargs)
+    assert_close(loss, ref_loss, msg="loss")
+    loss.backward()
+    ref_loss.backward()
+    assert leaf.grad.dtype == x.dtype
+    assert_close(leaf.grad, ref_leaf.grad, **grad_tolerance(x.dtype), msg="gradient")
+    assert torch.all(leaf.grad[mask == 0] == 0)
+    return loss, stats, ref_stats, leaf.grad

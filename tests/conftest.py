@@ -29,3 +29,17 @@ def _seeded():
 def device():
     """Tests run on CUDA when present (the GPU run of the suite), else on CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def rows():
+    """(3, 5) log-probs: the small (B, T) input of the PPO ops' bad-input tests."""
+    from tests._ppo_inputs import logprobs
+    return logprobs(3, 5)
+
+
+@pytest.fixture
+def rows_mask():
+    """A (3, 5) response mask with holes, for ``rows``."""
+    from tests._ppo_inputs import response_mask
+    return response_mask(3, 5)

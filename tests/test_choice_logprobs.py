@@ -1,4 +1,4 @@
-"""choice_logprobs: every compiled backend against the float64 reference and a naive per-option scorer."""
+"""choice_logprobs: every compiled backend against the float64 reference and a naive per-option scorer.; bad input."""
 
 import math
 
@@ -219,3 +219,106 @@ def test_backends_agree_with_each_other():
     for out in outs[1:]:
         for a, b in zip(out, outs[0]):
             assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ---- bad input: a TypeError / ValueError naming the argument ----------------------------------------
+
+ALL_BACKENDS = [pytest.param("reference", id="reference")] + BACKENDS
+
+
+@pytest.fixture
+def choice():
+    """Two questions (2 and 3 options), 7 tokens, logits over 11 classes."""
+    targets = torch.randint(0, 11, (7,), device=DEVICE)
+    option_ids = torch.tensor([0, 0, 1, 2, 3, 4, 4], device=DEVICE)
+    num_options = torch.tensor([2, 3], device=DEVICE)
+    return targets, option_ids, num_options, torch.randn(7, 11, device=DEVICE)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_layout_errors(backend, choice):
+    targets, option_ids, num_options, logits = choice
+    cases = [
+        (option_ids.clone().index_fill_(0, torch.tensor([3], device=DEVICE), 5), num_options,
+         r"option_ids must lie in \[0, 5\) \(O = num_options.sum\(\)\); got option_ids\[3\] = 5"),
+        (option_ids.clone().index_fill_(0, torch.tensor([0], device=DEVICE), -1), num_options,
+         r"option_ids must lie in \[0, 5\)"),
+        (option_ids.clone().index_fill_(0, torch.tensor([2], device=DEVICE), 0), num_options,
+         r"every option must have at least one token; option 1 has none"),
+        (option_ids, torch.tensor([2, 4], device=DEVICE), r"every option must have at least one token; option 5"),
+        (option_ids, torch.tensor([2, 2], device=DEVICE), r"option_ids must lie in \[0, 4\)"),
+        (option_ids, torch.tensor([5, 0], device=DEVICE), r"num_options must be >= 1 for every question; got "
+                                                          r"num_options\[1\] = 0"),
+    ]
+    for ids, counts, message in cases:
+        with pytest.raises(ValueError, match=message):
+            cai_kernels.choice_logprobs(targets, ids, counts, logits=logits, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_target_out_of_range(backend, choice):
+    targets, option_ids, num_options, logits = choice
+    targets[4] = 11
+    with pytest.raises(ValueError, match=r"targets .*\[0, 11\)"):
+        cai_kernels.choice_logprobs(targets, option_ids, num_options, logits=logits, backend=backend)
+
+
+def test_scores_source(choice):
+    targets, option_ids, num_options, logits = choice
+    hidden, weight = torch.randn(7, 4, device=DEVICE), torch.randn(11, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="pass either logits, or hidden \\+ weight \\(\\+ bias\\), not both"):
+        cai_kernels.choice_logprobs(targets, option_ids, num_options, logits=logits, hidden=hidden, weight=weight)
+    with pytest.raises(ValueError, match="pass either logits"):
+        cai_kernels.choice_logprobs(targets, option_ids, num_options, logits=logits, bias=torch.zeros(11))
+    with pytest.raises(ValueError, match=r"pass logits \(N, V\), or hidden \(N, H\) with weight \(V, H\)"):
+        cai_kernels.choice_logprobs(targets, option_ids, num_options)
+    with pytest.raises(ValueError, match="got hidden=a tensor, weight=None"):
+        cai_kernels.choice_logprobs(targets, option_ids, num_options, hidden=hidden)
+    with pytest.raises(ValueError, match=r"hidden must have 2 dimensions \(N, H\)"):
+        cai_kernels.choice_logprobs(targets, option_ids, num_options, hidden=hidden[None], weight=weight)
+    with pytest.raises(ValueError, match="logits must have 2 dimensions"):
+        cai_kernels.choice_logprobs(targets, option_ids, num_options, logits=logits[None])
+    with pytest.raises(ValueError, match=r"targets must have shape \(6,\)"):
+        cai_kernels.choice_logprobs(targets, option_ids, num_options, logits=logits[:6])
+    with pytest.raises(TypeError, match="weight must have hidden's dtype"):
+        cai_kernels.choice_logprobs(targets, option_ids, num_options, hidden=hidden, weight=weight.double())
+
+
+def test_index_tensors(choice):
+    targets, option_ids, num_options, logits = choice
+    with pytest.raises(TypeError, match="option_ids must have dtype in \\(torch.int64\\)"):
+        cai_kernels.choice_logprobs(targets, option_ids.int(), num_options, logits=logits)
+    with pytest.raises(TypeError, match="num_options must have dtype in \\(torch.int64\\)"):
+        cai_kernels.choice_logprobs(targets, option_ids, num_options.float(), logits=logits)
+    with pytest.raises(TypeError, match="targets must have dtype in \\(torch.int64\\)"):
+        cai_kernels.choice_logprobs(targets.int(), option_ids, num_options, logits=logits)
+    with pytest.raises(ValueError, match=r"option_ids must have shape \(7,\)"):
+        cai_kernels.choice_logprobs(targets, option_ids[:6], num_options, logits=logits)
+    with pytest.raises(ValueError, match="num_options must have 1 dimensions"):
+        cai_kernels.choice_logprobs(targets, option_ids, num_options[None], logits=logits)
+    with pytest.raises(ValueError, match="targets must have 1 dimensions"):
+        cai_kernels.choice_logprobs(targets[None], option_ids, num_options, logits=logits)
+    with pytest.raises(ValueError, match="num_options must be on the same device as targets"):
+        cai_kernels.choice_logprobs(targets, option_ids, num_options.to("meta"), logits=logits)
+
+
+@pytest.mark.parametrize("clamp,error,message", [
+    ((0.6, 0.4), ValueError, r"clamp must satisfy 0 <= lo <= hi <= 1; got \(0.6, 0.4\)"),
+    ((-0.1, 0.5), ValueError, "clamp must satisfy"),
+    ((0.5, 1.5), ValueError, "clamp must satisfy"),
+    ((math.nan, 0.5), ValueError, "clamp must satisfy"),
+    ((0.4,), TypeError, r"clamp must be None or a pair \(lo, hi\) of numbers"),
+    ("ab", TypeError, "clamp must be None or a pair"),
+    (0.5, TypeError, "clamp must be None or a pair"),
+    ((0.4, "0.6"), TypeError, "clamp must be None or a pair"),
+])
+def test_clamp(choice, clamp, error, message):
+    targets, option_ids, num_options, logits = choice
+    with pytest.raises(error, match=message):
+        cai_kernels.choice_logprobs(targets, option_ids, num_options, logits=logits, clamp=clamp)
+
+
+def test_temperature(choice):
+    targets, option_ids, num_options, logits = choice
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        cai_kernels.choice_logprobs(targets, option_ids, num_options, logits=logits, temperature=-1.0)

@@ -1,5 +1,7 @@
-"""gae, masked_whiten and the fused ppo_advantages: every compiled backend against the float64
-reference (the reverse Python loop), on every mask shape; the fused op against our own ops composed."""
+"""gae: every compiled backend against the float64 reference (the reverse Python loop), on every mask
+shape; bad input; Triton grids."""
+
+import math
 
 import hypothesis.strategies as st
 import pytest
@@ -10,9 +12,11 @@ import cai_kernels
 from cai_kernels import reference
 from tests._backends import LOW_PRECISION, assert_close, compiled_backends
 from tests._ppo_inputs import DEVICE, MASK_KINDS, logprobs, normal, response_mask
+from tests._triton_launch import assert_grids_are_one_dimensional
 
 BACKENDS = compiled_backends("gae", DEVICE)
 BACKEND_NAMES = [p.values[0] for p in BACKENDS]
+B, T = 3, 5  # the size of the fixtures rows and rows_mask
 
 
 def check_gae(rewards, values, mask, backend, **kwargs):
@@ -28,8 +32,6 @@ def check_gae(rewards, values, mask, backend, **kwargs):
     assert torch.all(adv[masked] == 0) and torch.all(ret[masked] == 0)
     return adv, ret
 
-
-# ---- gae -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", MASK_KINDS)
@@ -157,146 +159,53 @@ def test_gae_property(B, T, kind, gamma, lam, scale, backend):
               gamma=gamma, lam=lam)
 
 
-# ---- masked_whiten -------------------------------------------------------------------------------
+# ---- bad input: a TypeError / ValueError naming the argument ----------------------------------------
 
-def check_whiten(x, mask, backend, **kwargs):
-    out = cai_kernels.masked_whiten(x, mask, backend=backend, **kwargs)
-    expected = reference.masked_whiten(x.double(), mask, **kwargs)
-    assert out.dtype == (torch.float64 if x.dtype == torch.float64 else torch.float32)
-    assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    assert torch.all(out[mask == 0] == 0)
-    return out
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", MASK_KINDS)
-@pytest.mark.parametrize("dtype", LOW_PRECISION + (torch.float64,), ids=str)
-def test_whiten_matches_reference(backend, kind, dtype):
-    check_whiten(normal(7, 45, dtype=dtype, scale=3.0), response_mask(7, 45, kind), backend)
+def test_gae_shapes(rows, rows_mask):
+    with pytest.raises(ValueError, match="rewards must have 2 dimensions"):
+        cai_kernels.gae(rows[0], rows[0], rows_mask[0])
+    with pytest.raises(ValueError, match=r"values must have shape \(3, 5\) \(like rewards\)"):
+        cai_kernels.gae(rows, logprobs(B, 4), rows_mask)
+    with pytest.raises(ValueError, match=r"response_mask must have shape \(3, 5\)"):
+        cai_kernels.gae(rows, rows, rows_mask[:, :4])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shift_mean", [True, False])
-@pytest.mark.parametrize("unbiased", [True, False])
-def test_whiten_options(backend, shift_mean, unbiased):
-    mask = response_mask(5, 33)
-    out = check_whiten(normal(5, 33) + 4.0, mask, backend, shift_mean=shift_mean, unbiased=unbiased, eps=1e-3)
-    assert abs(out[mask != 0].double().mean().item() - (0.0 if shift_mean else 4.0)) < 0.5
+def test_gae_types(rows, rows_mask):
+    with pytest.raises(TypeError, match="rewards must have dtype"):
+        cai_kernels.gae(rows.long(), rows, rows_mask)
+    with pytest.raises(TypeError, match="response_mask must be bool, integer or floating"):
+        cai_kernels.gae(rows, rows, rows_mask.to(torch.complex64))
+    with pytest.raises(TypeError, match="response_mask must be a torch.Tensor"):
+        cai_kernels.gae(rows, rows, [[1] * T] * B)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_whiten_statistics_are_batch_global(backend):
-    mask = response_mask(6, 50, "holes")
-    out = check_whiten(normal(6, 50, scale=2.0) + 1.0, mask, backend, shift_mean=True, unbiased=True)
-    valid = out[mask != 0].double()
-    assert abs(valid.mean().item()) < 1e-5 and abs(valid.std(unbiased=True).item() - 1.0) < 1e-4
+@pytest.mark.parametrize("name", ["gamma", "lam"])
+@pytest.mark.parametrize("bad", [-0.1, 1.5, math.nan, math.inf])
+def test_gae_discount_range(rows, rows_mask, name, bad):
+    with pytest.raises(ValueError, match=rf"{name} must be a finite number in \[0.0, 1.0\]"):
+        cai_kernels.gae(rows, rows, rows_mask, **{name: bad})
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_whiten_large_offset_keeps_precision(backend):
-    # mean 1e4, std 1: a one-pass sum of squares in fp32 would lose the variance entirely
-    check_whiten(normal(8, 64) + 1e4, response_mask(8, 64), backend)
+def test_gae_discount_type(rows, rows_mask):
+    with pytest.raises(TypeError, match="gamma must be a number"):
+        cai_kernels.gae(rows, rows, rows_mask, gamma="0.9")
+    with pytest.raises(TypeError, match="lam must be a number"):
+        cai_kernels.gae(rows, rows, rows_mask, lam=True)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_whiten_degenerate_masks(backend):
-    x = normal(3, 9)
-    empty = torch.zeros(3, 9, dtype=torch.bool, device=DEVICE)
-    assert not check_whiten(x, empty, backend).any()
-    single = empty.clone()
-    single[1, 4] = True
-    out = check_whiten(x, single, backend)
-    assert not out.any(), "one element: x - mean = 0"
-    shifted = check_whiten(x, single, backend, shift_mean=False)
-    torch.testing.assert_close(shifted[1, 4], x[1, 4])
+def test_gae_devices(rows, rows_mask):
+    with pytest.raises(ValueError, match="response_mask must be on the same device as rewards"):
+        cai_kernels.gae(rows, rows, rows_mask.to("meta"))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_whiten_views_and_garbage(backend):
-    x = normal(9, 40)[::2, 3:]
-    mask = response_mask(5, 37, "holes")
-    clean = check_whiten(x, mask, backend)
-    dirty = cai_kernels.masked_whiten(x.masked_fill(mask == 0, float("nan")), mask.float(), backend=backend)
-    torch.testing.assert_close(clean, dirty, rtol=0, atol=0)
+def test_unknown_backend(rows, rows_mask):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        cai_kernels.gae(rows, rows, rows_mask, backend="fortran")
 
 
-def test_whiten_many_rows_cpu():
-    if DEVICE.type != "cpu":
-        pytest.skip("the cpu backend runs on CPU tensors")
-    check_whiten(normal(65536, 3), response_mask(65536, 3), "cpu")
-    check_whiten(normal(2, 32768), response_mask(2, 32768), "cpu")
+def test_grid_is_one_dimensional_beyond_65535(monkeypatch):
+    from cai_kernels._params import GaeParams
+    from cai_kernels.triton import gae as kernels
 
-
-# ---- ppo_advantages ------------------------------------------------------------------------------
-
-def composed(scores, lp, ref, values, mask, backend, *, kl_coef, estimator="k1", whiten=True, **gae_kwargs):
-    """The unfused pipeline from our own ops, in the same backend."""
-    kl = torch.where(mask != 0, cai_kernels.kl_penalty(lp, ref, estimator, backend=backend), 0.0)
-    rewards = reference.shape_rewards(kl, scores, mask, kl_coef=kl_coef)
-    adv, ret = cai_kernels.gae(rewards, values, mask, backend=backend, **gae_kwargs)
-    if whiten:
-        adv = cai_kernels.masked_whiten(adv, mask, backend=backend)
-    return adv, ret, rewards, kl
-
-
-def check_fused(B, T, backend, *, kind="holes", dtype=torch.float32, estimator="k1", whiten=True, **kwargs):
-    scores, values = normal(B, 1)[:, 0] * 3, normal(B, T, dtype=dtype)
-    lp, ref = logprobs(B, T, dtype=dtype), logprobs(B, T, dtype=dtype)
-    mask = response_mask(B, T, kind)
-    out = cai_kernels.ppo_advantages(scores, lp, ref, values, mask, kl_coef=0.05, estimator=estimator, whiten=whiten,
-                                     backend=backend, **kwargs)
-    names = ("advantages", "returns", "token_rewards", "kl")
-    ours = composed(scores, lp, ref, values, mask, backend, kl_coef=0.05, estimator=estimator, whiten=whiten, **kwargs)
-    exact = reference.ppo_advantages(scores.double(), lp.double(), ref.double(), values.double(), mask, kl_coef=0.05,
-                                     estimator=estimator, whiten=whiten, **kwargs)
-    for name, a, b, c in zip(names, out, ours, exact):
-        assert a.shape == (B, T) and a.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-        assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"{name}: fused vs composed")
-        assert_close(a, c, rtol=2e-5, atol=2e-5, msg=f"{name}: fused vs float64 reference")
-        assert torch.all(a[mask == 0] == 0), name
-    return out, mask, scores
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", MASK_KINDS)
-@pytest.mark.parametrize("estimator", ["k1", "k3", "low_var_kl"])
-def test_fused_equals_composition(backend, kind, estimator):
-    B, T = (5, 36) if backend == "triton" else (11, 150)
-    check_fused(B, T, backend, kind=kind, estimator=estimator, gamma=0.99, lam=0.95)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", LOW_PRECISION + (torch.float64,), ids=str)
-@pytest.mark.parametrize("whiten", [True, False])
-def test_fused_dtypes(backend, dtype, whiten):
-    check_fused(5, 40, backend, dtype=dtype, estimator="k2", whiten=whiten)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_fused_score_lands_on_the_last_response_token(backend):
-    (adv, ret, rewards, kl), mask, scores = check_fused(6, 30, backend, kind="left", whiten=False)
-    last = torch.tensor([int(torch.nonzero(row)[-1]) for row in mask], device=DEVICE)
-    rows = torch.arange(6, device=DEVICE)
-    torch.testing.assert_close(rewards[rows, last], scores - 0.05 * kl[rows, last])
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_fused_empty_rows_are_zero(backend):
-    (adv, ret, rewards, kl), mask, _ = check_fused(5, 20, backend, kind="empty_rows")
-    for out in (adv, ret, rewards, kl):
-        assert not out[0].any() and not out[2].any()
-
-
-def test_fused_many_and_long_rows_cpu():
-    if DEVICE.type != "cpu":
-        pytest.skip("the cpu backend runs on CPU tensors")
-    check_fused(65536, 3, "cpu", estimator="k3")
-    check_fused(2, 32768, "cpu", estimator="k3")
-
-
-@settings(max_examples=20, deadline=None)
-@given(B=st.integers(1, 5), T=st.integers(1, 30), kind=st.sampled_from(MASK_KINDS),
-       estimator=st.sampled_from(reference.ppo.ESTIMATORS), whiten=st.booleans(),
-       gamma=st.floats(0.5, 1.0), lam=st.floats(0.0, 1.0), backend=st.sampled_from(BACKEND_NAMES))
-def test_fused_property(B, T, kind, estimator, whiten, gamma, lam, backend):
-    check_fused(B, T, backend, kind=kind, estimator=estimator, whiten=whiten, gamma=gamma, lam=lam)
+    assert_grids_are_one_dimensional(monkeypatch, kernels, ["gae_kernel"],
+                                     lambda x, m: kernels.gae_fwd(x, x, m, GaeParams(1.0, 0.95)))

@@ -1,4 +1,5 @@
-"""kl_penalty: every compiled backend against the float64 reference; clamps, extremes, gradients."""
+"""kl_penalty: every compiled backend against the float64 reference; clamps, extremes, gradients;
+bad input; Triton grids."""
 
 import math
 
@@ -11,6 +12,7 @@ import cai_kernels
 from cai_kernels.reference import kl_penalty as reference
 from tests._backends import LOW_PRECISION, assert_close, compiled_backends, grad_tolerance
 from tests._ppo_inputs import DEVICE, logprobs
+from tests._triton_launch import assert_grids_are_one_dimensional
 
 BACKENDS = compiled_backends("kl_penalty", DEVICE)
 ESTIMATORS = ("k1", "k2", "k3", "abs", "low_var_kl")
@@ -184,3 +186,56 @@ def test_property_matches_reference(shape, dtype, estimator, scale, clamp, backe
     expected = reference(lp.double(), ref.double(), estimator, clamp=clamp)
     assert not torch.isnan(out).any()
     assert_close(out, expected, rtol=2e-5, atol=2e-5)
+
+
+B, T = 3, 5  # the size of the fixtures rows and rows_mask
+
+
+# ---- bad input: a TypeError / ValueError naming the argument ----------------------------------------
+
+def test_types(rows):
+    with pytest.raises(TypeError, match="logprobs must be a torch.Tensor"):
+        cai_kernels.kl_penalty([[0.0]], rows)
+    with pytest.raises(TypeError, match="ref_logprobs must have dtype"):
+        cai_kernels.kl_penalty(rows, torch.zeros(B, T, dtype=torch.long, device=DEVICE))
+    with pytest.raises(ValueError, match="logprobs must have at least 1 dimension"):
+        cai_kernels.kl_penalty(torch.tensor(0.0), torch.tensor(0.0))
+
+
+def test_shapes_and_devices(rows):
+    with pytest.raises(ValueError, match=r"ref_logprobs must have the shape of logprobs \(3, 5\); got \(3, 4\)"):
+        cai_kernels.kl_penalty(rows, logprobs(B, 4))
+    with pytest.raises(ValueError, match="ref_logprobs must be on the same device as logprobs"):
+        cai_kernels.kl_penalty(rows, rows.to("meta"))
+
+
+@pytest.mark.parametrize("estimator, error", [("k4", ValueError), ("kl", ValueError), (3, TypeError)])
+def test_estimator(rows, estimator, error):
+    with pytest.raises(error, match="estimator must be"):
+        cai_kernels.kl_penalty(rows, rows, estimator)
+
+
+@pytest.mark.parametrize("name", ["clamp", "output_clamp"])
+@pytest.mark.parametrize("bad, error, message", [
+    ((1.0,), TypeError, "pair"), (5.0, TypeError, "pair"), ((2.0, 1.0), ValueError, "lo <= hi"),
+    ((math.nan, 1.0), ValueError, "NaN"), (("a", 1.0), TypeError, "lo must be a number"),
+])
+def test_clamps(rows, name, bad, error, message):
+    with pytest.raises(error, match=f"{name}.*{message}"):
+        cai_kernels.kl_penalty(rows, rows, "k3", **{name: bad})
+
+
+def test_unknown_backend(rows):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        cai_kernels.kl_penalty(rows, rows, backend="fortran")
+
+
+def test_grid_is_one_dimensional_beyond_65535(monkeypatch):
+    from cai_kernels._params import KlEstimator, KlPenaltyParams
+    from cai_kernels.triton import kl_penalty as kernels
+
+    params = KlPenaltyParams(KlEstimator.K3, -1.0, 1.0, -1.0, 1.0)
+    assert_grids_are_one_dimensional(monkeypatch, kernels, ["kl_penalty_kernel"],
+                                     lambda x, m: kernels.kl_penalty_fwd(x[None], x[None], params))
+    assert_grids_are_one_dimensional(monkeypatch, kernels, ["kl_penalty_kernel"],
+                                     lambda x, m: kernels.kl_penalty_bwd(x, x[None], x[None], params))

@@ -1,4 +1,5 @@
-"""linear_token_logprobs: every compiled backend against the float64 reference (full logits)."""
+"""linear_token_logprobs: every compiled backend against the float64 reference (full logits);
+peak memory; bad input."""
 
 import importlib
 import math
@@ -9,6 +10,7 @@ import torch
 from hypothesis import given, settings
 
 import cai_kernels
+from benchmarks._memory import peak_extra_bytes
 from cai_kernels.reference import linear_token_logprobs as reference
 from tests._backends import LOW_PRECISION, assert_close, compiled_backends
 
@@ -21,7 +23,7 @@ op_module = importlib.import_module("cai_kernels.ops.linear_token_logprobs")
 def blocks(monkeypatch):
     """Set (vocab_block, token_chunk) of every compiled backend: small blocks put many blocks, a
     ragged last block and several token chunks into inputs small enough for Triton's interpreter."""
-    from cai_kernels.triton import linear_logprobs
+    from cai_kernels.triton import linear_token_logprobs as linear_logprobs
 
     def set_blocks(vocab_block, token_chunk):
         monkeypatch.setitem(op_module.BLOCKING, "cpu", (vocab_block, token_chunk))
@@ -242,7 +244,7 @@ def test_property_matches_reference(lead, hidden_size, vocab, dtype, temperature
         ignore_index = -100
         targets.view(-1)[0] = -100
     with pytest.MonkeyPatch.context() as patch:
-        from cai_kernels.triton import linear_logprobs
+        from cai_kernels.triton import linear_token_logprobs as linear_logprobs
         patch.setitem(op_module.BLOCKING, "cpu", (vocab_block, token_chunk))
         patch.setattr(linear_logprobs, "VOCAB_BLOCK", vocab_block)
         patch.setattr(linear_logprobs, "TOKEN_CHUNK", token_chunk)
@@ -304,3 +306,98 @@ def test_cpu_token_chunk_shrinks_with_threads(monkeypatch):
     chunk = op_module._cpu_token_chunk(vocab_block, token_chunk)
     assert chunk < token_chunk and 64 * 4 * vocab_block * chunk <= op_module.CPU_SCRATCH_BYTES
     assert op_module._cpu_token_chunk(vocab_block, 3) == 3  # small chunks (tests) are kept
+
+
+# ---- peak memory, measured in fresh processes: one logits block, not tokens x V -----------------------
+
+MEMORY_FACTORY = "benchmarks._linear_variants:fwd_bwd_step"
+MEMORY_HIDDEN, MEMORY_VOCAB = 64, 32768
+MB = 2**20
+
+
+@pytest.mark.slow
+def test_peak_memory_does_not_grow_like_tokens_times_vocab():
+    small, large = 1024, 4096
+    logits_bytes = lambda tokens: tokens * MEMORY_VOCAB * 4  # noqa: E731 - an fp32 [tokens, V] tensor
+    ours = {n: peak_extra_bytes(MEMORY_FACTORY, variant="cai_kernels", tokens=n, hidden_size=MEMORY_HIDDEN,
+                                vocab=MEMORY_VOCAB).extra
+            for n in (small, large)}
+    eager = peak_extra_bytes(MEMORY_FACTORY, variant="eager_head_log_softmax_gather", tokens=small,
+                             hidden_size=MEMORY_HIDDEN, vocab=MEMORY_VOCAB).extra
+    # the measurement sees the logits when they exist (eager keeps several [tokens, V] tensors alive)
+    assert eager > logits_bytes(small), f"eager peak {eager / MB:.0f} MB"
+    growth = ours[large] - ours[small]
+    assert ours[large] < 0.1 * logits_bytes(large), f"peak {ours[large] / MB:.0f} MB at {large} tokens"
+    assert growth < 0.1 * (logits_bytes(large) - logits_bytes(small)), f"grew by {growth / MB:.0f} MB"
+
+
+# ---- bad input: a TypeError / ValueError naming the argument ----------------------------------------
+
+ALL_BACKENDS = [pytest.param("reference", id="reference")] + BACKENDS
+
+
+@pytest.fixture
+def targets():
+    return torch.randint(0, 11, (2, 3), device=DEVICE)
+
+
+@pytest.fixture
+def head():
+    """hidden (2, 3, 8), weight (11, 8), bias (11,)."""
+    return torch.randn(2, 3, 8, device=DEVICE), torch.randn(11, 8, device=DEVICE), torch.randn(11, device=DEVICE)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("bad_value", [11, -1, 10**12])
+def test_target_out_of_range_is_a_value_error(backend, head, targets, bad_value):
+    hidden, weight, bias = head
+    targets[1, 2] = bad_value
+    with pytest.raises(ValueError, match=r"targets .*\[0, 11\)"):
+        cai_kernels.linear_token_logprobs(hidden, weight, targets, bias=bias, backend=backend)
+    targets[0, 0] = -100
+    with pytest.raises(ValueError, match="targets"):
+        cai_kernels.linear_token_logprobs(hidden, weight, targets, ignore_index=-100, backend=backend)
+
+
+def test_operand_types(head, targets):
+    hidden, weight, bias = head
+    with pytest.raises(TypeError, match="hidden must have dtype"):
+        cai_kernels.linear_token_logprobs(hidden.long(), weight, targets)
+    with pytest.raises(TypeError, match=r"weight must have hidden's dtype \(torch.float32\); got torch.bfloat16"):
+        cai_kernels.linear_token_logprobs(hidden, weight.bfloat16(), targets)
+    with pytest.raises(TypeError, match=r"bias must have hidden's dtype"):
+        cai_kernels.linear_token_logprobs(hidden, weight, targets, bias=bias.double())
+    with pytest.raises(TypeError, match="weight must be a torch.Tensor"):
+        cai_kernels.linear_token_logprobs(hidden, None, targets)
+    with pytest.raises(TypeError, match=r"targets must be int64 with shape \(2, 3\)"):
+        cai_kernels.linear_token_logprobs(hidden, weight, targets.int())
+
+
+def test_operand_shapes(head, targets):
+    hidden, weight, bias = head
+    with pytest.raises(ValueError, match=r"weight must have shape \(V, H\) with V >= 1 and H = hidden.shape\[-1\] = 8"):
+        cai_kernels.linear_token_logprobs(hidden, weight[:, :7], targets)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        cai_kernels.linear_token_logprobs(hidden, weight[:0], targets)
+    with pytest.raises(ValueError, match="weight must have 2 dimensions"):
+        cai_kernels.linear_token_logprobs(hidden, weight[None], targets)
+    with pytest.raises(ValueError, match=r"bias must have shape \(11,\)"):
+        cai_kernels.linear_token_logprobs(hidden, weight, targets, bias=bias[:10])
+    with pytest.raises(ValueError, match="hidden must have a non-empty last"):
+        cai_kernels.linear_token_logprobs(hidden[..., :0], weight[:, :0], targets)
+    with pytest.raises(ValueError, match=r"targets must have shape \(2, 3\)"):
+        cai_kernels.linear_token_logprobs(hidden, weight, targets[:, :2])
+
+
+def test_scalars_and_devices(head, targets):
+    hidden, weight, bias = head
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        cai_kernels.linear_token_logprobs(hidden, weight, targets, temperature=0.0)
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        cai_kernels.linear_token_logprobs(hidden, weight, targets, ignore_index="x")
+    with pytest.raises(ValueError, match="weight must be on the same device as hidden"):
+        cai_kernels.linear_token_logprobs(hidden, weight.to("meta"), targets)
+    with pytest.raises(ValueError, match="bias must be on the same device as hidden"):
+        cai_kernels.linear_token_logprobs(hidden, weight, targets, bias=bias.to("meta"))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        cai_kernels.linear_token_logprobs(hidden, weight, targets, backend="fortran")

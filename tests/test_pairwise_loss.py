@@ -1,4 +1,4 @@
-"""pairwise_loss: every compiled backend against the float64 reference."""
+"""pairwise_loss: every compiled backend against the float64 reference; bad input."""
 
 import math
 
@@ -238,3 +238,89 @@ def test_backends_agree_with_each_other():
             for p in BACKENDS]
     for out in outs[1:]:
         assert_close(out, outs[0], rtol=1e-6, atol=1e-6)
+
+
+# ---- bad input: a TypeError / ValueError naming the argument ----------------------------------------
+
+ALL_BACKENDS = [pytest.param("reference", id="reference")] + BACKENDS
+
+
+def rewards(*shape):
+    return torch.randn(shape, device=DEVICE)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("bad", [1.5, -0.01, math.nan])
+def test_soft_label_out_of_range_is_a_value_error(backend, bad):
+    labels = torch.rand(2, 3, device=DEVICE)
+    labels[1, 2] = bad
+    with pytest.raises(ValueError, match=r"soft_labels must lie in \[0, 1\]; got .* for pair 5"):
+        cai_kernels.pairwise_loss(rewards(2, 3), rewards(2, 3), soft_labels=labels, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_broadcast_soft_label_out_of_range_names_the_first_pair(backend):
+    with pytest.raises(ValueError, match=r"soft_labels must lie in \[0, 1\]; got 2(\.0)? for pair 0"):
+        cai_kernels.pairwise_loss(rewards(4), rewards(4), soft_labels=torch.tensor(2.0, device=DEVICE),
+                                  backend=backend)
+
+
+@pytest.mark.parametrize("value", [1.01, -0.5, math.nan, math.inf])
+def test_float_soft_label_out_of_range(value):
+    with pytest.raises(ValueError, match=r"soft_labels must be a number in \[0, 1\]"):
+        cai_kernels.pairwise_loss(rewards(3), rewards(3), soft_labels=value)
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+def test_float_margin_must_be_finite(value):
+    with pytest.raises(ValueError, match="margin must be a finite number"):
+        cai_kernels.pairwise_loss(rewards(3), rewards(3), margin=value)
+
+
+@pytest.mark.parametrize("name", ["soft_labels", "margin"])
+def test_label_and_margin_types(name):
+    with pytest.raises(TypeError, match=f"{name} must be a float, a torch.Tensor or None; got str"):
+        cai_kernels.pairwise_loss(rewards(3), rewards(3), **{name: "high"})
+    with pytest.raises(TypeError, match=f"{name} must have dtype"):
+        cai_kernels.pairwise_loss(rewards(3), rewards(3), **{name: torch.ones(3, dtype=torch.long, device=DEVICE)})
+    with pytest.raises(TypeError, match=f"{name} must be a float"):
+        cai_kernels.pairwise_loss(rewards(3), rewards(3), **{name: True})
+
+
+@pytest.mark.parametrize("name", ["soft_labels", "margin"])
+@pytest.mark.parametrize("shape", [(4,), (2, 3), (3, 1)])
+def test_label_and_margin_must_broadcast_to_the_rewards(name, shape):
+    with pytest.raises(ValueError, match=rf"{name} must be broadcastable to the rewards' shape \(3,\)"):
+        cai_kernels.pairwise_loss(rewards(3), rewards(3), **{name: torch.rand(shape, device=DEVICE)})
+
+
+def test_label_and_margin_devices():
+    with pytest.raises(ValueError, match="soft_labels must be on the same device as the rewards"):
+        cai_kernels.pairwise_loss(rewards(3), rewards(3), soft_labels=torch.rand(3, device="meta"))
+
+
+def test_rewards_types_shapes_devices():
+    with pytest.raises(TypeError, match="chosen_rewards must be a torch.Tensor; got list"):
+        cai_kernels.pairwise_loss([1.0], rewards(1))
+    with pytest.raises(TypeError, match="rejected_rewards must have dtype"):
+        cai_kernels.pairwise_loss(rewards(3), torch.ones(3, dtype=torch.long, device=DEVICE))
+    with pytest.raises(TypeError, match=r"rejected_rewards must have the dtype of chosen_rewards \(torch.float32\)"):
+        cai_kernels.pairwise_loss(rewards(3), rewards(3).bfloat16())
+    with pytest.raises(ValueError, match=r"rejected_rewards must have shape \(3,\)"):
+        cai_kernels.pairwise_loss(rewards(3), rewards(3, 1))
+    with pytest.raises(ValueError, match="rejected_rewards must be on the same device as chosen_rewards"):
+        cai_kernels.pairwise_loss(rewards(3), rewards(3).to("meta"))
+
+
+def test_reduction():
+    with pytest.raises(ValueError, match=r"reduction must be one of \('none', 'sum', 'mean'\); got 'avg'"):
+        cai_kernels.pairwise_loss(rewards(3), rewards(3), reduction="avg")
+    with pytest.raises(TypeError, match="reduction must be a str"):
+        cai_kernels.pairwise_loss(rewards(3), rewards(3), reduction=None)
+    with pytest.raises(ValueError, match="at least one pair for reduction='mean'"):
+        cai_kernels.pairwise_loss(rewards(0), rewards(0))
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        cai_kernels.pairwise_loss(rewards(3), rewards(3), backend="fortran")

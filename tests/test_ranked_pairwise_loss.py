@@ -1,4 +1,4 @@
-"""ranked_pairwise_loss and reward_ranked_loss: every compiled backend against the explicit K x K reference."""
+"""ranked_pairwise_loss: every compiled backend against the explicit K x K reference; bad input."""
 
 import itertools
 
@@ -10,7 +10,6 @@ from hypothesis import given, settings
 
 import cai_kernels
 from cai_kernels.reference import ranked_pairwise_loss as reference
-from cai_kernels.reference import reward_ranked_loss as reference_reward
 from tests._backends import LOW_PRECISION, assert_close, compiled_backends, grad_tolerance
 from tests._preference import DEVICE, FP32_TOL, REDUCTIONS, random_rewards
 
@@ -125,70 +124,6 @@ def test_cpu_large_batch(reduction):
     check_forward_backward(random_rewards(B, K), "cpu", num_valid=num_valid, reduction=reduction)
 
 
-def hidden_and_masks(B, K, T, H, num_valid, dtype=torch.float32):
-    hidden = torch.randn(B, K, T, H, dtype=torch.float64).to(dtype).to(DEVICE)
-    lengths = torch.randint(1, T + 1, (B, K))
-    mask = (torch.arange(T)[None, None, :] < lengths[..., None]).to(torch.int64)
-    for b, n in enumerate(num_valid.tolist()):
-        mask[b, n:] = 0                          # padding responses: no real token at all
-    return hidden, mask.to(DEVICE)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_reward_ranked_loss_matches_reference(backend, dtype):
-    B, K, T, H = 4, 5, 7, 24
-    num_valid = torch.tensor([5, 2, 0, 3], device=DEVICE)
-    hidden, mask = hidden_and_masks(B, K, T, H, num_valid, dtype)
-    weight, bias = torch.randn(1, H, device=DEVICE) / H ** 0.5, torch.randn((), device=DEVICE)
-    leaf, w, b = hidden.detach().requires_grad_(), weight.clone().requires_grad_(), bias.clone().requires_grad_()
-    loss, rewards = cai_kernels.reward_ranked_loss(leaf, mask, w, b, num_valid=num_valid, backend=backend)
-    ref_leaf, ref_w, ref_b = (t.detach().double().requires_grad_() for t in (hidden, weight, bias))
-    ref_loss, ref_rewards = reference_reward(ref_leaf, mask, ref_w, ref_b, num_valid=num_valid)
-    assert_close(loss, ref_loss, **FP32_TOL)
-    assert_close(rewards, ref_rewards, **FP32_TOL)
-    assert torch.all(rewards[2] == 0) and torch.all(rewards[1, 2:] == 0), "padding responses have reward 0"
-    loss.backward()
-    ref_loss.backward()
-    hidden_tol = FP32_TOL if dtype == torch.float32 else grad_tolerance(dtype)
-    assert_close(leaf.grad, ref_leaf.grad, **hidden_tol)
-    assert_close(w.grad, ref_w.grad, **FP32_TOL)
-    assert_close(b.grad, ref_b.grad, **FP32_TOL)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_reward_ranked_loss_without_num_valid_and_strided_hidden(backend):
-    B, K, T, H = 2, 3, 5, 16
-    hidden = torch.randn(K, B, T, H, device=DEVICE).transpose(0, 1)
-    _, mask = hidden_and_masks(B, K, T, H, torch.full((B,), K))
-    weight = torch.randn(H, device=DEVICE)
-    loss, rewards = cai_kernels.reward_ranked_loss(hidden, mask, weight, backend=backend)
-    ref_loss, ref_rewards = reference_reward(hidden.double(), mask, weight.double())
-    assert_close(loss, ref_loss, **FP32_TOL)
-    assert_close(rewards, ref_rewards, **FP32_TOL)
-
-
-@pytest.mark.parametrize("backend", [pytest.param("reference", id="reference")] + BACKENDS)
-def test_valid_response_without_real_token_is_a_value_error(backend):
-    num_valid = torch.tensor([3, 2], device=DEVICE)
-    hidden, mask = hidden_and_masks(2, 3, 4, 8, num_valid)
-    mask[1, 1] = 0
-    with pytest.raises(ValueError, match=r"mask: every sequence needs at least one real token.*row 1, response 1"):
-        cai_kernels.reward_ranked_loss(hidden, mask, torch.randn(8, device=DEVICE), num_valid=num_valid,
-                                       backend=backend)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_reward_ranked_gradcheck_float64(backend):
-    num_valid = torch.tensor([3, 2], device=DEVICE)
-    hidden, mask = hidden_and_masks(2, 3, 3, 4, num_valid, torch.float64)
-    weight = torch.randn(4, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    bias = torch.randn(1, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    assert torch.autograd.gradcheck(
-        lambda h, w, b: cai_kernels.reward_ranked_loss(h, mask, w, b, num_valid=num_valid, backend=backend),
-        (hidden.requires_grad_(), weight, bias), fast_mode=backend == "triton")
-
-
 @settings(max_examples=25, deadline=None)
 @given(
     batch=st.integers(0, 6),
@@ -206,3 +141,34 @@ def test_property_matches_reference(batch, K, dtype, scale, use_num_valid, reduc
     ref = reference(rewards.double(), num_valid=num_valid, reduction=reduction)
     tol = 1e-6 * (1 + scale)
     assert_close(loss, ref, rtol=tol, atol=tol)
+
+
+# ---- bad input: a TypeError / ValueError naming the argument ----------------------------------------
+
+ALL_BACKENDS = [pytest.param("reference", id="reference")] + BACKENDS
+
+
+def rewards(*shape):
+    return torch.randn(shape, device=DEVICE)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("bad", [-1, 5])
+def test_num_valid_out_of_range(backend, bad):
+    num_valid = torch.tensor([4, bad, 2], device=DEVICE)
+    with pytest.raises(ValueError, match=rf"num_valid must lie in \[0, 4\] \(K = rewards.size\(1\)\); "
+                                         rf"got num_valid\[1\] = {bad}"):
+        cai_kernels.ranked_pairwise_loss(rewards(3, 4), num_valid=num_valid, backend=backend)
+
+
+def test_arguments():
+    with pytest.raises(ValueError, match="rewards must have 2 dimensions"):
+        cai_kernels.ranked_pairwise_loss(rewards(4))
+    with pytest.raises(TypeError, match="num_valid must have an integer dtype"):
+        cai_kernels.ranked_pairwise_loss(rewards(3, 4), num_valid=torch.ones(3, device=DEVICE))
+    with pytest.raises(TypeError, match="num_valid must be a torch.Tensor or None"):
+        cai_kernels.ranked_pairwise_loss(rewards(3, 4), num_valid=[1, 2, 3])
+    with pytest.raises(ValueError, match=r"num_valid must have shape \(3,\)"):
+        cai_kernels.ranked_pairwise_loss(rewards(3, 4), num_valid=torch.ones(4, dtype=torch.long, device=DEVICE))
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        cai_kernels.ranked_pairwise_loss(rewards(3, 4), reduction="max")

@@ -1,4 +1,5 @@
-"""reward_pairwise_loss and last_token_rewards: every compiled backend against the float64 reference."""
+"""reward_pairwise_loss: every compiled backend against the float64 reference, the last-token
+reward head under every padding style and layout; bad input."""
 
 import hypothesis.strategies as st
 import pytest
@@ -6,50 +7,11 @@ import torch
 from hypothesis import given, settings
 
 import cai_kernels
-from cai_kernels.reference import last_token_rewards as reference_rewards
-from cai_kernels.reference import reward_pairwise_loss as reference
-from cai_kernels.reference.pairwise import last_token_index
+from cai_kernels.reference import last_token_index, reward_pairwise_loss as reference
 from tests._backends import LOW_PRECISION, assert_close, compiled_backends, grad_tolerance
-from tests._preference import DEVICE, FP32_TOL
+from tests._preference import DEVICE, FP32_TOL, double_leaves, leaves, padded_mask, random_head, random_hidden
 
 BACKENDS = compiled_backends("reward_pairwise_loss", DEVICE)
-
-
-def random_hidden(*shape, dtype=torch.float32):
-    return torch.randn(shape, dtype=torch.float64).to(dtype).to(DEVICE)
-
-
-def padded_mask(batch, length, style, dtype=torch.int64):
-    """Masks with 1 = real token: right padding, left padding, holes, or no padding at all."""
-    lengths = torch.randint(1, length + 1, (batch,))
-    positions = torch.arange(length)
-    if style == "right":
-        mask = positions[None, :] < lengths[:, None]
-    elif style == "left":
-        mask = positions[None, :] >= (length - lengths)[:, None]
-    elif style == "holes":
-        mask = torch.rand(batch, length) < 0.6
-        mask[:, 0] = True                    # at least one real token per row
-        if length > 1:
-            mask[0, -1] = False              # the last position padded, with real tokens before it
-    else:
-        mask = torch.ones(batch, length, dtype=torch.bool)
-    return mask.to(dtype).to(DEVICE)
-
-
-def head(hidden_size, *, bias=True, weight_shape=None, dtype=torch.float32):
-    weight = (torch.randn(hidden_size, dtype=torch.float64) / hidden_size ** 0.5).to(dtype).to(DEVICE)
-    if weight_shape is not None:
-        weight = weight.reshape(weight_shape)
-    return weight, (torch.randn((), dtype=torch.float64).to(dtype).to(DEVICE) if bias else None)
-
-
-def leaves(*tensors):
-    return [None if t is None else t.detach().requires_grad_() for t in tensors]
-
-
-def double_leaves(*tensors):
-    return [None if t is None else t.detach().double().requires_grad_() for t in tensors]
 
 
 def check_forward_backward(chosen_hidden, chosen_mask, rejected_hidden, rejected_mask, weight, bias, backend, *,
@@ -91,7 +53,7 @@ def check_forward_backward(chosen_hidden, chosen_mask, rejected_hidden, rejected
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 def test_matches_reference(backend, dtype):
     B, H = 5, 67
-    weight, bias = head(H)
+    weight, bias = random_head(H)
     check_forward_backward(random_hidden(B, 11, H, dtype=dtype), padded_mask(B, 11, "right"),
                            random_hidden(B, 13, H, dtype=dtype), padded_mask(B, 13, "left"), weight, bias, backend,
                            soft_labels=torch.rand(B, device=DEVICE), margin=0.4)
@@ -102,7 +64,7 @@ def test_matches_reference(backend, dtype):
 @pytest.mark.parametrize("mask_dtype", [torch.int64, torch.bool, torch.int32, torch.uint8], ids=str)
 def test_padding_styles_and_mask_dtypes(backend, style, mask_dtype):
     B, T, H = 6, 9, 40
-    weight, bias = head(H)
+    weight, bias = random_head(H)
     chosen_mask, rejected_mask = padded_mask(B, T, style, mask_dtype), padded_mask(B, T, style, mask_dtype)
     grad_chosen, _ = check_forward_backward(random_hidden(B, T, H), chosen_mask, random_hidden(B, T, H),
                                             rejected_mask, weight, bias, backend)
@@ -115,25 +77,11 @@ def test_padding_styles_and_mask_dtypes(backend, style, mask_dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_last_real_token_is_the_highest_nonzero_position(backend):
-    # hand-made masks: holes, a single token, padding on both sides
-    mask = torch.tensor([[1, 0, 1, 1, 0, 0],
-                         [0, 0, 0, 0, 0, 1],
-                         [1, 0, 0, 0, 0, 0],
-                         [0, 1, 1, 0, 1, 0]], device=DEVICE)
-    hidden = torch.zeros(4, 6, 3, device=DEVICE)
-    hidden[:, :, 0] = torch.arange(6, dtype=torch.float32, device=DEVICE)  # reward = position of the token read
-    rewards = cai_kernels.last_token_rewards(hidden, mask, torch.tensor([1.0, 0.0, 0.0], device=DEVICE),
-                                             backend=backend)
-    assert rewards.tolist() == [3.0, 5.0, 0.0, 4.0]
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("weight_shape,with_bias", [((24,), True), ((1, 24), True), ((1, 24), False),
                                                     ((24,), "1-element")])
 def test_head_shapes(backend, weight_shape, with_bias):
     B, T, H = 3, 7, 24
-    weight, bias = head(H, bias=bool(with_bias), weight_shape=weight_shape)
+    weight, bias = random_head(H, bias=bool(with_bias), weight_shape=weight_shape)
     if with_bias == "1-element":
         bias = bias.reshape(1)
     check_forward_backward(random_hidden(B, T, H), padded_mask(B, T, "right"), random_hidden(B, T, H),
@@ -143,7 +91,7 @@ def test_head_shapes(backend, weight_shape, with_bias):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_head_and_hidden(backend):
     B, T, H = 4, 6, 48
-    weight, bias = head(H, dtype=torch.bfloat16)
+    weight, bias = random_head(H, dtype=torch.bfloat16)
     check_forward_backward(random_hidden(B, T, H, dtype=torch.bfloat16), padded_mask(B, T, "right"),
                            random_hidden(B, T, H, dtype=torch.bfloat16), padded_mask(B, T, "holes"), weight, bias,
                            backend)
@@ -164,10 +112,11 @@ def test_non_contiguous_hidden(backend, view):
         chosen, rejected = both[:B], both[B:]
         both_leaf = both.detach().requires_grad_()
         loss, _, _ = cai_kernels.reward_pairwise_loss(both_leaf[:B], padded_mask(B, T, "right"), both_leaf[B:],
-                                                      padded_mask(B, T, "right"), *head(H), backend=backend)
+                                                      padded_mask(B, T, "right"), *random_head(H), backend=backend)
         loss.backward()
         assert both_leaf.grad.shape == both.shape
-    check_forward_backward(chosen, padded_mask(B, T, "right"), rejected, padded_mask(B, T, "left"), *head(H), backend)
+    check_forward_backward(chosen, padded_mask(B, T, "right"), rejected, padded_mask(B, T, "left"), *random_head(H),
+                           backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -176,7 +125,7 @@ def test_strided_masks(backend):
     chosen_mask = padded_mask(B, T, "right").t().contiguous().t()    # (B, T) with strides (1, B)
     rejected_mask = padded_mask(B, 2 * T, "left")[:, ::2]
     rejected_mask[:, -1] = 1
-    check_forward_backward(random_hidden(B, T, H), chosen_mask, random_hidden(B, T, H), rejected_mask, *head(H),
+    check_forward_backward(random_hidden(B, T, H), chosen_mask, random_hidden(B, T, H), rejected_mask, *random_head(H),
                            backend)
 
 
@@ -184,7 +133,7 @@ def test_strided_masks(backend):
 def test_frozen_backbone_trains_only_the_head(backend):
     # hidden states that need no gradient: only the head gets one (no dense (B, T, H) gradient is made)
     B, T, H = 4, 5, 16
-    weight, bias = leaves(*head(H))
+    weight, bias = leaves(*random_head(H))
     chosen, rejected = random_hidden(B, T, H), random_hidden(B, T, H)
     loss, _, _ = cai_kernels.reward_pairwise_loss(chosen, padded_mask(B, T, "right"), rejected,
                                                   padded_mask(B, T, "right"), weight, bias, backend=backend)
@@ -201,24 +150,14 @@ def test_sequence_without_real_token_is_a_value_error(backend, which):
     masks[which][1] = 0
     with pytest.raises(ValueError, match=rf"{which}: every sequence needs at least one real token.*sequence 1 "):
         cai_kernels.reward_pairwise_loss(random_hidden(B, T, H), masks["chosen_mask"], random_hidden(B, T, H),
-                                         masks["rejected_mask"], *head(H), backend=backend)
-
-
-@pytest.mark.parametrize("backend", [pytest.param("reference", id="reference")] + BACKENDS)
-def test_last_token_rewards_three_and_four_dims(backend):
-    hidden, mask = random_hidden(2, 3, 7, 12), padded_mask(6, 7, "holes").reshape(2, 3, 7)
-    weight, bias = head(12)
-    assert_close(cai_kernels.last_token_rewards(hidden, mask, weight, bias, backend=backend),
-                 reference_rewards(hidden.double(), mask, weight.double(), bias.double()), **FP32_TOL)
-    assert_close(cai_kernels.last_token_rewards(hidden[0], mask[0], weight, backend=backend),
-                 reference_rewards(hidden[0].double(), mask[0], weight.double()), **FP32_TOL)
+                                         masks["rejected_mask"], *random_head(H), backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck_float64(backend):
     B, T, H = 3, 5, 6
     chosen, rejected = random_hidden(B, T, H, dtype=torch.float64), random_hidden(B, T + 1, H, dtype=torch.float64)
-    weight, bias = head(H, dtype=torch.float64)
+    weight, bias = random_head(H, dtype=torch.float64)
     chosen_mask, rejected_mask = padded_mask(B, T, "holes"), padded_mask(B, T + 1, "left")
     labels = torch.rand(B, dtype=torch.float64, device=DEVICE)
 
@@ -238,7 +177,7 @@ def test_cpu_acceptance_shape():
     if DEVICE.type != "cpu":
         pytest.skip("the C++ backend runs on CPU tensors")
     B, T, H = 64, 512, 576
-    weight, bias = head(H)
+    weight, bias = random_head(H)
     check_forward_backward(random_hidden(B, T, H), padded_mask(B, T, "right"), random_hidden(B, T, H),
                            padded_mask(B, T, "left"), weight, bias, "cpu", soft_labels=torch.rand(B, device=DEVICE))
 
@@ -258,10 +197,75 @@ def test_property_matches_reference(batch, lengths, hidden_size, dtype, styles, 
     chosen, rejected = random_hidden(batch, lengths[0], hidden_size, dtype=dtype), random_hidden(
         batch, lengths[1], hidden_size, dtype=dtype)
     chosen_mask, rejected_mask = padded_mask(batch, lengths[0], styles[0]), padded_mask(batch, lengths[1], styles[1])
-    weight, bias = head(hidden_size, bias=with_bias)
+    weight, bias = random_head(hidden_size, bias=with_bias)
     loss, chosen_rewards, _ = cai_kernels.reward_pairwise_loss(chosen, chosen_mask, rejected, rejected_mask, weight,
                                                                bias, backend=backend)
     ref_loss, ref_chosen, _ = reference(chosen.double(), chosen_mask, rejected.double(), rejected_mask,
                                         weight.double(), None if bias is None else bias.double())
     assert_close(loss, ref_loss, rtol=2e-6, atol=2e-6)
     assert_close(chosen_rewards, ref_chosen, rtol=2e-6, atol=2e-6)
+
+
+# ---- bad input: a TypeError / ValueError naming the argument ----------------------------------------
+
+ALL_BACKENDS = [pytest.param("reference", id="reference")] + BACKENDS
+
+
+def pm_inputs(B=2, T=4, H=8):
+    mask = torch.ones(B, T, dtype=torch.long, device=DEVICE)
+    return dict(chosen_hidden=torch.randn(B, T, H, device=DEVICE), chosen_mask=mask,
+                rejected_hidden=torch.randn(B, T, H, device=DEVICE), rejected_mask=mask.clone(),
+                head_weight=torch.randn(H, device=DEVICE), head_bias=torch.zeros((), device=DEVICE))
+
+
+@pytest.mark.parametrize("change,error,pattern", [
+    (dict(chosen_hidden=torch.randn(2, 8)), ValueError, r"chosen_hidden must have 3 dimensions"),
+    (dict(rejected_hidden=torch.randn(2, 4, 8, dtype=torch.float64)), TypeError,
+     r"rejected_hidden must have the dtype of chosen_hidden"),
+    (dict(rejected_hidden=torch.randn(3, 4, 8), rejected_mask=torch.ones(3, 4, dtype=torch.long)), ValueError,
+     r"rejected_hidden must be \(B=2, T, H=8\)"),
+    (dict(rejected_hidden=torch.randn(2, 4, 9)), ValueError, r"rejected_hidden must be \(B=2, T, H=8\)"),
+    (dict(chosen_mask=torch.ones(2, 4)), TypeError, r"chosen_mask must be bool or an integer dtype"),
+    (dict(rejected_mask=torch.ones(2, 5, dtype=torch.long)), ValueError,
+     r"rejected_mask must have shape \(2, 4\) \(rejected_hidden.shape\[:-1\]\)"),
+    (dict(chosen_mask=[[1, 1, 1, 1]] * 2), TypeError, r"chosen_mask must be a torch.Tensor"),
+    (dict(head_weight=torch.randn(8, 1)), ValueError, r"head_weight must have shape \(8,\) or \(1, 8\)"),
+    (dict(head_weight=torch.ones(8, dtype=torch.long)), TypeError, r"head_weight must have dtype"),
+    (dict(head_bias=torch.zeros(2)), ValueError, r"head_bias must be a 0-d or 1-element tensor"),
+    (dict(chosen_hidden=torch.randn(2, 0, 8), chosen_mask=torch.ones(2, 0, dtype=torch.long)), ValueError,
+     r"chosen_hidden must have at least one position"),
+    (dict(chosen_hidden=torch.randn(0, 4, 8), chosen_mask=torch.ones(0, 4, dtype=torch.long),
+          rejected_hidden=torch.randn(0, 4, 8), rejected_mask=torch.ones(0, 4, dtype=torch.long)), ValueError,
+     r"at least one pair"),
+])
+def test_arguments(change, error, pattern):
+    inputs = pm_inputs()
+    inputs.update({k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in change.items()})
+    with pytest.raises(error, match=pattern):
+        cai_kernels.reward_pairwise_loss(**inputs)
+
+
+def test_devices_and_labels():
+    inputs = pm_inputs()
+    with pytest.raises(ValueError, match="chosen_mask must be on the same device as chosen_hidden"):
+        cai_kernels.reward_pairwise_loss(**{**inputs, "chosen_mask": inputs["chosen_mask"].to("meta")})
+    with pytest.raises(ValueError, match="head_weight must be on the same device"):
+        cai_kernels.reward_pairwise_loss(**{**inputs, "head_weight": inputs["head_weight"].to("meta")})
+    with pytest.raises(ValueError, match=r"soft_labels must be broadcastable to the rewards' shape \(2,\)"):
+        cai_kernels.reward_pairwise_loss(**inputs, soft_labels=torch.rand(3, device=DEVICE))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_label_values(backend):
+    with pytest.raises(ValueError, match=r"soft_labels must lie in \[0, 1\]"):
+        cai_kernels.reward_pairwise_loss(**pm_inputs(), soft_labels=torch.tensor([0.5, 1.5], device=DEVICE),
+                                         backend=backend)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_all_padding_row(backend):
+    inputs = pm_inputs()
+    inputs["rejected_mask"][0] = 0
+    with pytest.raises(ValueError, match=r"rejected_mask: every sequence needs at least one real token .* "
+                                         r"sequence 0 \(row 0\) has none"):
+        cai_kernels.reward_pairwise_loss(**inputs, backend=backend)

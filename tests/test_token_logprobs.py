@@ -1,4 +1,4 @@
-"""token_logprobs: every compiled backend against the float64 reference."""
+"""token_logprobs: every compiled backend against the float64 reference; bad input."""
 
 import math
 
@@ -214,3 +214,82 @@ def test_backends_agree_with_each_other():
     outs = [cai_kernels.token_logprobs(logits, targets, backend=p.values[0]) for p in BACKENDS]
     for out in outs[1:]:
         assert_close(out, outs[0], rtol=1e-5, atol=1e-5)
+
+
+# ---- bad input: a TypeError / ValueError naming the argument ----------------------------------------
+
+ALL_BACKENDS = [pytest.param("reference", id="reference")] + BACKENDS
+
+
+@pytest.fixture
+def logits():
+    return torch.randn(2, 3, 11, device=DEVICE)
+
+
+@pytest.fixture
+def targets():
+    return torch.randint(0, 11, (2, 3), device=DEVICE)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("bad_value", [11, -1, 10**12])
+def test_target_out_of_range_is_a_value_error(backend, logits, targets, bad_value):
+    targets[1, 2] = bad_value
+    with pytest.raises(ValueError, match=r"targets .*\[0, 11\)"):
+        cai_kernels.token_logprobs(logits, targets, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_out_of_range_other_than_ignore_index_still_caught(backend, logits, targets):
+    targets[0, 0] = -100
+    targets[1, 1] = 11
+    with pytest.raises(ValueError, match="targets"):
+        cai_kernels.token_logprobs(logits, targets, ignore_index=-100, backend=backend)
+
+
+def test_targets_dtype_is_a_type_error(logits, targets):
+    with pytest.raises(TypeError, match=r"targets must be int64 with shape \(2, 3\).*torch.int32"):
+        cai_kernels.token_logprobs(logits, targets.int())
+
+
+def test_targets_shape_mismatch(logits):
+    with pytest.raises(ValueError, match=r"targets must have shape \(2, 3\)"):
+        cai_kernels.token_logprobs(logits, torch.zeros(2, 4, dtype=torch.long, device=DEVICE))
+
+
+def test_logits_must_be_floating(targets):
+    with pytest.raises(TypeError, match="logits must have dtype"):
+        cai_kernels.token_logprobs(torch.zeros(2, 3, 11, dtype=torch.long, device=DEVICE), targets)
+    with pytest.raises(TypeError, match="logits must be a torch.Tensor"):
+        cai_kernels.token_logprobs([[0.0]], targets)
+
+
+def test_empty_vocabulary(targets):
+    with pytest.raises(ValueError, match="non-empty last"):
+        cai_kernels.token_logprobs(torch.zeros(2, 3, 0, device=DEVICE), targets)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, math.inf, math.nan])
+def test_temperature_must_be_positive_and_finite(logits, targets, temperature):
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        cai_kernels.token_logprobs(logits, targets, temperature=temperature)
+
+
+def test_temperature_type(logits, targets):
+    with pytest.raises(TypeError, match="temperature must be a number"):
+        cai_kernels.token_logprobs(logits, targets, temperature="hot")
+
+
+def test_ignore_index_type(logits, targets):
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        cai_kernels.token_logprobs(logits, targets, ignore_index=1.5)
+
+
+def test_devices_must_match(logits, targets):
+    with pytest.raises(ValueError, match="targets must be on the same device as logits"):
+        cai_kernels.token_logprobs(logits, targets.to("meta"))
+
+
+def test_unknown_backend(logits, targets):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        cai_kernels.token_logprobs(logits, targets, backend="fortran")

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 import cai_kernels
-from cai_kernels.reference.ppo import ESTIMATORS
+from cai_kernels.reference.kl_penalty import ESTIMATORS
 
 from ..models import PromptFormat, cut_at_stop, encode, fit_generation, generate_ids, lm_head, pad_rows
 from ..prompts import rng_for, seed_for
@@ -52,7 +52,7 @@ class PPOConfig:
     lr: float = field(default=1e-6, metadata={"ge": 0})
     value_lr: float = field(default=1e-4, metadata={"ge": 0})  # the value head's learning rate
     kl_coef: float = field(default=0.05, metadata={"ge": 0})
-    kl_estimator: str = field(default="k1", metadata={"choices": ESTIMATORS})
+    kl_estimator: str = field(default="k1", metadata={"choices": tuple(ESTIMATORS)})
     gamma: float = field(default=1.0, metadata={"ge": 0, "le": 1})
     lam: float = field(default=0.95, metadata={"ge": 0, "le": 1})
     clip: float = field(default=0.2, metadata={"ge": 0, "lt": 1})

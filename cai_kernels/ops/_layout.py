@@ -1,4 +1,6 @@
-"""Views that let one kernel serve any (..., V) tensor without copying it.
+"""How checked arguments reach the kernels: views, layouts and packing, copies only when unavoidable.
+
+``rows_view``: one kernel serves any (..., V) tensor without copying it.
 
 Kernels address row r of a (outer, inner, V) tensor at
 ``(r // inner) * stride_outer + (r % inner) * stride_inner``, the last dim contiguous. Most views
@@ -13,11 +15,15 @@ from __future__ import annotations
 
 import torch
 
+from .._validation import common_dtype
+
 
 def rows_view(x: torch.Tensor) -> torch.Tensor:
     """``x`` (..., V) as an (outer, inner, V) view with ``stride(2) == 1``; a copy only when unavoidable."""
     if x.numel() == 0:
         return x.reshape(1, -1, x.size(-1))
+    if x.is_contiguous():  # the common case, and what the general path below gives for it
+        return x.view(1, -1, x.size(-1))
     if x.size(-1) > 1 and x.stride(-1) != 1:
         x = x.contiguous()
     unit_dims = tuple(d for d in range(x.dim() - 1) if x.size(d) == 1)
@@ -43,3 +49,58 @@ def _mergeable_groups(x: torch.Tensor) -> list[tuple[int, int]]:
         else:
             groups.append((d, d))
     return groups
+
+
+# ---- (B, T) rows of the PPO ops ------------------------------------------------------------------
+# Every (B, T) tensor reaches the kernels with a unit stride along T (a copy only when it has none)
+# and any row stride; float inputs of different dtypes are promoted to a common one first. Response
+# masks pass through in the dtypes the kernels read as they are; any other dtype becomes ``mask != 0``.
+
+KERNEL_MASK_DTYPES = (torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32)
+
+
+def unit_stride_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, T) with stride 1 along T: itself when it has it (any row stride), else a copy."""
+    if x.size(1) > 1 and x.stride(1) != 1:
+        return x.contiguous()
+    return x
+
+
+def kernel_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The mask as the kernels read it: its own dtype when they support it, else ``mask != 0``."""
+    if mask.dtype not in KERNEL_MASK_DTYPES:
+        mask = mask != 0
+    return unit_stride_rows(mask)
+
+
+def as_rows(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The float tensors in one dtype, each with a unit stride along T."""
+    dtype = common_dtype(*tensors)
+    # `.to` is skipped when it would be a no-op: each call is a dispatcher round trip (~5 us)
+    return [unit_stride_rows(t if t.dtype == dtype else t.to(dtype)) for t in tensors]
+
+
+def detached(x: torch.Tensor) -> torch.Tensor:
+    """``x`` cut from the autograd graph (without the detach() call when it is not in one)."""
+    return x.detach() if x.requires_grad else x
+
+
+# ---- per-pair and head arguments of the preference-model ops -------------------------------------
+
+def pack_per_row(value, default: float, shape: torch.Size, acc: torch.dtype, empty: torch.Tensor):
+    """(per-row tensor or ``empty``, scalar) as the kernels take them: a tensor is detached (labels and margins
+    are targets, no gradient), broadcast and flattened to one contiguous entry per pair in ``acc``."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach()
+        if value.shape != shape:
+            value = value.expand(shape)
+        return value.to(acc).reshape(-1).contiguous(), default
+    return empty, default if value is None else value
+
+
+def pack_head(head_weight: torch.Tensor, head_bias: torch.Tensor | None, acc: torch.dtype):
+    """(weight (H,), bias (1,) or empty), contiguous in ``acc``; differentiable (the casts' backward maps the
+    fp32 gradients back to the parameters' dtypes)."""
+    weight = head_weight.reshape(-1).to(acc).contiguous()
+    bias = head_weight.new_empty(0, dtype=acc) if head_bias is None else head_bias.reshape(1).to(acc)
+    return weight, bias

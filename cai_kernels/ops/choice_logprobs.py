@@ -17,41 +17,34 @@ from __future__ import annotations
 import torch
 
 from .. import _registry
-from .._extension import cpu_kernels
-from .._validation import (check_clamp, check_float_tensor, check_option_layout, check_positive_float,
-                           check_same_device, check_shape, check_targets, check_targets_in_range, check_tensor)
-from ..reference import logprobs as reference
-from .linear_token_logprobs import check_linear_operands, linear_token_logprobs
+from .._params import ChoiceLogprobsParams
+from .._validation import (check_float_tensor, check_linear_operands, check_option_layout, check_positive_float,
+                           check_probability_clamp, check_same_device, check_shape, check_targets,
+                           check_targets_in_range, check_tensor)
+from ..reference.choice_logprobs import choice_logprobs as reference
+from ._kernel_op import KernelOp
+from .linear_token_logprobs import linear_token_logprobs
 from .token_logprobs import token_logprobs
 
-
-@torch.library.custom_op("cai_kernels::option_scores", mutates_args=())
-def _option_scores(token_logprobs: torch.Tensor, option_ids: torch.Tensor, num_options: torch.Tensor,
-                   has_clamp: bool, clamp_lo: float, clamp_hi: float, backend: str
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if backend == "cpu":  # the C++ kernel checks the layout while it reads it
-        return cpu_kernels.option_scores(token_logprobs, option_ids, num_options, has_clamp, clamp_lo,
-                                                       clamp_hi)
-    check_option_layout(option_ids, num_options)
-    from ..triton import choice
-    return choice.option_scores(token_logprobs, option_ids, num_options, has_clamp, clamp_lo, clamp_hi)
+_option_scores = KernelOp("option_scores", op="choice_logprobs", kernel="option_scores",
+                          args="Tensor token_logprobs, Tensor option_ids, Tensor num_options",
+                          params=ChoiceLogprobsParams, returns="(Tensor, Tensor, Tensor)")
 
 
 @_option_scores.register_fake
-def _(token_logprobs, option_ids, num_options, has_clamp, clamp_lo, clamp_hi, backend):
+def _(token_logprobs, option_ids, num_options, params):
     max_options = torch.library.get_ctx().new_dynamic_size()  # K = max(num_options): read from the data
     shape = (num_options.shape[0], max_options)
     return token_logprobs.new_empty(shape), token_logprobs.new_empty(shape), option_ids.new_empty(option_ids.shape)
 
 
-def _setup_context(ctx, inputs, output):
-    _, _, _, has_clamp, clamp_lo, clamp_hi, _ = inputs
+def _setup_context(ctx, args, params, backend, output):
     option_logprobs, _, option_slot = output
     ctx.save_for_backward(option_logprobs, option_slot)
-    ctx.clamp = (clamp_lo, clamp_hi) if has_clamp else None
+    ctx.clamp = (params.clamp_lo, params.clamp_hi) if params.clamp_lo is not None else None
 
 
-def _backward(ctx, grad_option_logprobs, grad_probs, _grad_slot):
+def _backward_formula(ctx, grad_option_logprobs, grad_probs, _grad_slot):
     """Through the softmax (p (g - sum p g)) and the clamp (no gradient where it bites, as torch.clamp),
     then each token takes its option's gradient: a gather through option_slot."""
     option_logprobs, option_slot = ctx.saved_tensors
@@ -61,10 +54,10 @@ def _backward(ctx, grad_option_logprobs, grad_probs, _grad_slot):
         if ctx.clamp is not None:
             grad_probs = grad_probs * ((probs >= ctx.clamp[0]) & (probs <= ctx.clamp[1]))
         grad = grad + probs * (grad_probs - (probs * grad_probs).sum(dim=-1, keepdim=True))
-    return torch.take(grad, option_slot), None, None, None, None, None, None
+    return torch.take(grad, option_slot), None, None
 
 
-_option_scores.register_autograd(_backward, setup_context=_setup_context)
+_option_scores.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
 def _check_scores_source(targets, logits, hidden, weight, bias) -> None:
@@ -121,7 +114,7 @@ def choice_logprobs(targets: torch.Tensor, option_ids: torch.Tensor, num_options
     check_same_device(targets=targets, option_ids=option_ids, num_options=num_options, logits=logits, hidden=hidden,
                       weight=weight, bias=bias)
     temperature = check_positive_float("temperature", temperature)
-    clamp = check_clamp("clamp", clamp)
+    clamp = check_probability_clamp("clamp", clamp)
     device = targets.device
     chosen = _registry.select_backend("choice_logprobs", device, backend)
     if chosen == "reference":
@@ -129,13 +122,13 @@ def choice_logprobs(targets: torch.Tensor, option_ids: torch.Tensor, num_options
             vocab = logits.size(-1) if logits is not None else weight.size(0)
             check_targets_in_range("targets", targets, vocab, None)
             check_option_layout(option_ids, num_options)
-        return reference.choice_logprobs(targets, option_ids, num_options, logits=logits, hidden=hidden,
-                                         weight=weight, bias=bias, temperature=temperature, clamp=clamp)
+        return reference(targets, option_ids, num_options, logits=logits, hidden=hidden, weight=weight, bias=bias,
+                         temperature=temperature, clamp=clamp)
     if logits is not None:
         token_lp = token_logprobs(logits, targets, temperature=temperature, backend=chosen)
     else:
         token_lp = linear_token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature, backend=chosen)
-    lo, hi = clamp if clamp is not None else (0.0, 1.0)
+    params = ChoiceLogprobsParams(*(clamp if clamp is not None else (None, None)))
     option_logprobs, probs, _ = _option_scores(token_lp, option_ids.contiguous(), num_options.contiguous(),
-                                               clamp is not None, lo, hi, chosen)
+                                               params=params, backend=chosen)
     return option_logprobs, probs

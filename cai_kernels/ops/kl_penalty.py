@@ -9,61 +9,44 @@ from __future__ import annotations
 import torch
 
 from .. import _registry
-from .._extension import cpu_kernels
-from .._validation import check_float_tensor
-from ..reference import ppo as reference
+from .._params import ESTIMATORS, LOW_VAR_KL_CLAMP, LOW_VAR_KL_OUTPUT_CLAMP, KlPenaltyParams
+from .._validation import accumulate_dtype, check_bounds, check_choice, check_float_tensor, check_same_device, \
+    common_dtype
+from ..reference.kl_penalty import kl_penalty as reference
+from ._kernel_op import KernelOp, call_kernel_directly
 from ._layout import rows_view
-from ._ppo_args import (accumulate_dtype, call_kernel_directly, check_bounds, check_choice, check_same_device,
-                        common_dtype)
 
-ESTIMATOR_CODES = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
-
-
-def _kernels(backend: str):
-    if backend == "cpu":
-        return cpu_kernels
-    from ..triton import ppo
-    return ppo
+_forward = KernelOp("kl_penalty", op="kl_penalty", kernel="kl_penalty_fwd", args="Tensor logprobs, Tensor ref_logprobs",
+                    params=KlPenaltyParams, returns="Tensor")
+_backward = KernelOp("kl_penalty_backward", op="kl_penalty", kernel="kl_penalty_bwd",
+                     args="Tensor grad, Tensor logprobs, Tensor ref_logprobs", params=KlPenaltyParams, returns="Tensor")
 
 
-@torch.library.custom_op("cai_kernels::kl_penalty", mutates_args=())
-def _kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: int, lo: float, hi: float,
-                out_lo: float, out_hi: float, backend: str) -> torch.Tensor:
-    return _kernels(backend).kl_penalty_fwd(logprobs, ref_logprobs, estimator, lo, hi, out_lo, out_hi)
-
-
-@_kl_penalty.register_fake
-def _(logprobs, ref_logprobs, estimator, lo, hi, out_lo, out_hi, backend):
+@_forward.register_fake
+def _(logprobs, ref_logprobs, params):
     return logprobs.new_empty(logprobs.size(0) * logprobs.size(1), logprobs.size(2),
                               dtype=accumulate_dtype(logprobs.dtype))
 
 
-@torch.library.custom_op("cai_kernels::kl_penalty_backward", mutates_args=())
-def _kl_penalty_backward(grad: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: int,
-                         lo: float, hi: float, out_lo: float, out_hi: float, backend: str) -> torch.Tensor:
-    return _kernels(backend).kl_penalty_bwd(grad, logprobs, ref_logprobs, estimator, lo, hi, out_lo, out_hi)
-
-
-@_kl_penalty_backward.register_fake
-def _(grad, logprobs, ref_logprobs, estimator, lo, hi, out_lo, out_hi, backend):
+@_backward.register_fake
+def _(grad, logprobs, ref_logprobs, params):
     return logprobs.new_empty(logprobs.size(0) * logprobs.size(1), logprobs.size(2))
 
 
-def _setup_context(ctx, inputs, output):
-    logprobs, ref_logprobs, *constants = inputs
-    ctx.save_for_backward(logprobs, ref_logprobs)
-    ctx.constants = constants
+def _setup_context(ctx, args, params, backend, output):
+    ctx.save_for_backward(*args)
+    ctx.params, ctx.backend = params, backend
 
 
-def _backward(ctx, grad):
+def _backward_formula(ctx, grad):
     logprobs, ref_logprobs = ctx.saved_tensors
-    grad_log_ratio = _kl_penalty_backward(grad.contiguous(), logprobs, ref_logprobs, *ctx.constants)
+    grad_log_ratio = _backward(grad.contiguous(), logprobs, ref_logprobs, params=ctx.params, backend=ctx.backend)
     grad_log_ratio = grad_log_ratio.view(logprobs.shape)
     grad_ref = -grad_log_ratio if ctx.needs_input_grad[1] else None
-    return grad_log_ratio, grad_ref, None, None, None, None, None, None
+    return grad_log_ratio, grad_ref
 
 
-_kl_penalty.register_autograd(_backward, setup_context=_setup_context)
+_forward.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1", *,
@@ -97,24 +80,20 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
         raise ValueError(f"ref_logprobs must have the shape of logprobs {tuple(logprobs.shape)}; "
                          f"got {tuple(ref_logprobs.shape)}")
     check_same_device(logprobs=logprobs, ref_logprobs=ref_logprobs)
-    check_choice("estimator", estimator, reference.ESTIMATORS)
+    kind = check_choice("estimator", estimator, ESTIMATORS)
     lo, hi = check_bounds("clamp", clamp)
     out_lo, out_hi = check_bounds("output_clamp", output_clamp)
     chosen = _registry.select_backend("kl_penalty", logprobs.device, backend)
     if chosen == "reference" or logprobs.numel() == 0:  # nothing to compute: keep the autograd graph simple
-        return reference.kl_penalty(logprobs, ref_logprobs, estimator, clamp=clamp, output_clamp=output_clamp)
-    if estimator == "low_var_kl":
-        estimator = "k3"
+        return reference(logprobs, ref_logprobs, estimator, clamp=clamp, output_clamp=output_clamp)
+    if estimator == "low_var_kl":  # k3 (kind) with veRL's clamps unless others are given
         if clamp is None:
-            lo, hi = reference.LOW_VAR_KL_CLAMP
+            lo, hi = LOW_VAR_KL_CLAMP
         if output_clamp is None:
-            out_lo, out_hi = reference.LOW_VAR_KL_OUTPUT_CLAMP
+            out_lo, out_hi = LOW_VAR_KL_OUTPUT_CLAMP
     dtype = common_dtype(logprobs, ref_logprobs)
-    args = (rows_view(logprobs if logprobs.dtype == dtype else logprobs.to(dtype)),
-            rows_view(ref_logprobs if ref_logprobs.dtype == dtype else ref_logprobs.to(dtype)),
-            ESTIMATOR_CODES[estimator], lo, hi, out_lo, out_hi)
-    if call_kernel_directly(logprobs, ref_logprobs):
-        out = _kernels(chosen).kl_penalty_fwd(*args)
-    else:
-        out = _kl_penalty(*args, chosen)
-    return out.view(logprobs.shape)
+    inputs = (rows_view(logprobs if logprobs.dtype == dtype else logprobs.to(dtype)),
+              rows_view(ref_logprobs if ref_logprobs.dtype == dtype else ref_logprobs.to(dtype)))
+    params = KlPenaltyParams(kind, lo, hi, out_lo, out_hi)
+    call = _forward.run if call_kernel_directly(logprobs, ref_logprobs) else _forward
+    return call(*inputs, params=params, backend=chosen).view(logprobs.shape)

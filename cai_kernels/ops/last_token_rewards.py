@@ -15,95 +15,68 @@ from __future__ import annotations
 import torch
 
 from .. import _registry
-from .._extension import cpu_kernels
-from .._validation import check_float_tensor
-from ..reference import pairwise as reference
-from ..reference.logprobs import accumulate_dtype
-from ._preference_args import check_head, check_mask, check_real_token_values, pack_head
+from .._params import LastTokenRewardsParams
+from .._validation import accumulate_dtype, check_head, check_hidden_and_mask, check_real_token_values
+from ..reference.last_token_rewards import last_token_index
+from ..reference.last_token_rewards import last_token_rewards as reference
+from ._kernel_op import KernelOp
+from ._layout import pack_head
+
+_forward = KernelOp("last_token_rewards", op="last_token_rewards", kernel="last_token_rewards_fwd",
+                    args="Tensor hidden, Tensor mask, Tensor active, Tensor weight, Tensor bias",
+                    params=LastTokenRewardsParams, returns="(Tensor, Tensor)")
+_backward = KernelOp("last_token_rewards_backward", op="last_token_rewards", kernel="last_token_rewards_bwd",
+                     args="Tensor grad_rewards, Tensor hidden, Tensor index, Tensor weight, bool need_hidden, "
+                          "bool need_weight", params=None, returns="(Tensor, Tensor, Tensor)")
 
 
-@torch.library.custom_op("cai_kernels::last_token_rewards", mutates_args=())
-def _last_token_rewards(hidden: torch.Tensor, mask: torch.Tensor, active: torch.Tensor, weight: torch.Tensor,
-                        bias: torch.Tensor, mask_name: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if backend == "cpu":  # checks for sequences without a real token while it scans the masks
-        return cpu_kernels.last_token_rewards_fwd(hidden, mask, active, weight, bias, mask_name)
-    from ..triton import pairwise
-    rewards, index = pairwise.last_token_rewards_fwd(hidden, mask, active, weight, bias)
-    check_real_token_values(mask_name, index, active, hidden.size(1))
-    return rewards, index
-
-
-@_last_token_rewards.register_fake
-def _(hidden, mask, active, weight, bias, mask_name, backend):
+@_forward.register_fake
+def _(hidden, mask, active, weight, bias, params):
     n_seq = hidden.size(0) * hidden.size(1)
     return (hidden.new_empty(n_seq, dtype=accumulate_dtype(hidden.dtype)),
             hidden.new_empty(n_seq, dtype=torch.int64))
 
 
-@torch.library.custom_op("cai_kernels::last_token_rewards_backward", mutates_args=())
-def _last_token_rewards_backward(grad_rewards: torch.Tensor, hidden: torch.Tensor, index: torch.Tensor,
-                                 weight: torch.Tensor, need_hidden: bool, need_weight: bool, backend: str
-                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if backend == "cpu":
-        kernels = cpu_kernels
-    else:
-        from ..triton import pairwise as kernels
-    return kernels.last_token_rewards_bwd(grad_rewards, hidden, index, weight, need_hidden, need_weight)
-
-
-@_last_token_rewards_backward.register_fake
-def _(grad_rewards, hidden, index, weight, need_hidden, need_weight, backend):
+@_backward.register_fake
+def _(grad_rewards, hidden, index, weight, need_hidden, need_weight, params):
     return (hidden.new_empty(hidden.shape if need_hidden else (0,)),
             weight.new_empty(weight.numel() if need_weight else 0), weight.new_empty(1 if need_weight else 0))
 
 
-def _setup_context(ctx, inputs, output):
-    hidden, mask, active, weight, bias, mask_name, backend = inputs
+def _setup_context(ctx, args, params, backend, output):
+    hidden, mask, active, weight, bias = args
     _, index = output
     ctx.save_for_backward(hidden, index, weight)
-    ctx.constants = (bias.numel() > 0, backend)
+    ctx.has_bias, ctx.backend = bias.numel() > 0, backend
 
 
-def _backward(ctx, grad_rewards, _grad_index):
+def _backward_formula(ctx, grad_rewards, _grad_index):
     hidden, index, weight = ctx.saved_tensors
-    has_bias, backend = ctx.constants
     need_hidden = ctx.needs_input_grad[0]
-    need_weight = ctx.needs_input_grad[3] or (has_bias and ctx.needs_input_grad[4])
-    grad_hidden, grad_weight, grad_bias = _last_token_rewards_backward(
-        grad_rewards.to(weight.dtype).contiguous(), hidden, index, weight, need_hidden, need_weight, backend)
+    need_weight = ctx.needs_input_grad[3] or (ctx.has_bias and ctx.needs_input_grad[4])
+    grad_hidden, grad_weight, grad_bias = _backward(grad_rewards.to(weight.dtype).contiguous(), hidden, index, weight,
+                                                    need_hidden, need_weight, params=None, backend=ctx.backend)
     return (grad_hidden if need_hidden else None, None, None, grad_weight if need_weight else None,
-            grad_bias if need_weight and has_bias else None, None, None)
+            grad_bias if need_weight and ctx.has_bias else None)
 
 
-_last_token_rewards.register_autograd(_backward, setup_context=_setup_context)
+_forward.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
 def sequence_rewards(hidden: torch.Tensor, mask: torch.Tensor, active: torch.Tensor, head_weight: torch.Tensor,
                      head_bias: torch.Tensor | None, mask_name: str, backend: str) -> torch.Tensor:
     """(N,) rewards of the sequences of an (outer, inner, T, H) view, through the custom op (no checks)."""
     weight, bias = pack_head(head_weight, head_bias, accumulate_dtype(hidden.dtype))
-    rewards, _ = _last_token_rewards(hidden, mask, active, weight, bias, mask_name, backend)
+    rewards, _ = _forward(hidden, mask, active, weight, bias, params=LastTokenRewardsParams(mask_name),
+                          backend=backend)
     return rewards
-
-
-def check_hidden_and_mask(hidden_name: str, hidden, mask_name: str, mask, ndim: int) -> torch.Tensor:
-    """hidden: float, ``ndim`` dims (..., T, H) with T, H >= 1; mask: bool / integer of shape hidden.shape[:-1]."""
-    check_float_tensor(hidden_name, hidden, ndim=ndim)
-    if hidden.size(-2) == 0 or hidden.size(-1) == 0:
-        raise ValueError(f"{hidden_name} must have at least one position and one hidden unit; "
-                         f"got shape {tuple(hidden.shape)}")
-    check_mask(mask_name, mask, hidden.shape[:-1], f"{hidden_name}.shape[:-1]")
-    if mask.device != hidden.device:
-        raise ValueError(f"{mask_name} must be on the same device as {hidden_name} ({hidden.device}); "
-                         f"got {mask.device}")
-    return hidden
 
 
 def check_real_tokens_reference(mask_name: str, mask: torch.Tensor, active: torch.Tensor | None = None) -> None:
     """The reference path's check that every (active) sequence has a real token; skipped while compiling."""
     if torch.compiler.is_compiling():
         return
-    index = reference.last_token_index(mask).reshape(-1)
+    index = last_token_index(mask).reshape(-1)
     check_real_token_values(mask_name, index, None if active is None else active.reshape(-1),
                             mask.size(1) if mask.dim() == 3 else 1)
 
@@ -130,7 +103,7 @@ def last_token_rewards(hidden: torch.Tensor, mask: torch.Tensor, head_weight: to
     selected = _registry.select_backend("last_token_rewards", hidden.device, backend)
     if selected == "reference":
         check_real_tokens_reference("mask", mask)
-        return reference.last_token_rewards(hidden, mask, head_weight, head_bias)
+        return reference(hidden, mask, head_weight, head_bias)
     hidden4d, mask3d = (hidden, mask) if hidden.dim() == 4 else (hidden.unsqueeze(1), mask.unsqueeze(1))
     rewards = sequence_rewards(hidden4d, mask3d, mask.new_empty(0, dtype=torch.bool), head_weight, head_bias,
                                "mask", selected)

@@ -11,63 +11,58 @@ from __future__ import annotations
 import torch
 
 from .. import _registry
-from .._extension import cpu_kernels
-from .._validation import check_float_tensor, check_same_device, check_shape
-from ..reference import pairwise as reference
-from ..reference.logprobs import accumulate_dtype
-from ._preference_args import check_per_row_arg, check_probability_values, check_reduction, pack_per_row
+from .._params import REDUCTIONS, PairwiseLossParams, Reduction
+from .._validation import (accumulate_dtype, check_float_tensor, check_per_row_arg, check_probability_values,
+                           check_reduction, check_same_device, check_shape)
+from ..reference.pairwise_loss import pairwise_loss as reference
+from ._kernel_op import KernelOp
+from ._layout import pack_per_row
+
+_forward = KernelOp("pairwise_loss", op="pairwise_loss", kernel="pairwise_loss_fwd",
+                    args="Tensor chosen, Tensor rejected, Tensor labels, Tensor margin", params=PairwiseLossParams,
+                    returns="Tensor")
+_backward = KernelOp("pairwise_loss_backward", op="pairwise_loss", kernel="pairwise_loss_bwd",
+                     args="Tensor grad, Tensor chosen, Tensor rejected, Tensor labels, Tensor margin",
+                     params=PairwiseLossParams, returns="(Tensor, Tensor)")
 
 
-def _kernels(backend: str):
-    if backend == "cpu":
-        return cpu_kernels
-    from ..triton import pairwise
-    return pairwise
-
-
-@torch.library.custom_op("cai_kernels::pairwise_loss", mutates_args=())
-def _pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, labels: torch.Tensor, label_value: float,
-                   margin: torch.Tensor, margin_value: float, reduction: int, backend: str) -> torch.Tensor:
-    if backend != "cpu" and labels.numel():  # the C++ kernel checks the labels while it reads them
-        check_probability_values("soft_labels", labels)
-    return _kernels(backend).pairwise_loss_fwd(chosen, rejected, labels, label_value, margin, margin_value, reduction)
-
-
-@_pairwise_loss.register_fake
-def _(chosen, rejected, labels, label_value, margin, margin_value, reduction, backend):
-    shape = (chosen.numel(),) if reduction == 0 else ()
+@_forward.register_fake
+def _(chosen, rejected, labels, margin, params):
+    shape = (chosen.numel(),) if params.reduction == Reduction.NONE else ()
     return chosen.new_empty(shape, dtype=accumulate_dtype(chosen.dtype))
 
 
-@torch.library.custom_op("cai_kernels::pairwise_loss_backward", mutates_args=())
-def _pairwise_loss_backward(grad: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor, labels: torch.Tensor,
-                            label_value: float, margin: torch.Tensor, margin_value: float, reduction: int,
-                            backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _kernels(backend).pairwise_loss_bwd(grad, chosen, rejected, labels, label_value, margin, margin_value,
-                                               reduction)
-
-
-@_pairwise_loss_backward.register_fake
-def _(grad, chosen, rejected, labels, label_value, margin, margin_value, reduction, backend):
+@_backward.register_fake
+def _(grad, chosen, rejected, labels, margin, params):
     return chosen.new_empty(chosen.shape), rejected.new_empty(rejected.shape)
 
 
-def _setup_context(ctx, inputs, output):
-    chosen, rejected, labels, label_value, margin, margin_value, reduction, backend = inputs
-    ctx.save_for_backward(chosen, rejected, labels, margin)
-    ctx.constants = (label_value, margin_value, reduction, backend)
+def _setup_context(ctx, args, params, backend, output):
+    ctx.save_for_backward(*args)
+    ctx.params, ctx.backend = params, backend
 
 
-def _backward(ctx, grad):
+def _backward_formula(ctx, grad):
     chosen, rejected, labels, margin = ctx.saved_tensors
-    label_value, margin_value, reduction, backend = ctx.constants
     grad = grad.to(accumulate_dtype(chosen.dtype)).contiguous()
-    grad_chosen, grad_rejected = _pairwise_loss_backward(grad, chosen, rejected, labels, label_value, margin,
-                                                         margin_value, reduction, backend)
-    return grad_chosen, grad_rejected, None, None, None, None, None, None
+    grad_chosen, grad_rejected = _backward(grad, chosen, rejected, labels, margin, params=ctx.params,
+                                           backend=ctx.backend)
+    return grad_chosen, grad_rejected, None, None
 
 
-_pairwise_loss.register_autograd(_backward, setup_context=_setup_context)
+_forward.register_autograd(_backward_formula, setup_context=_setup_context)
+
+
+def pair_losses(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, soft_labels, margin, shape: torch.Size,
+                reduction: Reduction, backend: str) -> torch.Tensor:
+    """The loss of (N,) contiguous rewards, flattened from ``shape``, through the custom op (arguments already
+    checked; labels and margins broadcastable to ``shape``)."""
+    acc = accumulate_dtype(chosen_rewards.dtype)
+    empty = chosen_rewards.new_empty(0, dtype=acc)  # "no per-pair tensor", for labels and margins alike
+    labels, label_value = pack_per_row(soft_labels, 1.0, shape, acc, empty)
+    margins, margin_value = pack_per_row(margin, 0.0, shape, acc, empty)
+    return _forward(chosen_rewards, rejected_rewards, labels, margins,
+                    params=PairwiseLossParams(label_value, margin_value, reduction), backend=backend)
 
 
 def pairwise_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, *,
@@ -103,7 +98,7 @@ def pairwise_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, 
     shape, device = chosen_rewards.shape, chosen_rewards.device
     soft_labels = check_per_row_arg("soft_labels", soft_labels, shape, device, probability=True)
     margin = check_per_row_arg("margin", margin, shape, device, probability=False)
-    reduction_code = check_reduction(reduction)
+    reduction_kind = check_reduction(reduction, REDUCTIONS)
     if reduction == "mean" and chosen_rewards.numel() == 0:
         raise ValueError("chosen_rewards must hold at least one pair for reduction='mean'; got shape "
                          f"{tuple(shape)} (use reduction='sum' or 'none' for empty batches)")
@@ -111,11 +106,8 @@ def pairwise_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, 
     if selected == "reference":
         if isinstance(soft_labels, torch.Tensor) and not torch.compiler.is_compiling():
             check_probability_values("soft_labels", soft_labels.detach().expand(shape))
-        return reference.pairwise_loss(chosen_rewards, rejected_rewards, soft_labels=soft_labels, margin=margin,
-                                       reduction=reduction)
-    acc = accumulate_dtype(chosen_rewards.dtype)
-    labels, label_value = pack_per_row(soft_labels, 1.0, shape, acc, device)
-    margins, margin_value = pack_per_row(margin, 0.0, shape, acc, device)
-    loss = _pairwise_loss(chosen_rewards.reshape(-1).contiguous(), rejected_rewards.reshape(-1).contiguous(),
-                          labels, label_value, margins, margin_value, reduction_code, selected)
+        return reference(chosen_rewards, rejected_rewards, soft_labels=soft_labels, margin=margin,
+                         reduction=reduction)
+    loss = pair_losses(chosen_rewards.reshape(-1).contiguous(), rejected_rewards.reshape(-1).contiguous(),
+                       soft_labels, margin, shape, reduction_kind, selected)
     return loss.view(shape) if reduction == "none" else loss

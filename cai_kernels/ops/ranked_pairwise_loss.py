@@ -10,56 +10,41 @@ from __future__ import annotations
 import torch
 
 from .. import _registry
-from .._extension import cpu_kernels
-from .._validation import check_float_tensor
-from ..reference import pairwise as reference
-from ..reference.logprobs import accumulate_dtype
-from ._preference_args import check_num_valid, check_num_valid_values, check_reduction
+from .._params import REDUCTIONS
+from .._validation import (accumulate_dtype, check_float_tensor, check_num_valid, check_num_valid_values,
+                           check_reduction)
+from ..reference.ranked_pairwise_loss import ranked_pairwise_loss as reference
+from ._kernel_op import KernelOp
+
+# no parameter bundle: the op's only non-tensor argument, the reduction over rows, is plain PyTorch here
+_forward = KernelOp("ranked_pairwise_loss", op="ranked_pairwise_loss", kernel="ranked_pairwise_loss_fwd",
+                    args="Tensor rewards, Tensor num_valid", params=None, returns="Tensor")
+_backward = KernelOp("ranked_pairwise_loss_backward", op="ranked_pairwise_loss", kernel="ranked_pairwise_loss_bwd",
+                     args="Tensor grad_rows, Tensor rewards, Tensor num_valid", params=None, returns="Tensor")
 
 
-def _kernels(backend: str):
-    if backend == "cpu":
-        return cpu_kernels
-    from ..triton import pairwise
-    return pairwise
-
-
-@torch.library.custom_op("cai_kernels::ranked_pairwise_loss", mutates_args=())
-def _ranked_pairwise_loss(rewards: torch.Tensor, num_valid: torch.Tensor, backend: str) -> torch.Tensor:
-    if backend != "cpu" and num_valid.numel():  # the C++ kernel checks the counts while it reads them
-        check_num_valid_values(num_valid, rewards.size(1))
-    return _kernels(backend).ranked_pairwise_loss_fwd(rewards, num_valid)
-
-
-@_ranked_pairwise_loss.register_fake
-def _(rewards, num_valid, backend):
+@_forward.register_fake
+def _(rewards, num_valid, params):
     return rewards.new_empty(rewards.size(0), dtype=accumulate_dtype(rewards.dtype))
 
 
-@torch.library.custom_op("cai_kernels::ranked_pairwise_loss_backward", mutates_args=())
-def _ranked_pairwise_loss_backward(grad_rows: torch.Tensor, rewards: torch.Tensor, num_valid: torch.Tensor,
-                                   backend: str) -> torch.Tensor:
-    return _kernels(backend).ranked_pairwise_loss_bwd(grad_rows, rewards, num_valid)
-
-
-@_ranked_pairwise_loss_backward.register_fake
-def _(grad_rows, rewards, num_valid, backend):
+@_backward.register_fake
+def _(grad_rows, rewards, num_valid, params):
     return rewards.new_empty(rewards.shape)
 
 
-def _setup_context(ctx, inputs, output):
-    rewards, num_valid, backend = inputs
-    ctx.save_for_backward(rewards, num_valid)
+def _setup_context(ctx, args, params, backend, output):
+    ctx.save_for_backward(*args)
     ctx.backend = backend
 
 
-def _backward(ctx, grad_rows):
+def _backward_formula(ctx, grad_rows):
     rewards, num_valid = ctx.saved_tensors
     grad_rows = grad_rows.to(accumulate_dtype(rewards.dtype)).contiguous()
-    return _ranked_pairwise_loss_backward(grad_rows, rewards, num_valid, ctx.backend), None, None
+    return _backward(grad_rows, rewards, num_valid, params=None, backend=ctx.backend), None
 
 
-_ranked_pairwise_loss.register_autograd(_backward, setup_context=_setup_context)
+_forward.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
 def reduce_rows(row_loss: torch.Tensor, num_valid: torch.Tensor | None, K: int, reduction: str) -> torch.Tensor:
@@ -76,7 +61,7 @@ def reduce_rows(row_loss: torch.Tensor, num_valid: torch.Tensor | None, K: int, 
 def ranked_loss_rows(rewards: torch.Tensor, num_valid: torch.Tensor | None, backend: str) -> torch.Tensor:
     """(B,) per-row losses through the custom op (arguments already checked)."""
     counts = rewards.new_empty(0, dtype=torch.int64) if num_valid is None else num_valid.to(torch.int64).contiguous()
-    return _ranked_pairwise_loss(rewards.contiguous(), counts, backend)
+    return _forward(rewards.contiguous(), counts, params=None, backend=backend)
 
 
 def ranked_pairwise_loss(rewards: torch.Tensor, *, num_valid: torch.Tensor | None = None, reduction: str = "mean",
@@ -98,10 +83,10 @@ def ranked_pairwise_loss(rewards: torch.Tensor, *, num_valid: torch.Tensor | Non
     """
     check_float_tensor("rewards", rewards, ndim=2)
     num_valid = check_num_valid(num_valid, rewards.size(0), rewards.device)
-    check_reduction(reduction)
+    check_reduction(reduction, REDUCTIONS)
     selected = _registry.select_backend("ranked_pairwise_loss", rewards.device, backend)
     if selected == "reference":
         if num_valid is not None and not torch.compiler.is_compiling():
             check_num_valid_values(num_valid, rewards.size(1))
-        return reference.ranked_pairwise_loss(rewards, num_valid=num_valid, reduction=reduction)
+        return reference(rewards, num_valid=num_valid, reduction=reduction)
     return reduce_rows(ranked_loss_rows(rewards, num_valid, selected), num_valid, rewards.size(1), reduction)

@@ -10,73 +10,58 @@ from __future__ import annotations
 import torch
 
 from .. import _registry
-from .._extension import cpu_kernels
-from .._validation import (check_float_tensor, check_optional_int, check_positive_float, check_same_device,
-                           check_targets, check_targets_in_range)
-from ..reference import logprobs as reference
+from .._params import TokenLogprobsParams
+from .._validation import (accumulate_dtype, check_float_tensor, check_optional_int, check_positive_float,
+                           check_same_device, check_targets, check_targets_in_range)
+from ..reference.token_logprobs import token_logprobs as reference
+from ._kernel_op import KernelOp
 from ._layout import rows_view
 
-
-def _kernels(backend: str):
-    """The module or op namespace holding ``token_logprobs_fwd`` / ``_bwd`` for a compiled backend."""
-    if backend == "cpu":
-        return cpu_kernels
-    from ..triton import logprobs
-    return logprobs
-
-
-@torch.library.custom_op("cai_kernels::token_logprobs", mutates_args=())
-def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, inv_temperature: float, ignore_index: int,
-                    has_ignore: bool, with_entropy: bool, backend: str
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if backend != "cpu":  # the C++ kernel checks targets while it reads them; Triton needs a host check
-        check_targets_in_range("targets", targets, logits.size(2), ignore_index if has_ignore else None)
-    return _kernels(backend).token_logprobs_fwd(logits, targets, inv_temperature, ignore_index, has_ignore,
-                                                with_entropy)
+_forward = KernelOp("token_logprobs", op="token_logprobs", kernel="token_logprobs_fwd",
+                    args="Tensor logits, Tensor targets", params=TokenLogprobsParams,
+                    returns="(Tensor, Tensor, Tensor)")
+_backward = KernelOp("token_logprobs_backward", op="token_logprobs", kernel="token_logprobs_bwd",
+                     args="Tensor grad_logp, Tensor grad_entropy, Tensor logits, Tensor targets, Tensor lse, "
+                          "Tensor entropy", params=TokenLogprobsParams, returns="Tensor")
 
 
-@_token_logprobs.register_fake
-def _(logits, targets, inv_temperature, ignore_index, has_ignore, with_entropy, backend):
-    rows, acc = targets.numel(), reference.accumulate_dtype(logits.dtype)
-    return (logits.new_empty(rows, dtype=acc), logits.new_empty(rows if with_entropy else 0, dtype=acc),
+@_forward.register_fake
+def _(logits, targets, params):
+    rows, acc = targets.numel(), accumulate_dtype(logits.dtype)
+    return (logits.new_empty(rows, dtype=acc), logits.new_empty(rows if params.with_entropy else 0, dtype=acc),
             logits.new_empty(rows, dtype=acc))
 
 
-@torch.library.custom_op("cai_kernels::token_logprobs_backward", mutates_args=())
-def _token_logprobs_backward(grad_logp: torch.Tensor, grad_entropy: torch.Tensor, logits: torch.Tensor,
-                             targets: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
-                             inv_temperature: float, ignore_index: int, has_ignore: bool,
-                             backend: str) -> torch.Tensor:
-    return _kernels(backend).token_logprobs_bwd(grad_logp, grad_entropy, logits, targets, lse, entropy,
-                                                inv_temperature, ignore_index, has_ignore)
-
-
-@_token_logprobs_backward.register_fake
-def _(grad_logp, grad_entropy, logits, targets, lse, entropy, inv_temperature, ignore_index, has_ignore, backend):
+@_backward.register_fake
+def _(grad_logp, grad_entropy, logits, targets, lse, entropy, params):
     return logits.new_empty(logits.shape)
 
 
-def _setup_context(ctx, inputs, output):
-    logits, targets, inv_temperature, ignore_index, has_ignore, with_entropy, backend = inputs
+def upstream_grads(params, lse: torch.Tensor, grad_logp: torch.Tensor | None, grad_entropy: torch.Tensor | None):
+    """(grad_logp, grad_entropy, params) as the backward kernels of token_logprobs / linear_token_logprobs take
+    them: contiguous, in lse's dtype; without a gradient into the entropy, an empty grad_entropy and
+    params.with_entropy cleared (the kernel skips that term)."""
+    grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(lse.dtype).contiguous()
+    if params.with_entropy and grad_entropy is not None:
+        return grad_logp, grad_entropy.to(lse.dtype).contiguous(), params
+    return grad_logp, lse.new_empty(0), params._replace(with_entropy=False)
+
+
+def _setup_context(ctx, args, params, backend, output):
+    logits, targets = args
     _, entropy, lse = output
     ctx.save_for_backward(logits, targets, lse, entropy)
-    ctx.constants = (inv_temperature, ignore_index, has_ignore, with_entropy, backend)
+    ctx.params, ctx.backend = params, backend
 
 
-def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
+def _backward_formula(ctx, grad_logp, grad_entropy, _grad_lse):
     logits, targets, lse, entropy = ctx.saved_tensors
-    inv_temperature, ignore_index, has_ignore, with_entropy, backend = ctx.constants
-    grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(lse.dtype).contiguous()
-    if with_entropy and grad_entropy is not None:
-        grad_entropy = grad_entropy.to(lse.dtype).contiguous()
-    else:  # an empty tensor tells the kernel to skip the entropy term
-        grad_entropy = lse.new_empty(0)
-    grad_logits = _token_logprobs_backward(grad_logp, grad_entropy, logits, targets, lse, entropy,
-                                           inv_temperature, ignore_index, has_ignore, backend)
-    return grad_logits, None, None, None, None, None, None
+    grad_logp, grad_entropy, params = upstream_grads(ctx.params, lse, grad_logp, grad_entropy)
+    grad_logits = _backward(grad_logp, grad_entropy, logits, targets, lse, entropy, params=params, backend=ctx.backend)
+    return grad_logits, None
 
 
-_token_logprobs.register_autograd(_backward, setup_context=_setup_context)
+_forward.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
@@ -106,10 +91,9 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: 
     if chosen == "reference":
         if not torch.compiler.is_compiling():
             check_targets_in_range("targets", targets, logits.size(-1), ignore_index)
-        return reference.token_logprobs(logits, targets, temperature=temperature, ignore_index=ignore_index,
-                                        return_entropy=return_entropy)
-    logp, entropy, _ = _token_logprobs(rows_view(logits), targets.reshape(-1).contiguous(), 1.0 / temperature,
-                                       0 if ignore_index is None else ignore_index, ignore_index is not None,
-                                       return_entropy, chosen)
+        return reference(logits, targets, temperature=temperature, ignore_index=ignore_index,
+                         return_entropy=return_entropy)
+    params = TokenLogprobsParams(temperature, ignore_index, return_entropy)
+    logp, entropy, _ = _forward(rows_view(logits), targets.reshape(-1).contiguous(), params=params, backend=chosen)
     logp = logp.view(targets.shape)
     return (logp, entropy.view(targets.shape)) if return_entropy else logp

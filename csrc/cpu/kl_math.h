@@ -1,5 +1,5 @@
 // The per-token KL estimators (Schulman's k1 / k2 / k3, and |r|) and their derivatives, written once
-// for SIMD floats and fp64 (see "one formula, two forms" in ppo_common.h). r = logprobs -
+// for SIMD floats and fp64 (see "one formula, two forms" in masked_rows.h). r = logprobs -
 // ref_logprobs, clamped to [lo, hi]; the estimate is then clamped to [out_lo, out_hi] (bounds
 // beyond the float range = no clamp):
 //   k1 = r    k2 = r^2 / 2    k3 = e^-r - 1 + r    abs = |r|
@@ -7,10 +7,11 @@
 // "k3 explosions" of the RLHF stacks); here it is a series there, exact to a few ulp and >= 0.
 #pragma once
 
-#include "ppo_common.h"
+#include "masked_rows.h"
 
 namespace cai {
 
+// Mirrors KlEstimator in cai_kernels/_params.py.
 enum KlEstimator : int64_t { kK1 = 0, kK2 = 1, kK3 = 2, kAbs = 3 };
 
 // e^x - 1 - x and e^x - 1, accurate to a few ulp for every x, without Sleef's expm1 (~60 cycles a

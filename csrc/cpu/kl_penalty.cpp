@@ -32,18 +32,14 @@ void for_each_log_ratio(const at::Tensor& logprobs, const at::Tensor& ref_logpro
   });
 }
 
-at::TensorOptions acc_options(const at::Tensor& x) {
-  return x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-}
-
-// logprobs, ref_logprobs: (outer, inner, T) views. Returns the (outer * inner, T) estimate, fp32
-// (fp64 for fp64 inputs).
-at::Tensor kl_penalty_fwd(const at::Tensor& logprobs, const at::Tensor& ref_logprobs, int64_t estimator, double lo,
-                          double hi, double out_lo, double out_hi) {
+// logprobs, ref_logprobs: (outer, inner, T) views; then the fields of KlPenaltyParams
+// (cai_kernels/_params.py). Returns the (outer * inner, T) estimate, fp32 (fp64 for fp64 inputs).
+at::Tensor kl_penalty_fwd(const at::Tensor& logprobs, const at::Tensor& ref_logprobs, int64_t estimator,
+                          double clamp_lo, double clamp_hi, double output_clamp_lo, double output_clamp_hi) {
   check_views(logprobs, ref_logprobs);
   const int64_t T_len = logprobs.size(2);
   at::Tensor out = at::empty({logprobs.size(0) * logprobs.size(1), T_len}, acc_options(logprobs));
-  const KlParams p{estimator, lo, hi, out_lo, out_hi};
+  const KlParams p{estimator, clamp_lo, clamp_hi, output_clamp_lo, output_clamp_hi};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logprobs.scalar_type(), "kl_penalty_fwd", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     acc_t* o = out.data_ptr<acc_t>();
@@ -57,14 +53,15 @@ at::Tensor kl_penalty_fwd(const at::Tensor& logprobs, const at::Tensor& ref_logp
 // grad: (outer * inner, T) contiguous, the forward's output dtype. Returns d loss / d r as an
 // (outer * inner, T) tensor of the inputs' dtype.
 at::Tensor kl_penalty_bwd(const at::Tensor& grad, const at::Tensor& logprobs, const at::Tensor& ref_logprobs,
-                          int64_t estimator, double lo, double hi, double out_lo, double out_hi) {
+                          int64_t estimator, double clamp_lo, double clamp_hi, double output_clamp_lo,
+                          double output_clamp_hi) {
   check_views(logprobs, ref_logprobs);
   const int64_t T_len = logprobs.size(2);
   TORCH_CHECK(grad.is_contiguous() && grad.numel() == logprobs.numel() &&
                   grad.scalar_type() == acc_options(logprobs).dtype().toScalarType(),
               "grad must be contiguous, of the forward's output dtype, with one entry per token");
   at::Tensor out = at::empty({logprobs.size(0) * logprobs.size(1), T_len}, logprobs.options());
-  const KlParams p{estimator, lo, hi, out_lo, out_hi};
+  const KlParams p{estimator, clamp_lo, clamp_hi, output_clamp_lo, output_clamp_hi};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logprobs.scalar_type(), "kl_penalty_bwd", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const acc_t* g = grad.const_data_ptr<acc_t>();
@@ -81,10 +78,10 @@ at::Tensor kl_penalty_bwd(const at::Tensor& grad, const at::Tensor& logprobs, co
 }  // namespace cai
 
 TORCH_LIBRARY_FRAGMENT(cai_kernels_cpu, m) {
-  m.def("kl_penalty_fwd(Tensor logprobs, Tensor ref_logprobs, int estimator, float lo, float hi, float out_lo, "
-        "float out_hi) -> Tensor");
-  m.def("kl_penalty_bwd(Tensor grad, Tensor logprobs, Tensor ref_logprobs, int estimator, float lo, float hi, "
-        "float out_lo, float out_hi) -> Tensor");
+  m.def("kl_penalty_fwd(Tensor logprobs, Tensor ref_logprobs, int estimator, float clamp_lo, float clamp_hi, "
+        "float output_clamp_lo, float output_clamp_hi) -> Tensor");
+  m.def("kl_penalty_bwd(Tensor grad, Tensor logprobs, Tensor ref_logprobs, int estimator, float clamp_lo, "
+        "float clamp_hi, float output_clamp_lo, float output_clamp_hi) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(cai_kernels_cpu, CPU, m) {

@@ -188,11 +188,11 @@ struct Blocking {
 // picks up the target's logit when it falls in this block.
 template <bool kEntropy, typename Acc, typename Softmax>
 void fold_block(const Acc* block, int64_t n, int64_t vb, int64_t r0, int64_t v0, const int64_t* targets,
-                bool has_ignore, int64_t ignore_index, Acc inv_t, Softmax* block_stats, Acc* target_logit) {
+                const IgnoreIndex& ignored, Acc inv_t, Softmax* block_stats, Acc* target_logit) {
   for (int64_t i = 0; i < n; ++i) {
     const int64_t r = r0 + i, t = targets[r];
     block_stats[i] = Softmax();
-    if (is_ignored(t, has_ignore, ignore_index)) continue;
+    if (ignored(t)) continue;
     const Acc* row = block + i * vb;
     block_stats[i].template update<kEntropy>(row, vb, inv_t);
     if (t >= v0 && t < v0 + vb) target_logit[r] = row[t - v0];  // one block holds it: no race
@@ -201,7 +201,7 @@ void fold_block(const Acc* block, int64_t n, int64_t vb, int64_t r0, int64_t v0,
 
 template <bool kEntropy, typename T>
 void forward_impl(const LinearOperands<T>& ops, const Blocking& blocking, const int64_t* targets,
-                  typename Accumulate<T>::type inv_t, bool has_ignore, int64_t ignore_index, at::Tensor& logp,
+                  typename Accumulate<T>::type inv_t, const IgnoreIndex& ignored, at::Tensor& logp,
                   at::Tensor& entropy, at::Tensor& lse) {
   using Acc = typename Accumulate<T>::type;
   using Softmax = typename Accumulate<T>::softmax;
@@ -222,7 +222,7 @@ void forward_impl(const LinearOperands<T>& ops, const Blocking& blocking, const 
     for (int64_t c = 0; c < num_chunks; ++c) {
       const int64_t r0 = c * chunk_rows, n = std::min(chunk_rows, rows - r0);
       const at::Tensor logits = workers[worker]->logits(ops.hidden_matrix.narrow(0, r0, n), weight_block, bias_block);
-      fold_block<kEntropy>(logits.const_data_ptr<Acc>(), n, vb, r0, v0, targets, has_ignore, ignore_index, inv_t,
+      fold_block<kEntropy>(logits.const_data_ptr<Acc>(), n, vb, r0, v0, targets, ignored, inv_t,
                            local, target_logit.data());
       blocks.commit(b * num_chunks + c, [&] {
         for (int64_t i = 0; i < n; ++i) stats[r0 + i].merge(local[i]);
@@ -233,7 +233,7 @@ void forward_impl(const LinearOperands<T>& ops, const Blocking& blocking, const 
   Acc* lse_out = lse.data_ptr<Acc>();
   Acc* entropy_out = kEntropy ? entropy.data_ptr<Acc>() : nullptr;
   for (int64_t r = 0; r < rows; ++r) {
-    if (is_ignored(targets[r], has_ignore, ignore_index)) {
+    if (ignored(targets[r])) {
       logp_out[r] = lse_out[r] = Acc(0);
       if (kEntropy) entropy_out[r] = Acc(0);
       continue;
@@ -259,16 +259,18 @@ void check_operands(const at::Tensor& hidden, const at::Tensor& weight, const st
 }
 
 // hidden: (outer, inner, H) with stride(2) == 1; weight (V, H) and bias (V,) of hidden's dtype;
-// targets (rows,) int64. Returns (logp, entropy, lse), each (rows,) fp32 (fp64 for fp64 inputs);
-// entropy is empty without with_entropy.
+// targets (rows,) int64; then the fields of LinearTokenLogprobsParams (cai_kernels/_params.py).
+// Returns (logp, entropy, lse), each (rows,) fp32 (fp64 for fp64 inputs); entropy is empty without
+// with_entropy.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_fwd(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& targets, double inv_temperature, int64_t ignore_index, bool has_ignore, bool with_entropy,
+    const at::Tensor& targets, double temperature, std::optional<int64_t> ignore_index, bool with_entropy,
     int64_t vocab_block, int64_t token_chunk) {
   check_operands(hidden, weight, bias, targets, vocab_block, token_chunk);
   at::NoGradGuard no_grad;
   const int64_t rows = targets.numel();
-  check_targets_in_range(targets.const_data_ptr<int64_t>(), rows, weight.size(0), has_ignore, ignore_index);
+  const IgnoreIndex ignored(ignore_index);
+  check_targets_in_range(targets.const_data_ptr<int64_t>(), rows, weight.size(0), ignored);
   auto acc = hidden.options().dtype(hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   at::Tensor logp = at::empty({rows}, acc), lse = at::empty({rows}, acc);
   at::Tensor entropy = at::empty({with_entropy ? rows : 0}, acc);
@@ -278,8 +280,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_fwd(
     const LinearOperands<scalar_t> ops(hidden, weight, bias);
     auto run = [&](auto entropy_tag) {
       forward_impl<decltype(entropy_tag)::value>(ops, Blocking{vocab_block, token_chunk},
-                                                 targets.const_data_ptr<int64_t>(), static_cast<acc_t>(inv_temperature),
-                                                 has_ignore, ignore_index, logp, entropy, lse);
+                                                 targets.const_data_ptr<int64_t>(), static_cast<acc_t>(1.0 / temperature),
+                                                 ignored, logp, entropy, lse);
     };
     with_entropy ? run(std::true_type{}) : run(std::false_type{});
   });
@@ -290,13 +292,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_fwd(
 // formula as token_logprobs' backward. Ignored rows and rows without upstream gradient become 0.
 template <bool kEntropy, typename Acc>
 void logits_grad_block(Acc* block, int64_t n, int64_t vb, int64_t r0, int64_t v0, const int64_t* targets,
-                       bool has_ignore, int64_t ignore_index, Acc inv_t, const Acc* grad_logp,
+                       const IgnoreIndex& ignored, Acc inv_t, const Acc* grad_logp,
                        const Acc* grad_entropy, const Acc* lse, const Acc* entropy) {
   for (int64_t i = 0; i < n; ++i) {
     const int64_t r = r0 + i, t = targets[r];
     Acc* row = block + i * vb;
     const Acc g = grad_logp[r], h = kEntropy ? grad_entropy[r] : Acc(0);
-    if (is_ignored(t, has_ignore, ignore_index) || (g == Acc(0) && h == Acc(0))) {
+    if (ignored(t) || (g == Acc(0) && h == Acc(0))) {
       std::fill(row, row + vb, Acc(0));
       continue;
     }
@@ -326,7 +328,7 @@ struct GradScratch {
 
 template <bool kEntropy, typename T>
 void backward_impl(const LinearOperands<T>& ops, const Blocking& blocking, const int64_t* targets,
-                   typename Accumulate<T>::type inv_t, bool has_ignore, int64_t ignore_index,
+                   typename Accumulate<T>::type inv_t, const IgnoreIndex& ignored,
                    const at::Tensor& grad_logp, const at::Tensor& grad_entropy, const at::Tensor& lse,
                    const at::Tensor& entropy, GradOutputs& out) {
   using Acc = typename Accumulate<T>::type;
@@ -359,7 +361,7 @@ void backward_impl(const LinearOperands<T>& ops, const Blocking& blocking, const
       const int64_t r0 = c * chunk_rows, n = std::min(chunk_rows, rows - r0);
       const at::Tensor hidden_chunk = ops.hidden_matrix.narrow(0, r0, n);
       at::Tensor logits = workers[worker]->logits(hidden_chunk, weight_block, bias_block);
-      logits_grad_block<kEntropy>(logits.data_ptr<Acc>(), n, vb, r0, v0, targets, has_ignore, ignore_index, inv_t,
+      logits_grad_block<kEntropy>(logits.data_ptr<Acc>(), n, vb, r0, v0, targets, ignored, inv_t,
                                   grad_logp.const_data_ptr<Acc>(),
                                   kEntropy ? grad_entropy.const_data_ptr<Acc>() : nullptr, lse.const_data_ptr<Acc>(),
                                   kEntropy ? entropy.const_data_ptr<Acc>() : nullptr);
@@ -392,18 +394,19 @@ void backward_impl(const LinearOperands<T>& ops, const Blocking& blocking, const
 
 // Gradients of linear_token_logprobs_fwd w.r.t. hidden ((outer, inner, H), contiguous), weight
 // ((V, H), contiguous) and bias ((V,)), each in its input's dtype; a gradient not asked for comes
-// back as an empty tensor. grad_entropy may be empty (no entropy, or no gradient flowing into it).
+// back as an empty tensor. The entropy term only with with_entropy (the caller clears it when no gradient
+// flows into the entropy; grad_entropy is empty then).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd(
     const at::Tensor& grad_logp, const at::Tensor& grad_entropy, const at::Tensor& hidden, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& targets, const at::Tensor& lse,
-    const at::Tensor& entropy, double inv_temperature, int64_t ignore_index, bool has_ignore, bool need_hidden,
-    bool need_weight, bool need_bias, int64_t vocab_block, int64_t token_chunk) {
+    const at::Tensor& entropy, bool need_hidden, bool need_weight, bool need_bias, double temperature,
+    std::optional<int64_t> ignore_index, bool with_entropy, int64_t vocab_block, int64_t token_chunk) {
   check_operands(hidden, weight, bias, targets, vocab_block, token_chunk);
   at::NoGradGuard no_grad;
   const int64_t rows = targets.numel();
   TORCH_CHECK(grad_logp.is_contiguous() && grad_logp.numel() == rows && grad_logp.scalar_type() == lse.scalar_type(),
               "grad_logp must be contiguous, of the forward's output dtype, with one entry per row");
-  const bool with_entropy = grad_entropy.numel() > 0;
+  const IgnoreIndex ignored(ignore_index);
   if (with_entropy) {
     TORCH_CHECK(grad_entropy.is_contiguous() && grad_entropy.numel() == rows && entropy.numel() == rows,
                 "grad_entropy and entropy must have one entry per row");
@@ -424,7 +427,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd(
       auto run = [&](auto entropy_tag) {
         backward_impl<decltype(entropy_tag)::value>(ops, Blocking{vocab_block, token_chunk},
                                                     targets.const_data_ptr<int64_t>(),
-                                                    static_cast<acc_t>(inv_temperature), has_ignore, ignore_index,
+                                                    static_cast<acc_t>(1.0 / temperature), ignored,
                                                     grad_logp, grad_entropy, lse, entropy, out);
       };
       with_entropy ? run(std::true_type{}) : run(std::false_type{});
@@ -439,13 +442,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd(
 }  // namespace cai
 
 TORCH_LIBRARY_FRAGMENT(cai_kernels_cpu, m) {
-  m.def("linear_token_logprobs_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
-        "float inv_temperature, int ignore_index, bool has_ignore, bool with_entropy, int vocab_block, "
-        "int token_chunk) -> (Tensor, Tensor, Tensor)");
+  m.def("linear_token_logprobs_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, float temperature, "
+        "int? ignore_index, bool with_entropy, int vocab_block, int token_chunk) -> (Tensor, Tensor, Tensor)");
   m.def("linear_token_logprobs_bwd(Tensor grad_logp, Tensor grad_entropy, Tensor hidden, Tensor weight, "
-        "Tensor? bias, Tensor targets, Tensor lse, Tensor entropy, float inv_temperature, int ignore_index, "
-        "bool has_ignore, bool need_hidden, bool need_weight, bool need_bias, int vocab_block, int token_chunk) "
-        "-> (Tensor, Tensor, Tensor)");
+        "Tensor? bias, Tensor targets, Tensor lse, Tensor entropy, bool need_hidden, bool need_weight, "
+        "bool need_bias, float temperature, int? ignore_index, bool with_entropy, int vocab_block, "
+        "int token_chunk) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(cai_kernels_cpu, CPU, m) {

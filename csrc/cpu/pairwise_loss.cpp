@@ -19,6 +19,7 @@ namespace {
 
 constexpr int64_t kBlock = 1024;
 constexpr int64_t kGrainBlocks = 8;  // ~8k rows per task: below that, threading costs more than it saves
+// Mirrors Reduction in cai_kernels/_params.py.
 enum Reduction : int64_t { kNone = 0, kSum = 1, kMean = 2 };
 
 // count <= V::size() values of type T as a vector of Acc (zeros past count).
@@ -108,17 +109,18 @@ Shapes check_inputs(const at::Tensor& chosen, const at::Tensor& rejected, const 
 
 template <typename T, typename Acc = at::opmath_type<T>>
 PairInputs<T, Acc> pair_inputs(const at::Tensor& chosen, const at::Tensor& rejected, const at::Tensor& labels,
-                               double label_value, const at::Tensor& margin, double margin_value, const Shapes& s) {
+                               const at::Tensor& margin, double label_value, double margin_value, const Shapes& s) {
   return {chosen.const_data_ptr<T>(), rejected.const_data_ptr<T>(),
           s.has_labels ? labels.const_data_ptr<Acc>() : nullptr, static_cast<Acc>(label_value),
           s.has_margin ? margin.const_data_ptr<Acc>() : nullptr, static_cast<Acc>(margin_value)};
 }
 
 // chosen, rejected: (N,) contiguous, fp32 / bf16 / fp16 / fp64. labels, margin: (N,) contiguous in the
-// accumulation dtype, or empty (then label_value / margin_value for every row). Returns the (N,)
-// per-pair losses (reduction 0), or their sum (1) or mean (2) as a 0-d tensor; fp32 (fp64 for fp64).
+// accumulation dtype, or empty; then the fields of PairwiseLossParams (cai_kernels/_params.py):
+// label_value / margin_value for every row when labels / margin is empty, and the reduction. Returns
+// the (N,) per-pair losses (kNone), or their sum (kSum) or mean (kMean) as a 0-d tensor; fp32 (fp64 for fp64).
 at::Tensor pairwise_loss_fwd(const at::Tensor& chosen, const at::Tensor& rejected, const at::Tensor& labels,
-                             double label_value, const at::Tensor& margin, double margin_value, int64_t reduction) {
+                             const at::Tensor& margin, double label_value, double margin_value, int64_t reduction) {
   const Shapes s = check_inputs(chosen, rejected, labels, margin);
   TORCH_CHECK(reduction == kNone || reduction == kSum || reduction == kMean, "reduction must be 0, 1 or 2");
   const auto options = chosen.options().dtype(chosen.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
@@ -129,7 +131,7 @@ at::Tensor pairwise_loss_fwd(const at::Tensor& chosen, const at::Tensor& rejecte
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, chosen.scalar_type(), "pairwise_loss_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     using V = VecOf<acc_t>;
-    const auto in = pair_inputs<scalar_t>(chosen, rejected, labels, label_value, margin, margin_value, s);
+    const auto in = pair_inputs<scalar_t>(chosen, rejected, labels, margin, label_value, margin_value, s);
     acc_t* rows_out = reduction == kNone ? out.data_ptr<acc_t>() : nullptr;
     at::parallel_for(0, n_blocks, kGrainBlocks, [&](int64_t first, int64_t last) {
       for (int64_t block = first; block < last; ++block) {
@@ -175,7 +177,7 @@ at::Tensor pairwise_loss_fwd(const at::Tensor& chosen, const at::Tensor& rejecte
 // upstream gradient for reduction 0, else a 0-d tensor (the gradient of the sum or mean).
 std::tuple<at::Tensor, at::Tensor> pairwise_loss_bwd(const at::Tensor& grad, const at::Tensor& chosen,
                                                      const at::Tensor& rejected, const at::Tensor& labels,
-                                                     double label_value, const at::Tensor& margin,
+                                                     const at::Tensor& margin, double label_value,
                                                      double margin_value, int64_t reduction) {
   const Shapes s = check_inputs(chosen, rejected, labels, margin);
   const auto acc = chosen.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -187,7 +189,7 @@ std::tuple<at::Tensor, at::Tensor> pairwise_loss_bwd(const at::Tensor& grad, con
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, chosen.scalar_type(), "pairwise_loss_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     using V = VecOf<acc_t>;
-    const auto in = pair_inputs<scalar_t>(chosen, rejected, labels, label_value, margin, margin_value, s);
+    const auto in = pair_inputs<scalar_t>(chosen, rejected, labels, margin, label_value, margin_value, s);
     const acc_t* grad_rows = reduction == kNone ? grad.const_data_ptr<acc_t>() : nullptr;
     const double upstream = reduction == kNone || s.n_rows == 0 ? 0.0 : grad.item<double>();
     const V scale(static_cast<acc_t>(reduction == kMean ? upstream / static_cast<double>(s.n_rows) : upstream));
@@ -212,10 +214,10 @@ std::tuple<at::Tensor, at::Tensor> pairwise_loss_bwd(const at::Tensor& grad, con
 }  // namespace cai
 
 TORCH_LIBRARY_FRAGMENT(cai_kernels_cpu, m) {
-  m.def("pairwise_loss_fwd(Tensor chosen, Tensor rejected, Tensor labels, float label_value, Tensor margin, "
+  m.def("pairwise_loss_fwd(Tensor chosen, Tensor rejected, Tensor labels, Tensor margin, float label_value, "
         "float margin_value, int reduction) -> Tensor");
-  m.def("pairwise_loss_bwd(Tensor grad, Tensor chosen, Tensor rejected, Tensor labels, float label_value, "
-        "Tensor margin, float margin_value, int reduction) -> (Tensor, Tensor)");
+  m.def("pairwise_loss_bwd(Tensor grad, Tensor chosen, Tensor rejected, Tensor labels, Tensor margin, "
+        "float label_value, float margin_value, int reduction) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(cai_kernels_cpu, CPU, m) {

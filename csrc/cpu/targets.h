@@ -5,12 +5,20 @@
 #include <ATen/ATen.h>
 
 #include <atomic>
+#include <optional>
 
 #include "errors.h"
 
 namespace cai {
 
-inline bool is_ignored(int64_t t, bool has_ignore, int64_t ignore_index) { return has_ignore && t == ignore_index; }
+// The rows the caller asks to skip: those whose target equals its ignore_index (none when it is unset).
+struct IgnoreIndex {
+  bool set;
+  int64_t index;
+  explicit IgnoreIndex(const std::optional<int64_t>& ignore_index)
+      : set(ignore_index.has_value()), index(ignore_index.value_or(0)) {}
+  bool operator()(int64_t t) const { return set && t == index; }
+};
 
 // A target outside [0, V) that is not ignore_index: record the first offending row, then raise
 // after the parallel loop (exceptions must not cross OpenMP regions).
@@ -30,12 +38,11 @@ inline void check_targets(const BadTarget& bad, const int64_t* targets, int64_t 
 
 // The same check as a serial pass up front, for kernels that would otherwise do expensive work
 // (GEMMs) before reaching the bad row.
-inline void check_targets_in_range(const int64_t* targets, int64_t n_rows, int64_t V, bool has_ignore,
-                                   int64_t ignore_index) {
+inline void check_targets_in_range(const int64_t* targets, int64_t n_rows, int64_t V, const IgnoreIndex& ignored) {
   BadTarget bad;
   for (int64_t r = 0; r < n_rows; ++r) {
     const int64_t t = targets[r];
-    if ((t < 0 || t >= V) && !is_ignored(t, has_ignore, ignore_index)) {
+    if ((t < 0 || t >= V) && !ignored(t)) {
       bad.record(r);
       break;
     }

@@ -13,14 +13,14 @@ constexpr int64_t kChunk = 4096;  // elements per chunk: 16 KB of fp32, stays in
 
 template <bool kEntropy, typename T, typename Acc = typename Accumulate<T>::type>
 void forward_rows(const T* base, const RowLayout& layout, int64_t n_rows, int64_t V, const int64_t* targets,
-                  Acc inv_t, bool has_ignore, int64_t ignore_index, Acc* logp, Acc* entropy, Acc* lse,
+                  Acc inv_t, const IgnoreIndex& ignored, Acc* logp, Acc* entropy, Acc* lse,
                   BadTarget& bad) {
   at::parallel_for(0, n_rows, row_grain(V), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t t = targets[r];
-      const bool ignored = is_ignored(t, has_ignore, ignore_index);
-      if (ignored || t < 0 || t >= V) {
-        if (!ignored) bad.record(r);
+      const bool skip = ignored(t);
+      if (skip || t < 0 || t >= V) {
+        if (!skip) bad.record(r);
         logp[r] = lse[r] = Acc(0);
         if (kEntropy) entropy[r] = Acc(0);
         continue;
@@ -36,12 +36,13 @@ void forward_rows(const T* base, const RowLayout& layout, int64_t n_rows, int64_
   });
 }
 
-// logits: (outer, inner, V) with stride(2) == 1; targets: (outer * inner,) int64.
-// Returns (logp, entropy, lse), each (outer * inner,) fp32 (fp64 for fp64 logits); entropy is
-// empty without with_entropy.
+// logits: (outer, inner, V) with stride(2) == 1; targets: (outer * inner,) int64; then the fields of
+// TokenLogprobsParams (cai_kernels/_params.py). Returns (logp, entropy, lse), each (outer * inner,) fp32
+// (fp64 for fp64 logits); entropy is empty without with_entropy.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd(const at::Tensor& logits, const at::Tensor& targets,
-                                                                  double inv_temperature, int64_t ignore_index,
-                                                                  bool has_ignore, bool with_entropy) {
+                                                                  double temperature,
+                                                                  std::optional<int64_t> ignore_index,
+                                                                  bool with_entropy) {
   TORCH_CHECK(logits.dim() == 3 && logits.stride(2) == 1, "logits must be a (outer, inner, V) row-contiguous view");
   TORCH_CHECK(targets.is_contiguous() && targets.scalar_type() == at::kLong && targets.numel() == logits.size(0) * logits.size(1),
               "targets must be contiguous int64 with one entry per row");
@@ -50,13 +51,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd(const at::Tens
   at::Tensor logp = at::empty({n_rows}, acc), lse = at::empty({n_rows}, acc);
   at::Tensor entropy = at::empty({with_entropy ? n_rows : 0}, acc);
   const RowLayout layout(logits);
+  const IgnoreIndex ignored(ignore_index);
   BadTarget bad;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_logprobs_fwd", [&] {
     using acc_t = typename Accumulate<scalar_t>::type;
     auto run = [&](auto entropy_tag) {
       forward_rows<decltype(entropy_tag)::value>(logits.const_data_ptr<scalar_t>(), layout, n_rows, V,
-                                                 targets.const_data_ptr<int64_t>(), static_cast<acc_t>(inv_temperature),
-                                                 has_ignore, ignore_index, logp.data_ptr<acc_t>(),
+                                                 targets.const_data_ptr<int64_t>(), static_cast<acc_t>(1.0 / temperature),
+                                                 ignored, logp.data_ptr<acc_t>(),
                                                  with_entropy ? entropy.data_ptr<acc_t>() : nullptr,
                                                  lse.data_ptr<acc_t>(), bad);
     };
@@ -69,13 +71,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd(const at::Tens
 template <bool kEntropy, typename T, typename Acc = typename Accumulate<T>::type>
 void backward_rows(const T* base, const RowLayout& layout, int64_t n_rows, int64_t V, const int64_t* targets,
                    const Acc* grad_logp, const Acc* grad_entropy, const Acc* lse, const Acc* entropy, Acc inv_t,
-                   bool has_ignore, int64_t ignore_index, T* grad) {
+                   const IgnoreIndex& ignored, T* grad) {
   at::parallel_for(0, n_rows, row_grain(V), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       T* grad_row = grad + r * V;
       const int64_t t = targets[r];
       const Acc g = grad_logp[r], h = kEntropy ? grad_entropy[r] : Acc(0);
-      if (is_ignored(t, has_ignore, ignore_index) || (g == Acc(0) && h == Acc(0))) {
+      if (ignored(t) || (g == Acc(0) && h == Acc(0))) {
         std::fill(grad_row, grad_row + V, static_cast<T>(0.f));
         continue;
       }
@@ -92,22 +94,23 @@ void backward_rows(const T* base, const RowLayout& layout, int64_t n_rows, int64
   });
 }
 
-// Gradient of token_logprobs_fwd w.r.t. logits: (outer, inner, V) contiguous, logits' dtype.
-// grad_entropy may be empty (no entropy requested or no gradient flowing into it).
+// Gradient of token_logprobs_fwd w.r.t. logits: (outer, inner, V) contiguous, logits' dtype. The entropy
+// term only with with_entropy (the caller clears it when no gradient flows into the entropy; grad_entropy
+// is empty then).
 at::Tensor token_logprobs_bwd(const at::Tensor& grad_logp, const at::Tensor& grad_entropy, const at::Tensor& logits,
                               const at::Tensor& targets, const at::Tensor& lse, const at::Tensor& entropy,
-                              double inv_temperature, int64_t ignore_index, bool has_ignore) {
+                              double temperature, std::optional<int64_t> ignore_index, bool with_entropy) {
   TORCH_CHECK(logits.dim() == 3 && logits.stride(2) == 1, "logits must be a (outer, inner, V) row-contiguous view");
   const int64_t n_rows = targets.numel(), V = logits.size(2);
   TORCH_CHECK(grad_logp.is_contiguous() && grad_logp.numel() == n_rows && grad_logp.scalar_type() == lse.scalar_type(),
               "grad_logp must be contiguous, of the forward's output dtype, with one entry per row");
-  const bool with_entropy = grad_entropy.numel() > 0;
   if (with_entropy) {
     TORCH_CHECK(grad_entropy.is_contiguous() && grad_entropy.numel() == n_rows && entropy.numel() == n_rows,
                 "grad_entropy and entropy must have one entry per row");
   }
   at::Tensor grad = empty_huge_pages({logits.size(0), logits.size(1), V}, logits.options());
   const RowLayout layout(logits);
+  const IgnoreIndex ignored(ignore_index);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_logprobs_bwd", [&] {
     using acc_t = typename Accumulate<scalar_t>::type;
     auto run = [&](auto entropy_tag) {
@@ -116,7 +119,7 @@ at::Tensor token_logprobs_bwd(const at::Tensor& grad_logp, const at::Tensor& gra
                               grad_logp.const_data_ptr<acc_t>(),
                               kEntropy ? grad_entropy.const_data_ptr<acc_t>() : nullptr, lse.const_data_ptr<acc_t>(),
                               kEntropy ? entropy.const_data_ptr<acc_t>() : nullptr,
-                              static_cast<acc_t>(inv_temperature), has_ignore, ignore_index, grad.data_ptr<scalar_t>());
+                              static_cast<acc_t>(1.0 / temperature), ignored, grad.data_ptr<scalar_t>());
     };
     with_entropy ? run(std::true_type{}) : run(std::false_type{});
   });
@@ -127,10 +130,10 @@ at::Tensor token_logprobs_bwd(const at::Tensor& grad_logp, const at::Tensor& gra
 }  // namespace cai
 
 TORCH_LIBRARY_FRAGMENT(cai_kernels_cpu, m) {
-  m.def("token_logprobs_fwd(Tensor logits, Tensor targets, float inv_temperature, int ignore_index, bool has_ignore, "
-        "bool with_entropy) -> (Tensor, Tensor, Tensor)");
+  m.def("token_logprobs_fwd(Tensor logits, Tensor targets, float temperature, int? ignore_index, bool with_entropy) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("token_logprobs_bwd(Tensor grad_logp, Tensor grad_entropy, Tensor logits, Tensor targets, Tensor lse, "
-        "Tensor entropy, float inv_temperature, int ignore_index, bool has_ignore) -> Tensor");
+        "Tensor entropy, float temperature, int? ignore_index, bool with_entropy) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(cai_kernels_cpu, CPU, m) {

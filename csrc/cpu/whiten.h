@@ -4,7 +4,7 @@
 //   var = M2 / (n - 1) if unbiased (M2 / n if n <= 1), M2 / n otherwise; n = 0 gives all zeros.
 #pragma once
 
-#include "ppo_common.h"
+#include "masked_rows.h"
 
 namespace cai {
 

@@ -1,0 +1,15 @@
+"""reward_ranked_loss: the ranked preference-model step from hidden states (B, K, T, H).
+
+Cases, inputs and peers: ``benchmarks/_preference_cases.py``.
+"""
+
+import pytest
+
+from ._preference_cases import bench_params, build_step, memory_cases, run  # noqa: F401 - build_step: the harness
+
+MEMORY_CASES = memory_cases("reward_ranked_loss")
+
+
+@pytest.mark.parametrize("case,variant", bench_params("reward_ranked_loss"))
+def test_reward_ranked_loss(benchmark, request, case, variant):
+    run(benchmark, request, __name__, case, variant)
