@@ -44,5 +44,7 @@ def test_eval_mc_chain_of_thought_on_hhh(capsys):
                      "1", "--chain-of-thought", "--few-shot", "1", "--max-new-tokens", "24"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["n"] == 2 and result["chain_of_thought"] and result["samples"] == 1
-    assert all(text.strip() for text in result["reasoning"])
+    # greedy reasoning; cut where the model starts the answer itself (it may do so at once: an empty reasoning)
+    assert any(text.strip() for text in result["reasoning"])
+    assert not any(stop in text for text in result["reasoning"] for stop in ("The answer is", "\n\nHuman:"))
     assert all(abs(sum(p) - 1.0) < 1e-5 for p in result["probs"])

@@ -123,8 +123,8 @@ def heldout_prompts(cfg: EvaluateConfig, ctx: Context) -> tuple[list[dict], int]
 class _ModelCache:
     """One loaded model at a time (the parts walk through their items model by model)."""
 
-    def __init__(self, ctx: Context):
-        self.ctx, self.key, self.value = ctx, None, None
+    def __init__(self):
+        self.key, self.value = None, None
 
     def get(self, key, load):
         if key != self.key:
@@ -135,7 +135,7 @@ class _ModelCache:
 
 def sample_part(cfg: EvaluateConfig, ctx: Context, models: list[dict], prompts: list[dict]) -> list[dict]:
     items = [{"id": f"{m['name']}|{p['id']}", "model": m, "prompt": p} for m in models for p in prompts]
-    cache = _ModelCache(ctx)
+    cache = _ModelCache()
 
     def load(model):
         lm, tokenizer = ctx.load(model["spec"])
@@ -257,7 +257,7 @@ def mc_items(cfg: EvaluateConfig, ctx: Context, have_pm: bool) -> tuple[list[dic
 
 
 def mc_part(cfg: EvaluateConfig, ctx: Context, items: list[dict]) -> list[dict]:
-    cache = _ModelCache(ctx)
+    cache = _ModelCache()
     questions, comparisons = {}, {}
     fewshot = cot_fewshot(cfg.cot_few_shot, seed=ctx.seed) if cfg.cot_models else ""
 
