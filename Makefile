@@ -3,6 +3,8 @@
 #               test extras, then run the whole test suite
 #   make demo   the same set-up, then the whole Constitutional AI loop on the embedded SmolLM2-135M
 #               (cai run --config tiny --out runs/demo: a few minutes on 2 CPU cores) and its report
+# make demo-small: the `small` preset (cai run --config small --out runs/small: 11 CPU-minutes, 10-17 minutes on
+#               2 shared cores), the recipe at a size whose report tells which differences are significant
 # Others: make bench (benchmark suite: results, table and plots in benchmarks/results/, README section),
 #         make bench-quick (3-minute subset, times only: the memory column comes from make bench),
 #         make test-fast (skips slow tests), make test-peers (TRL's / veRL's / OpenRLHF's own test files,
@@ -29,7 +31,7 @@ STACK_WHEELS := $(VENV)/stack-wheels
 PEER_TESTS := $(VENV)/peer-tests
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast test-peers demo bench-deps bench bench-quick bench-gpu gpu-wheels clean
+.PHONY: install test test-fast test-peers demo demo-small bench-deps bench bench-quick bench-gpu gpu-wheels clean
 
 install: $(STAMP)
 
@@ -63,6 +65,12 @@ DEMO_OUT ?= runs/demo
 demo: install
 	$(VENV)/bin/cai run --config tiny --out $(DEMO_OUT)
 	@echo "Report: $(abspath $(DEMO_OUT))/report.md (plots in $(abspath $(DEMO_OUT))/plots/)"
+
+SMALL_OUT ?= runs/small
+
+demo-small: install
+	$(VENV)/bin/cai run --config small --out $(SMALL_OUT)
+	@echo "Report: $(abspath $(SMALL_OUT))/report.md (plots in $(abspath $(SMALL_OUT))/plots/)"
 
 # TRL is a peer of the benchmarks only (--no-deps: it would pull another torch and more).
 bench-deps: install

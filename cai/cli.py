@@ -7,6 +7,8 @@
                                                    actor pool, one model per actor; the same rows as --engine local
     torchrun --nproc_per_node N -m cai.cli sft ... a training stage (sft, train-pm, ppo) data-parallel over N ranks
     cai eval mc --data FILE.jsonl [--model M] [--limit N] [--json]
+    cai eval mc --data paper:* --chain-of-thought [--samples N]   every eval file of the paper's folder, reasoning first
+    cai eval pm --model RUN/train_pm/model [--data paper:438HHHEvaluations.jsonl]   a PM on the HHH comparisons
     cai report --out runs/demo                     rewrite report.md from a run folder
 
 Errors are `error: ...` lines on stderr and a non-zero exit (1; 2 for a bad command line), with no traceback
@@ -61,7 +63,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="tiny", help=f"a preset ({', '.join(preset_names())}) or a YAML file")
     p.add_argument("--out", required=True, type=_folder, help="the run folder")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set label.principles=4 (repeatable)")
+                   help="override a config key, e.g. --set label.principles_per_comparison=4 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--repair", action="store_true",
                    help="redo what is damaged in the run folder (shards, checkpoints, finished stages' datasets) "
@@ -123,31 +125,96 @@ def build_parser() -> argparse.ArgumentParser:
                          "them) or an error")
     mc.add_argument("--allow-download", action="store_true", help="let the model be fetched from the Hub")
     _add_debug(mc)
+    mc.add_argument("--chain-of-thought", action="store_true",
+                    help="let the model reason first (the question as a Human/Assistant dialogue, 'Let's think step "
+                         "by step:'), then score the options after 'So the answer is:'")
+    mc.add_argument("--samples", type=_number(int, low=1), default=1,
+                    help="with --chain-of-thought: reasoning samples per question (temperature 1), option "
+                         "probabilities averaged; 1 = greedy reasoning (default)")
+    mc.add_argument("--few-shot", type=_number(int, low=0), default=2,
+                    help="with --chain-of-thought: worked chain-of-thought examples of our constitution in front")
+    mc.add_argument("--max-new-tokens", type=_number(int, low=1), default=128,
+                    help="with --chain-of-thought: reasoning length")
+    mc.add_argument("--seed", type=int, default=0)
+    pm = evals.add_parser("pm", help="a preference model on the comparisons of an eval file (the HHH questions' "
+                                     "text_correct / text_incorrect transcripts)")
+    pm.add_argument("--data", default="paper:438HHHEvaluations.jsonl", help="an eval file with text_correct / "
+                                                                             "text_incorrect (default: the HHH evals)")
+    pm.add_argument("--model", required=True, help="a preference model folder (a run's train_pm/model)")
+    pm.add_argument("--limit", type=_number(int, low=1), help="the first N comparisons")
+    pm.add_argument("--batch-size", type=_number(int, low=1), default=8)
+    pm.add_argument("--json", action="store_true", help="print one JSON object: n, accuracy, rewards")
+    pm.add_argument("--threads", type=_number(int, low=1), help="torch CPU threads")
+    pm.add_argument("--device", default="auto")
+    pm.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    _add_debug(pm)
     return parser
 
 
+
 def _eval_mc(args) -> int:
+    """Every eval file --data names (a file, or a folder / paper:* / a glob: each file of the eval format in it)."""
     from .offline import go_offline
 
     if not args.allow_download:
         go_offline()
     import torch
 
-    from .data import load_mc_questions
-    from .evals import mc_eval
+    from .data import eval_files, load_mc_questions
+    from .evals import cot_fewshot, mc_eval, mc_eval_cot
     from .models import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    questions = load_mc_questions(args.data, limit=args.limit)  # every row checked before the model loads
+    files = eval_files([args.data])
+    for spec, _, problem in files:
+        if problem:
+            warnings.warn(f"{spec}: skipped: {problem}", CaiWarning, stacklevel=1)
+    specs = [spec for spec, _, problem in files if not problem]
+    if not specs:
+        raise ValueError(f"{args.data}: no file in the paper's eval format (prompt, corrects, incorrects)")
+    questions = {spec: load_mc_questions(spec, limit=args.limit) for spec in specs}  # every file read first
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, allow_download=args.allow_download)
-    result = mc_eval(model, tokenizer, questions, max_batch_tokens=args.batch_tokens, overflow=args.overflow,
-                     progress=not args.json)
+    fewshot = cot_fewshot(args.few_shot, seed=args.seed) if args.chain_of_thought else ""
+    for spec in specs:
+        if args.chain_of_thought:
+            result = mc_eval_cot(model, tokenizer, questions[spec], samples=args.samples,
+                                 max_new_tokens=args.max_new_tokens, fewshot=fewshot,
+                                 max_batch_tokens=args.batch_tokens, seed=args.seed, overflow=args.overflow,
+                                 progress=not args.json)
+        else:
+            result = mc_eval(model, tokenizer, questions[spec], max_batch_tokens=args.batch_tokens,
+                             overflow=args.overflow, progress=not args.json)
+        mode = {"chain_of_thought": args.chain_of_thought, "samples": args.samples} if args.chain_of_thought else {}
+        if args.json:
+            print(json.dumps({"data": spec, "model": args.model, **mode, **result}))
+        else:
+            how = f", chain-of-thought ({args.samples} sample(s))" if args.chain_of_thought else ""
+            print(f"{spec}: {result['n']} questions{how}, accuracy {result['accuracy']:.4f}, mean P(correct) "
+                  f"{result['mean_correct_prob']:.4f}, {result['seconds']:.1f} s")
+    return 0
+
+
+def _eval_pm(args) -> int:
+    from .offline import go_offline
+
+    go_offline()  # a preference model folder is local
+    import torch
+
+    from .data import load_eval_comparisons
+    from .evals import pm_comparison_accuracy
+    from .reward import load_reward_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    comparisons = load_eval_comparisons(args.data, limit=args.limit)
+    pm = load_reward_model(args.model, device=args.device, dtype=args.dtype)
+    result = pm_comparison_accuracy(pm, comparisons, batch_size=args.batch_size)
     if args.json:
         print(json.dumps({"data": args.data, "model": args.model, **result}))
     else:
-        print(f"{args.data}: {result['n']} questions, accuracy {result['accuracy']:.4f}, mean P(correct) "
-              f"{result['mean_correct_prob']:.4f}, {result['seconds']:.1f} s")
+        print(f"{args.data}: {result['n']} comparisons, preference-model accuracy {result['accuracy']:.4f}, "
+              f"{result['seconds']:.1f} s")
     return 0
 
 
@@ -172,7 +239,7 @@ def _report(args) -> int:
 
 def _dispatch(args) -> int:
     if args.command == "eval":
-        return _eval_mc(args)
+        return _eval_pm(args) if args.eval_command == "pm" else _eval_mc(args)
     if args.command == "report":
         return _report(args)
     from .config import load_config

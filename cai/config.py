@@ -2,7 +2,7 @@
 
 Presets live in cai/presets/<name>.yaml (`tiny`, `paper`); a config is a preset name or a YAML file whose
 keys override the dataclass defaults (unknown keys are errors). `--set stage.key=value` overrides one key
-(the value is read as YAML: `--set label.principles=4`, `--set label.clamp=[0.3,0.7]`).
+(the value is read as YAML: `--set label.principles_per_comparison=4`, `--set label.clamp=[0.3,0.7]`).
 
 Every value is checked before any work starts, all at once (a ConfigError lists every problem, one line each):
   * its type, from the field's annotation: int, float (an int or a numeric string such as "1e-5" is taken),
@@ -206,7 +206,7 @@ def load_config(spec: str, overrides: list[str] = ()) -> RunConfig:
         key, sep, raw = item.partition("=")
         parts = key.strip().split(".")
         if not sep or not all(parts):
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. label.principles=4")
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. label.both_orders=false")
         node = data
         for part in parts[:-1]:
             node = node.setdefault(part, {})

@@ -1,10 +1,14 @@
 """Constitutions: the principles and few-shot examples that drive critique/revision and AI preference labels.
 
+Besides the principles the stages train with (critique_revision, choice), our YAML holds `judge` principles,
+held out from training and asked only by the evaluation's judge (harmlessness / helpfulness questions).
+
 Two formats load into the same `Constitution`:
   * our YAML (constitutions/default.yaml documents the schema), validated entry by entry;
   * the folder of JSON files published with the paper (CritiqueRevisionInstructions.json,
     CritiqueRevisionFewShotPrompts.json, RLMadisonInstructions.json, RLMadisonFewShotPrompts.json and
-    optionally RLMadisonPrecogFewShotPrompts.json), so those can be plugged in unchanged.
+    optionally RLMadisonPrecogFewShotPrompts.json), so those can be plugged in unchanged (they have no judge
+    principles: the evaluation then borrows ours).
 
 A conversation is a tuple of `Turn`s. Roles: "human", "assistant" (the dialogue) and, inside critique/revision
 transcripts, "critique_request", "critique", "revision_request", "revision". `cai.prompts` renders turns as
@@ -52,6 +56,20 @@ class ChoicePrinciple:
 
 
 @dataclass(frozen=True)
+class JudgePrinciple:
+    """A question held out from training, asked only by the evaluation's judge.
+
+    criterion: "harmless" (asked about replies to red-team prompts) or "helpful" (replies to helpfulness prompts).
+    """
+    id: str
+    criterion: str
+    text: str
+
+
+JUDGE_CRITERIA = ("harmless", "helpful")
+
+
+@dataclass(frozen=True)
 class CritiqueExample:
     """A worked critique/revision transcript: the dialogue, then one critique and one revision."""
     id: str
@@ -64,6 +82,10 @@ class CritiqueExample:
     def turns(self) -> tuple[Turn, ...]:
         return self.conversation + (Turn("critique_request", self.critique_request), Turn("critique", self.critique),
                                     Turn("revision_request", self.revision_request), Turn("revision", self.revision))
+
+    def direct_turns(self) -> tuple[Turn, ...]:
+        """The example without its critique: the dialogue, the revision request, the revision (paper §3.5)."""
+        return self.conversation + (Turn("revision_request", self.revision_request), Turn("revision", self.revision))
 
 
 @dataclass(frozen=True)
@@ -90,12 +112,19 @@ class Constitution:
     critique_examples: tuple[CritiqueExample, ...] = ()
     label_examples: tuple[LabelExample, ...] = ()
     cot_label_examples: tuple[LabelExample, ...] = ()  # examples with reasoning, for chain-of-thought labels
+    judge_principles: tuple[JudgePrinciple, ...] = ()  # held out from training: the evaluation's questions
 
     def critique_principle(self, principle_id: str) -> CritiquePrinciple:
         return _by_id(self.critique_principles, principle_id, self.source, "critique_revision")
 
     def choice_principle(self, principle_id: str) -> ChoicePrinciple:
         return _by_id(self.choice_principles, principle_id, self.source, "choice")
+
+    def judge_questions(self, criterion: str) -> tuple[ChoicePrinciple, ...]:
+        """The held-out judge principles of `criterion` as choice principles (the label question's shape)."""
+        if criterion not in JUDGE_CRITERIA:
+            raise ValueError(f"criterion must be one of {JUDGE_CRITERIA}; got {criterion!r}")
+        return tuple(ChoicePrinciple(p.id, p.text) for p in self.judge_principles if p.criterion == criterion)
 
 
 def _by_id(entries, principle_id, source, section):
@@ -124,7 +153,8 @@ def parse_constitution(data, *, source: str = "<constitution>") -> Constitution:
     """Validate a parsed YAML mapping (the schema of constitutions/default.yaml) into a Constitution."""
     if not isinstance(data, dict):
         raise ConstitutionError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
-    known = {"name", "version", "critique_revision", "choice", "critique_revision_examples", "labeling_examples"}
+    known = {"name", "version", "critique_revision", "choice", "critique_revision_examples", "labeling_examples",
+             "judge"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConstitutionError(f"{source}: unknown top-level key(s) {unknown}; expected some of {sorted(known)}")
@@ -148,9 +178,19 @@ def parse_constitution(data, *, source: str = "<constitution>") -> Constitution:
         where = _where(source, "labeling_examples", i, e)
         labels.append(LabelExample(e["id"], _conversation(e["conversation"], where), e["chosen"], e["rejected"],
                                    e.get("reasoning")))
+    judge = []
+    for i, e in enumerate(_entries(data, "judge", ("id", "criterion", "text"), source, required=False)):
+        if e["criterion"] not in JUDGE_CRITERIA:
+            raise ConstitutionError(f"{_where(source, 'judge', i, e)}: criterion must be one of "
+                                    f"{list(JUDGE_CRITERIA)}, got {e['criterion']!r}")
+        judge.append(JudgePrinciple(e["id"], e["criterion"], e["text"]))
+    held_out = {p.id for p in judge} & {p.id for p in choice}
+    if held_out:
+        raise ConstitutionError(f"{source}: judge principle id(s) {sorted(held_out)} are also choice principles; "
+                                f"the judge's questions must be held out from training")
     name = data.get("name", Path(source).stem)
     return Constitution(str(name), source, critique, choice, tuple(examples), tuple(labels),
-                        tuple(x for x in labels if x.reasoning))
+                        tuple(x for x in labels if x.reasoning), tuple(judge))
 
 
 def _where(source, section, index, entry) -> str:

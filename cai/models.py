@@ -227,7 +227,10 @@ class PromptFormat:
         return () if self.chat else tuple(f"\n\n{label}:" for label in RAW_LABELS.values()) + ("\nHuman:",)
 
     def conversation(self, prompt: str, response: str | None = None) -> list[Turn]:
-        turns = [Turn("human", prompt)]
+        """The turns of a prompt (one human turn, or a raw multi-turn transcript) and the response, if given."""
+        from .prompts import prompt_turns
+
+        turns = prompt_turns(prompt)
         return turns + [Turn("assistant", response)] if response is not None else turns
 
 

@@ -8,6 +8,7 @@ Data flow (each arrow a dataset in the run folder):
 
 from __future__ import annotations
 
+import shutil
 import time
 import warnings
 from dataclasses import replace
@@ -161,7 +162,8 @@ def run_stage(name: str, config: RunConfig, ctx: Context, *, input_path=None, lo
     if not ctx.dp.is_main:
         log = _quiet
     started = time.perf_counter()
-    resumed = any((ctx.run.root / name / sub).exists() for sub in ("shards", "checkpoint"))
+    stage_dir = ctx.run.root / name
+    resumed = stage_dir.is_dir() and (any(stage_dir.rglob("shards")) or (stage_dir / "checkpoint").exists())
     log(f"[cai] {name}: {'resuming' if resumed else 'starting'}")
     inputs = stage_input(name, config, ctx, input_path)
     if isinstance(inputs, list) and all("id" in row for row in inputs):
@@ -184,8 +186,10 @@ def run_stage(name: str, config: RunConfig, ctx: Context, *, input_path=None, lo
     ctx.run.metrics.log("timing", STAGE_NAMES.index(name), **{f"{name}_seconds": seconds})
     ctx.run.mark_done(name, {"rows": len(rows), "seconds": round(seconds, 2), "resumed": resumed,
                              "ranks": ctx.dp.world})
-    # resume state is dropped only once the stage is recorded as done
-    ctx.run.shards(name).clear()
+    # resume state is dropped only once the stage is recorded as done (a stage of several parts has shards
+    # in a folder per part)
+    for shards in sorted(stage_dir.rglob("shards"), reverse=True):
+        shutil.rmtree(shards, ignore_errors=True)
     Checkpoint(ctx.run.root / name).clear()
     log(f"[cai] {name}: done, {len(rows)} rows in {seconds:.1f} s")
     ctx.dp.barrier()

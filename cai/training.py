@@ -143,15 +143,18 @@ def encode_dialogue(fmt, tokenizer, prompt: str, response: str, max_length: int 
                     ) -> tuple[list[int], int]:
     """(token ids of prompt + response, index of the first response token) as the model reads them.
 
+    `prompt` is one human turn, or a raw ``\n\nHuman: ...\n\nAssistant: ...`` transcript of earlier turns.
     Chat format: the template's rendering of [user prompt, assistant response] (the response's end-of-turn
     token included). Raw format: ``\\n\\nHuman: prompt\\n\\nAssistant: response`` + EOS. Longer than
     `max_length`: the prompt is cut from the left, then the response from the right.
     """
     from .constitution import Turn
     from .models import encode
+    from .prompts import prompt_turns
 
-    context = fmt.render([Turn("human", prompt)], next_role="assistant")
-    full = fmt.render([Turn("human", prompt), Turn("assistant", response)]) if fmt.chat else ""
+    turns = prompt_turns(prompt)  # a plain prompt, or a raw multi-turn transcript (hh-rlhf, the HHH evals)
+    context = fmt.render(turns, next_role="assistant")
+    full = fmt.render(turns + [Turn("assistant", response)]) if fmt.chat else ""
     context_ids = encode(tokenizer, context)
     if fmt.chat and full.startswith(context):
         full_ids = encode(tokenizer, full)

@@ -52,13 +52,17 @@ def tiny_run_config(model_dir, **sections) -> dict:
         "name": "test", "seed": 0, "model": str(model_dir), "device": "cpu", "dtype": "float32",
         "prompts": {"sources": ["builtin:red_team", "builtin:helpful"], "limit_per_source": 4},
         "critique_revise": {"rounds": 2, "response_tokens": 8, "critique_tokens": 6, "revision_tokens": 8,
-                            "few_shot": 1, "batch_size": 4},
+                            "few_shot": 1, "batch_size": 4, "ablation": True},
         "sft": {"batch_size": 4, "lr": 1.0e-3, "save_every": 1, "max_length": 128},
         "sample_pairs": {"max_new_tokens": 8, "batch_size": 4},
-        "label": {"principles": 2, "few_shot": 2, "batch_size": 2},
-        "train_pm": {"batch_size": 2, "lr": 1.0e-3, "head_lr": 1.0e-2, "save_every": 1, "max_length": 128},
-        "ppo": {"steps": 2, "rollout_batch_size": 4, "minibatch_size": 2, "max_new_tokens": 6, "lr": 1.0e-4},
-        "evaluate": {"mc_files": ["builtin:harmless_mc"], "mc_limit": 3, "mc_models": ["base", "ppo"]},
+        "label": {"principles_per_comparison": 2, "few_shot": 2, "batch_size": 2},
+        "train_pm": {"batch_size": 4, "lr": 1.0e-3, "head_lr": 1.0e-2, "save_every": 1, "max_length": 128,
+                     "helpful_limit": 6, "helpful_fraction": 0.5, "heldout_fraction": 0.34},
+        "ppo": {"steps": 2, "rollout_batch_size": 4, "minibatch_size": 2, "max_new_tokens": 6, "lr": 1.0e-4,
+                "snapshot_every": 1},
+        "evaluate": {"limit_per_source": 2, "max_new_tokens": 6, "revision_limit": 2, "bootstrap": 50,
+                     "mc_files": ["builtin:harmless_mc"], "mc_limit": 3, "mc_models": ["base", "ppo"],
+                     "cot_models": [], "hhh_file": "builtin:harmless_mc"},
     }
     config.update(sections)
     return config

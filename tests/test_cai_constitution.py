@@ -36,6 +36,10 @@ def test_default_constitution_covers_the_papers_categories():
     for word in ("harm", "unethical", "racis", "sexis", "toxic", "dangerous", "law", "preachy", "child"):
         assert word in text, word
     assert c.critique_examples and c.label_examples and c.cot_label_examples
+    # held-out judge questions for both criteria, none of them a training (choice) principle
+    assert c.judge_questions("harmless") and c.judge_questions("helpful")
+    assert not {p.id for p in c.judge_principles} & {p.id for p in c.choice_principles}
+    assert not {p.text for p in c.judge_principles} & {p.text for p in c.choice_principles}
     example = c.critique_examples[0]
     assert [t.role for t in example.turns()][-4:] == ["critique_request", "critique", "revision_request", "revision"]
     # an example's requests are those of the principle it names
@@ -63,7 +67,9 @@ def test_default_constitution_is_in_our_own_words():
     (lambda d: d.update(choices=[]), "unknown top-level key"),
     (lambda d: d["critique_revision_examples"][0].update(principle="nope"), "principle 'nope' is not an id"),
     (lambda d: d["labeling_examples"][1]["conversation"].insert(0, {"assistant": "hi"}),
-     "labeling_examples[1] (id 'diet-pills'): conversation[0] should be 'human'"),
+     "labeling_examples[1] (id 'splinter'): conversation[0] should be 'human'"),
+    (lambda d: d["judge"][0].update(criterion="honest"), "judge[0] (id 'judge-less-harm'): criterion must be one of"),
+    (lambda d: d["judge"][1].update(id="safe"), "judge principle id(s) ['safe'] are also choice principles"),
     (lambda d: d["labeling_examples"][0].update(chosen=""), "labeling_examples[0] (id 'bank-teller'): field 'chosen'"),
 ])
 def test_validation_errors_name_the_file_and_the_entry(tmp_path, mutate, message):

@@ -34,3 +34,17 @@ def test_eval_mc_on_hhh_matches_naive(capsys):
     assert diff < 1e-4
     print(f"\n{limit} HHH questions: batched {fast['seconds']:.1f} s, naive {naive_seconds:.1f} s, "
           f"max |dp| {diff:.2e}")
+
+
+@pytest.mark.skipif(paper_data_dir() is None, reason="the paper's published data folder is not on this machine")
+def test_eval_mc_chain_of_thought_on_hhh(capsys):
+    """The embedded model reasons in the Human/Assistant format before answering two HHH questions."""
+    require_ops("choice_logprobs")
+    assert cai_main(["eval", "mc", "--data", "paper:438HHHEvaluations.jsonl", "--limit", "2", "--json", "--threads",
+                     "1", "--chain-of-thought", "--few-shot", "1", "--max-new-tokens", "24"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 2 and result["chain_of_thought"] and result["samples"] == 1
+    # greedy reasoning; cut where the model starts the answer itself (it may do so at once: an empty reasoning)
+    assert any(text.strip() for text in result["reasoning"])
+    assert not any(stop in text for text in result["reasoning"] for stop in ("The answer is", "\n\nHuman:"))
+    assert all(abs(sum(p) - 1.0) < 1e-5 for p in result["probs"])

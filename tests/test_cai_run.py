@@ -27,8 +27,8 @@ def test_presets_load():
     tiny, paper = load_config("tiny"), load_config("paper")
     assert tiny.model == "embedded" and tiny.critique_revise.rounds >= 1
     assert paper.critique_revise.rounds == 4 and paper.critique_revise.temperature == 1.0
-    assert paper.label.chain_of_thought and paper.label.clamp == [0.4, 0.6] and paper.label.principles > 1
-    assert load_config("tiny", ["label.principles=5", "ppo.kl_coef=0.2"]).label.principles == 5
+    assert paper.label.chain_of_thought and paper.label.clamp == [0.4, 0.6]
+    assert load_config("tiny", ["label.principles_per_comparison=5", "ppo.kl_coef=0.2"]).label.principles_per_comparison == 5
 
 
 @pytest.mark.parametrize("data, message", [
@@ -50,16 +50,20 @@ def test_full_run_report_and_skip(tiny_model_dir, tmp_path):
     report = run_all(config, out, progress=False, log=lambda *_: None)
     text = report.read_text()
     for section in ("## Stages", "## Critique and revision", "## Supervised fine-tuning", "## AI preference labels",
-                    "## Preference model", "## RL from AI feedback (PPO)", "## Evaluations"):
+                    "## Preference model", "## RL from AI feedback (PPO)", "## Evaluation",
+                    "### Harmlessness and helpfulness", "### Revision curves", "### Multiple-choice evals"):
         assert section in text, section
     assert "not run" not in text and "nan" not in text
-    for plot in ("pm_score_by_round", "sft_loss", "label_hist", "pm_loss", "ppo_reward", "ppo_kl", "mc_accuracy"):
+    for plot in ("sft_loss", "label_hist", "pm_loss", "ppo_reward", "ppo_kl", "elo_harmless_vs_helpful",
+                 "elo_by_ppo_iteration", "revision_curves", "hhh_accuracy"):
         assert (out / "plots" / f"{plot}.png").stat().st_size > 1000, plot
     for stage in ("critique_revise", "sft", "sample_pairs", "label", "train_pm", "ppo", "evaluate"):
         assert (out / stage / "DONE").is_file() and not (out / stage / "shards").exists()
     assert (out / "sft" / "model" / "model.safetensors").is_file()
     evaluation = load_rows(out / "evaluate" / "dataset")
-    assert {r["section"] for r in evaluation} == {"revision_rounds", "pm", "ppo", "mc"}
+    assert {r["section"] for r in evaluation} == {"setup", "sample", "judge", "revision", "mc_file", "mc"}
+    assert "| RL-CAI @ 1 | 1 |" in text and "| harmlessness | direct | 2 |" in text  # snapshot, ablation
+    assert "| harmless | AI (soft) |" in text and "| helpful | human (hard) |" in text  # the PM's two accuracies
     # a finished run is skipped stage by stage
     messages = []
     run_all(config, out, progress=False, log=messages.append)
@@ -138,7 +142,7 @@ PAIRS = [{"id": f"p{i}", "prompt": f"Can you help me with task {i}?", "kind": "r
 def _label_setup(tiny_model_dir, tmp_path):
     """A config (label batches of 2) and a pairs file: 3 label batches."""
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(tiny_run_config(tiny_model_dir, label={"principles": 1, "few_shot": 1,
+    config.write_text(yaml.safe_dump(tiny_run_config(tiny_model_dir, label={"principles_per_comparison": 1, "few_shot": 1,
                                                                             "batch_size": 2})))
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
@@ -147,7 +151,7 @@ def _label_setup(tiny_model_dir, tmp_path):
 
 def _count_calls(monkeypatch, fail_at: int | None = None) -> list:
     """Count label's score_options calls (one per batch); the `fail_at`-th raises (a run killed there)."""
-    from cai.stages import label as label_module
+    from cai import feedback as label_module  # label's questions are asked by cai.feedback.Comparer
 
     real, calls = label_module.score_options, []
 

@@ -12,7 +12,7 @@ from cai.constitution import load_constitution
 from cai.models import PromptFormat, load_model
 from cai.rundir import RunDir
 from cai.stages import critique_revise as cr_module
-from cai.stages import label as label_module
+from cai import feedback as feedback_module
 from cai.stages import ppo as ppo_module
 from cai.stages import sft as sft_module
 from cai.stages.common import Context
@@ -142,7 +142,7 @@ def _pairs():
 def test_label_soft_labels(tiny_model_dir, tmp_path):
     require_ops("choice_logprobs")
     ctx = make_ctx(tmp_path, tiny_model_dir)
-    rows = label(_pairs(), LabelConfig(principles=3, few_shot=2, batch_size=3), ctx)
+    rows = label(_pairs(), LabelConfig(principles_per_comparison=3, few_shot=2, batch_size=3), ctx)
     assert [r["id"] for r in rows] == [p["id"] for p in _pairs()]
     for row in rows:
         assert 0.0 <= row["p_a"] <= 1.0 and len(row["principle_ids"]) == 3 == len(set(row["principle_ids"]))
@@ -150,16 +150,21 @@ def test_label_soft_labels(tiny_model_dir, tmp_path):
         assert row["reasoning"] == []
     # identical responses: scoring both orders cancels the position bias exactly
     same = [dict(p, response_b=p["response_a"]) for p in _pairs()]
-    for row in label(same, LabelConfig(principles=2, few_shot=1), make_ctx(tmp_path / "s", tiny_model_dir)):
+    for row in label(same, LabelConfig(principles_per_comparison=2, few_shot=1), make_ctx(tmp_path / "s", tiny_model_dir)):
         assert row["p_a"] == pytest.approx(0.5, abs=1e-6)
-    # one order only: p_a is the probability of the first position
-    one = label(_pairs(), LabelConfig(principles=1, both_orders=False), make_ctx(tmp_path / "o", tiny_model_dir))
-    assert all(r["p_a"] == pytest.approx(r["first_position_prob"]) for r in one)
+    # one order only, drawn per pair: p_a is the probability of the first position, or of the second when the
+    # responses were shown swapped; both orders occur across the pairs
+    pairs = [dict(p, id=f"q{i}") for i, p in enumerate(_pairs() * 2)]
+    one = label(pairs, LabelConfig(principles_per_comparison=1, both_orders=False),
+                make_ctx(tmp_path / "o", tiny_model_dir))
+    shown_first = [r["p_a"] == pytest.approx(r["first_position_prob"]) for r in one]
+    assert all(f or r["p_a"] == pytest.approx(1 - r["first_position_prob"]) for f, r in zip(shown_first, one))
+    assert any(shown_first) and not all(shown_first)
 
 
 def test_label_chain_of_thought_is_clamped(tiny_model_dir, tmp_path):
     require_ops("choice_logprobs")
-    cfg = LabelConfig(principles=2, few_shot=1, chain_of_thought=True, cot_max_new_tokens=6, clamp=[0.4, 0.6])
+    cfg = LabelConfig(principles_per_comparison=2, few_shot=1, chain_of_thought=True, cot_max_new_tokens=6, clamp=[0.4, 0.6])
     rows = label(_pairs()[:2], cfg, make_ctx(tmp_path, tiny_model_dir))
     for row in rows:
         assert 0.4 - 1e-6 <= row["p_a"] <= 0.6 + 1e-6
@@ -168,10 +173,10 @@ def test_label_chain_of_thought_is_clamped(tiny_model_dir, tmp_path):
 
 def test_label_resumes_after_a_crash(tiny_model_dir, tmp_path, monkeypatch):
     require_ops("choice_logprobs")
-    cfg = LabelConfig(principles=2, few_shot=1, batch_size=1)
+    cfg = LabelConfig(principles_per_comparison=2, few_shot=1, batch_size=1)
     reference = label(_pairs(), cfg, make_ctx(tmp_path / "ref", tiny_model_dir))
     ctx = make_ctx(tmp_path / "run", tiny_model_dir)
-    with crash_at_call(monkeypatch, label_module, "score_options", 3):
+    with crash_at_call(monkeypatch, feedback_module, "score_options", 3):
         label(_pairs(), cfg, ctx)
     assert sorted(p.name for p in ctx.run.shards("label").folder.glob("*.jsonl")) == ["00000.jsonl", "00001.jsonl"]
     assert label(_pairs(), cfg, ctx) == reference
@@ -185,7 +190,8 @@ def test_train_pm_learns_the_labels(tiny_model_dir, tmp_path):
     train, held = split_heldout(pairs, 0.25, 0)
     assert len(held) == 3 and not {r["id"] for r in train} & {r["id"] for r in held}
     ctx = make_ctx(tmp_path, tiny_model_dir)
-    held_rows = train_pm(pairs, TrainPMConfig(epochs=6, batch_size=3, lr=1e-3, head_lr=3e-2, heldout_fraction=0.25), ctx)
+    held_rows = train_pm(pairs, TrainPMConfig(epochs=6, batch_size=3, lr=1e-3, head_lr=3e-2, heldout_fraction=0.25,
+                                                 helpful_data=[]), ctx)
     assert len(held_rows) == 3 and all(r["agrees"] for r in held_rows)
     metrics = ctx.run.metrics.read("train_pm")
     losses = [m["loss"] for m in metrics if "loss" in m]
@@ -200,7 +206,7 @@ def test_ppo_runs_logs_and_resumes(tiny_model_dir, tmp_path, monkeypatch):
     ctx = make_ctx(tmp_path, tiny_model_dir)
     sft(_revisions(4), SFTConfig(batch_size=4), ctx)
     pairs = [dict(p, p_a=0.8) for p in _pairs()]
-    train_pm(pairs, TrainPMConfig(batch_size=2, heldout_fraction=0.25), ctx)
+    train_pm(pairs, TrainPMConfig(batch_size=2, heldout_fraction=0.25, helpful_data=[]), ctx)
     cfg = PPOConfig(steps=3, rollout_batch_size=3, minibatch_size=2, max_new_tokens=5, lr=1e-3, save_every=1)
     rows = ppo(PROMPTS, cfg, ctx)
     assert len(rows) == 9 and sorted({r["iteration"] for r in rows}) == [0, 1, 2]

@@ -68,7 +68,7 @@ def test_label_on_ray_gives_the_local_rows(tiny_model_dir, tmp_path, local_ray, 
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
     config = _write_config(tmp_path / "config.yaml", tiny_model_dir,
-                           label={"principles": 2, "few_shot": 1, "batch_size": 2})
+                           label={"principles_per_comparison": 2, "few_shot": 1, "batch_size": 2})
     common = ["label", "--config", str(config), "--input", str(pairs), "--no-progress"]
     assert cai_main(common + ["--out", str(tmp_path / "local")]) == 0
     assert cai_main(common + ["--out", str(tmp_path / "ray"), "--engine", "ray", "--actors", "2"]) == 0
@@ -136,7 +136,7 @@ def test_train_pm_two_gloo_ranks_match_one_process(tiny_model_dir, tmp_path):
     labels.write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = _write_config(tmp_path / "config.yaml", tiny_model_dir,
                            train_pm={"batch_size": 4, "epochs": 1, "lr": 1e-3, "head_lr": 1e-2, "save_every": 100,
-                                     "max_length": 64, "heldout_fraction": 0.2})
+                                     "max_length": 64, "heldout_fraction": 0.2, "helpful_data": []})
     runs = {}
     for nproc in (1, 2):
         runs[nproc] = tmp_path / f"run{nproc}"

@@ -59,11 +59,12 @@ STAGES: tuple[Stage, ...] = (
     Stage("label", label.label, label.LabelConfig, input="sample_pairs", scale_out="ray",
           report=label.report_section, key=("id",)),
     Stage("train_pm", train_pm.train_pm, train_pm.TrainPMConfig, input="label", scale_out="data_parallel",
-          report=train_pm.report_section, key=("id",)),
+          report=train_pm.report_section, key=("pair_kind", "id")),
     Stage("ppo", ppo.ppo, ppo.PPOConfig, input="prompts", scale_out="data_parallel", report=ppo.report_section,
           key=("iteration", "id")),
-    Stage("evaluate", evaluate.evaluate, evaluate.EvaluateConfig, input=("critique_revise", "train_pm", "ppo"),
-          scale_out="none", report=evaluate.report_section, key=("section", "name")),
+    Stage("evaluate", evaluate.evaluate, evaluate.EvaluateConfig,
+          input=("critique_revise", "sft", "train_pm", "ppo"), scale_out="none", report=evaluate.report_section,
+          key=("section", "id")),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(stage.name for stage in STAGES)
 BY_NAME: dict[str, Stage] = {stage.name: stage for stage in STAGES}

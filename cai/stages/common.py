@@ -141,3 +141,43 @@ class EpochSchedule:
         rng_for(self.seed, self.stage, "epoch", epoch).shuffle(order)
         return order[k * self.batch_size:(k + 1) * self.batch_size]
 
+
+
+class MixedSchedule:
+    """Which examples each optimizer step trains on when batches mix several example streams at fixed counts.
+
+    ``sizes``: stream -> number of examples; ``per_batch``: stream -> how many of its examples every batch
+    holds (e.g. {"harmless": 5, "helpful": 3}). An epoch is as many steps as the stream that needs the most takes
+    to be seen once; a stream that runs out sooner starts another pass. Every pass of a stream is shuffled by
+    (seed, stage, stream, pass), so a resumed run takes the same batches. At most ``max_steps`` steps.
+    """
+
+    def __init__(self, sizes: dict[str, int], per_batch: dict[str, int], epochs: int, max_steps: int | None,
+                 seed: int, stage: str):
+        self.sizes = {k: n for k, n in sizes.items() if n > 0 and per_batch.get(k, 0) > 0}
+        if not self.sizes:
+            raise ValueError(f"{stage}: no examples to train on (sizes {sizes}, per batch {per_batch})")
+        self.per_batch = {k: per_batch[k] for k in self.sizes}
+        self.seed, self.stage = seed, stage
+        self.steps_per_epoch = max(math.ceil(n / self.per_batch[k]) for k, n in self.sizes.items())
+        self.total = self.steps_per_epoch * epochs
+        if max_steps is not None:
+            self.total = min(max_steps, self.total)
+        self._orders: dict[tuple[str, int], list[int]] = {}
+
+    def _order(self, stream: str, pass_index: int) -> list[int]:
+        key = (stream, pass_index)
+        if key not in self._orders:
+            order = list(range(self.sizes[stream]))
+            rng_for(self.seed, self.stage, stream, "pass", pass_index).shuffle(order)
+            self._orders[key] = order
+        return self._orders[key]
+
+    def indices(self, step: int) -> list[tuple[str, int]]:
+        """(stream, example index) of every example of optimizer step ``step`` (0-based), stream by stream."""
+        out = []
+        for stream, count in self.per_batch.items():
+            n = self.sizes[stream]
+            for position in range(step * count, (step + 1) * count):
+                out.append((stream, self._order(stream, position // n)[position % n]))
+        return out

@@ -1,17 +1,15 @@
 """label: AI preference labels. The feedback model answers "which response is better? (A) ... (B) ...".
 
-For every pair, `principles` choice principles are drawn at random (from the seed and the pair's id, so a
-resumed run draws the same ones). Each principle makes one multiple-choice question, with the few-shot
-labelling examples in front; the soft label is the normalized probability of the continuation " (A)" vs
-" (B)" (`cai.scoring`: prompt encoded once, options share its KV cache, LM head only at option tokens).
-Options:
-  * both_orders: ask again with the responses swapped and average, which cancels position bias;
-  * chain_of_thought: the model first writes its reasoning ("Let's think step by step:"), then the answer is
-    scored after it; those probabilities are clamped to `clamp` (the paper: 0.4-0.6), since reasoning makes
-    the model over-confident;
-  * the ensemble: p_a is the mean over the drawn principles.
-Without chain-of-thought, the few-shot examples are written with the constitution's first choice principle,
-so they are the same text for every question and are encoded once per batch.
+Every pair is one comparison of `cai.feedback.Comparer`: `principles_per_comparison` choice principles drawn for
+the pair (the paper: one, so that the ensemble is over the data set), each asked in both orders or in one drawn
+order (`both_orders`), with the few-shot labelling examples in front (each with its own principle, fixed for the
+run, so their KV cache is shared), optionally with chain-of-thought in the Human/Assistant format and the answer
+clamped to `clamp`. The soft label is the probability of " (A)" vs " (B)" (`cai.scoring`: prompt encoded once,
+options share its KV cache, LM head only at option tokens), averaged over orders and principles.
+
+Cost: principles_per_comparison x (2 if both_orders else 1) scored questions per pair; with chain-of-thought
+each is also a generation of up to cot_max_new_tokens tokens. The paper preset (1 principle, 1 order) asks one
+question per pair; 4 principles in both orders ask 8, eight times the labelling time.
 
 Output rows: the pair (id, prompt, kind, response_a, response_b) and p_a (probability that response_a is
 the better one), principle_ids, principle_probs (p_a per principle), first_position_prob (mean probability
@@ -23,17 +21,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import partial
 
-from ..constitution import Turn
-from ..models import SharedPrefix, generate
-from ..prompts import (choice_question, cot_answer_cue, cot_cue, label_fewshot, option_strings,
-                       pick_label_examples, rng_for, seed_for)
+from ..feedback import CompareSettings, Comparer
+from ..prompts import pick_label_examples, seed_for
 from ..reporting import plot, stage_rows
 from ..rundir import RunDir
-from ..scoring import score_options
 from .common import Context, run_batches
 
 NAME = "label"
-_ANSWER_CUE = "The answer is:"
 
 
 def _low_high(pair: list[float]) -> str | None:
@@ -43,9 +37,10 @@ def _low_high(pair: list[float]) -> str | None:
 @dataclass
 class LabelConfig:
     model: str | None = None  # the feedback model; default: the run's base model
-    principles: int = field(default=1, metadata={"ge": 1})  # principles drawn per pair (ensemble size)
+    # principles drawn per pair (paper: 1; more = an ensemble per pair, each one more question per order)
+    principles_per_comparison: int = field(default=1, metadata={"ge": 1})
     few_shot: int | None = field(default=None, metadata={"ge": 0})  # labelling examples in front (None: all)
-    both_orders: bool = True
+    both_orders: bool = True  # ask with the responses swapped too and average (x2 questions)
     chain_of_thought: bool = False
     cot_max_new_tokens: int = field(default=96, metadata={"ge": 1})
     cot_temperature: float = field(default=0.0, metadata={"ge": 0})  # 0: greedy reasoning
@@ -56,42 +51,18 @@ class LabelConfig:
     max_batch_tokens: int = field(default=2048, metadata={"ge": 1})
 
 
-def draw_principles(ctx: Context, pair_id: str, count: int) -> list:
-    principles = ctx.constitution.choice_principles
-    picks = rng_for(ctx.seed, NAME, pair_id).sample(range(len(principles)), min(count, len(principles)))
-    return [principles[j] for j in picks]
+def settings_of(cfg: LabelConfig, overflow: str = "truncate-left") -> CompareSettings:
+    return CompareSettings(principles_per_comparison=cfg.principles_per_comparison, both_orders=cfg.both_orders,
+                           chain_of_thought=cfg.chain_of_thought, cot_max_new_tokens=cfg.cot_max_new_tokens,
+                           cot_temperature=cfg.cot_temperature, clamp=tuple(cfg.clamp) if cfg.clamp else None,
+                           max_batch_tokens=cfg.max_batch_tokens, overflow=overflow)
 
 
-def build_questions(ctx: Context, batch: list[dict], cfg: LabelConfig) -> list[dict]:
-    """One multiple-choice question per (pair, drawn principle, order of the two responses)."""
-    questions = []
-    for i, row in enumerate(batch):
-        for principle in draw_principles(ctx, row["id"], cfg.principles):
-            for swapped in ((False, True) if cfg.both_orders else (False,)):
-                responses = [row["response_b"], row["response_a"]] if swapped else [row["response_a"], row["response_b"]]
-                questions.append({"pair": i, "principle": principle, "swapped": swapped,
-                                  "text": choice_question([Turn("human", row["prompt"])], principle.text, responses)})
-    return questions
-
-
-def pair_labels(batch: list[dict], questions: list[dict], probs, reasoning) -> list[dict]:
-    """Average each pair's answers: over the two orders per principle, then over principles."""
-    rows = []
-    for i, row in enumerate(batch):
-        per_principle, first_position, thoughts = {}, [], []
-        for q, p, thought in zip(questions, probs, reasoning):
-            if q["pair"] != i:
-                continue
-            per_principle.setdefault(q["principle"].id, []).append(p[1] if q["swapped"] else p[0])
-            first_position.append(p[0])
-            if thought:
-                thoughts.append(thought)
-        principle_probs = [sum(v) / len(v) for v in per_principle.values()]
-        rows.append({"id": row["id"], "prompt": row["prompt"], "kind": row["kind"], "response_a": row["response_a"],
-                     "response_b": row["response_b"], "p_a": sum(principle_probs) / len(principle_probs),
-                     "principle_ids": list(per_principle), "principle_probs": principle_probs,
-                     "first_position_prob": sum(first_position) / len(first_position), "reasoning": thoughts})
-    return rows
+def make_comparer(cfg: LabelConfig, ctx: Context, model, tokenizer) -> Comparer:
+    count = len(ctx.constitution.label_examples) if cfg.few_shot is None else cfg.few_shot
+    examples = pick_label_examples(ctx.constitution, count, cfg.chain_of_thought)
+    return Comparer(model, tokenizer, ctx.constitution.choice_principles, examples,
+                    settings_of(cfg, ctx.prompt_overflow), seed=ctx.seed, stage=NAME)
 
 
 def label(pairs: list[dict], cfg: LabelConfig, ctx: Context) -> list[dict]:
@@ -102,49 +73,15 @@ def label(pairs: list[dict], cfg: LabelConfig, ctx: Context) -> list[dict]:
 def make_label_process(cfg: LabelConfig, ctx: Context):
     """Load the feedback model; returns process(batch_index, pairs) -> labelled rows (one per pair)."""
     model, tokenizer = ctx.load(cfg.model)
-    count = len(ctx.constitution.label_examples) if cfg.few_shot is None else cfg.few_shot
-    examples = pick_label_examples(ctx.constitution, count, cfg.chain_of_thought)
-    options = option_strings(2)
-    # without chain-of-thought the examples are the same text in front of every question: encoded once
-    shared = None
-    if examples and not cfg.chain_of_thought:
-        shared = SharedPrefix(model, tokenizer, label_fewshot(examples, ctx.constitution.choice_principles[0].text))
-    clamp = tuple(cfg.clamp) if cfg.chain_of_thought and cfg.clamp else None
-
-    def with_reasoning(batch_index: int, questions: list[dict]):
-        """Chain-of-thought: per principle, generate the reasoning, then score the answer after it."""
-        probs, reasoning = [None] * len(questions), [""] * len(questions)
-        by_principle = {}
-        for n, q in enumerate(questions):
-            by_principle.setdefault(q["principle"].id, []).append(n)
-        for principle_id, members in by_principle.items():
-            prefix = label_fewshot(examples, questions[members[0]]["principle"].text, chain_of_thought=True)
-            asks = [prefix + questions[n]["text"][:-len(_ANSWER_CUE)] + cot_cue() for n in members]
-            thoughts = generate(model, tokenizer, asks, prefix=prefix, max_new_tokens=cfg.cot_max_new_tokens,
-                                temperature=cfg.cot_temperature, batch_size=len(asks),
-                                seed=seed_for(ctx.seed, NAME, batch_index, principle_id),
-                                stop=("So the answer", "The answer is", "\n\n\n", "Consider the following"),
-                                overflow=ctx.prompt_overflow)
-            scored = score_options(model, tokenizer, [a + " " + t + cot_answer_cue() for a, t in zip(asks, thoughts)],
-                                   [options] * len(asks), prefix=prefix, clamp=clamp,
-                                   max_batch_tokens=cfg.max_batch_tokens, overflow=ctx.prompt_overflow)
-            for n, thought, p in zip(members, thoughts, scored.probs):
-                reasoning[n], probs[n] = thought, p
-        return probs, reasoning
+    comparer = make_comparer(cfg, ctx, model, tokenizer)
 
     def process(batch_index: int, batch: list[dict]) -> list[dict]:
-        questions = build_questions(ctx, batch, cfg)
-        if cfg.chain_of_thought:
-            probs, reasoning = with_reasoning(batch_index, questions)
-        else:
-            head = shared.text if shared is not None else ""
-            probs = score_options(model, tokenizer, [head + q["text"] for q in questions], [options] * len(questions),
-                                  prefix=shared or "", max_batch_tokens=cfg.max_batch_tokens,
-                                  overflow=ctx.prompt_overflow).probs
-            reasoning = [""] * len(questions)
-        rows = pair_labels(batch, questions, probs, reasoning)
+        results = comparer.compare(batch, seed_for(ctx.seed, NAME, batch_index))
+        rows = [{"id": row["id"], "prompt": row["prompt"], "kind": row["kind"], "response_a": row["response_a"],
+                 "response_b": row["response_b"], **result} for row, result in zip(batch, results)]
         ctx.run.metrics.log(NAME, batch_index, mean_p_a=sum(r["p_a"] for r in rows) / len(rows),
-                            first_position_prob=sum(r["first_position_prob"] for r in rows) / len(rows))
+                            first_position_prob=sum(r["first_position_prob"] for r in rows) / len(rows),
+                            questions=len(batch) * settings_of(cfg).questions_per_pair())
         return rows
 
     return process
@@ -165,9 +102,11 @@ def report_section(run: RunDir, metrics: dict[str, list[dict]]) -> list[str]:
         sample_note = (f"The pairs were sampled from the SL model (mean response length "
                        f"{sum(r['response_words'] * r['pairs'] for r in sampled) / n:.1f} words; "
                        f"{sum(r['identical_pairs'] for r in sampled)} pairs with two identical responses). ")
+    questions = sum(r.get("questions", 0) for r in metrics.get(NAME, []))
+    asked = f" ({questions} questions asked)" if questions else ""
     return ["## AI preference labels", "", sample_note +
             f"{len(labels)} pairs labelled by the feedback model with {len(labels[0]['principle_ids'])} "
-            f"principle(s) each ({len(principles)} distinct principles used). Mean P(response A better) = "
+            f"principle(s) each{asked}, {len(principles)} distinct principles used. Mean P(response A better) = "
             f"{sum(p) / len(p):.3f}; share of pairs with A preferred = {sum(x > 0.5 for x in p) / len(p):.3f}; "
             f"mean probability given to whichever response was shown first = {sum(first) / len(first):.3f} "
             f"(0.5 = no position bias).", "",

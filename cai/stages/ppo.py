@@ -10,14 +10,18 @@ One iteration:
   4. `ppo_epochs` passes over shuffled minibatches of `cai_kernels.ppo_policy_loss` (clipped ratio) +
      vf_coef * `cai_kernels.ppo_value_loss` (clipped values).
 Tensor layout: [prompt, left-padded | response, right-padded]; position t of the response block is
-predicted by the hidden state one position earlier. A checkpoint every `save_every` iterations makes the
-stage resumable. Saves ppo/model (+ value_head.safetensors). Output rows: every rollout (iteration, id,
-prompt, response, score, kl).
+predicted by the hidden state one position earlier. Log-probs (old, reference, new) are taken at the sampling
+temperature `temperature`: the old ones are then the sampler's own log-probs of its tokens. A checkpoint every
+`save_every` iterations makes the stage resumable; `snapshot_every` keeps the policy's trainable weights every N
+iterations (ppo/snapshots/) for the evaluation's Elo along RL training. Saves ppo/model (+ value_head.safetensors).
+Output rows: every rollout (iteration, id, prompt, response, score, kl).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -28,7 +32,7 @@ from ..models import PromptFormat, cut_at_stop, encode, fit_generation, generate
 from ..prompts import rng_for, seed_for
 from ..reporting import format_value, plot
 from ..reward import ScalarHead, load_reward_model
-from ..rundir import RunDir
+from ..rundir import RunDir, atomic_write_text
 from ..training import Checkpoint, save_pretrained, set_trainable, trunk_hidden
 from ..scaleout.data_parallel import DataParallel
 from .common import Context
@@ -57,22 +61,40 @@ class PPOConfig:
     whiten: bool = True
     max_grad_norm: float = field(default=1.0, metadata={"gt": 0})
     max_new_tokens: int = field(default=64, metadata={"ge": 1})
-    temperature: float = field(default=1.0, metadata={"ge": 0})  # 0: greedy
+    # the sampling temperature; old / reference / new log-probs are taken at it too (0: greedy, scored at 1)
+    temperature: float = field(default=1.0, metadata={"ge": 0})
+    # < 1 truncates the sampler: its log-probs then differ from the scored ones
     top_p: float = field(default=1.0, metadata={"gt": 0, "le": 1})
     train_layers: int | None = field(default=None, metadata={"ge": 0})
     save_every: int = field(default=1, metadata={"ge": 1})
+    # keep the policy every N iterations (ppo/snapshots/) for the evaluation's Elo along RL
+    snapshot_every: int | None = field(default=None, metadata={"ge": 1})
     prompt_format: str = field(default="auto", metadata={"choices": ("auto", "chat", "raw")})
+
+
+def sampling_temperature(cfg: "PPOConfig") -> float:
+    """The temperature the rollout's log-probs are taken at: the sampling temperature. Greedy rollouts
+    (temperature 0, deterministic, for tests) have no sampling distribution of their own and are scored at 1."""
+    if cfg.temperature < 0:
+        raise ValueError(f"ppo.temperature must be >= 0; got {cfg.temperature}")
+    return cfg.temperature if cfg.temperature > 0 else 1.0
 
 
 def _scalar(value) -> float:
     return value.detach().float().mean().item() if torch.is_tensor(value) else float(value)
 
 
-def policy_outputs(policy, value_head, seq, attention_mask, prompt_width, *, with_values=True):
-    """(log-probs (B, Tr), values (B, Tr) or None) of the response block seq[:, prompt_width:]."""
+def policy_outputs(policy, value_head, seq, attention_mask, prompt_width, *, temperature: float,
+                   with_values=True):
+    """(log-probs (B, Tr), values (B, Tr) or None) of the response block seq[:, prompt_width:].
+
+    The log-probs are those of softmax(logits / temperature), the distribution the rollout sampled from (with
+    top_p = 1), so that the old, reference and new log-probs, the KL penalty and the PPO ratio all refer to it.
+    """
     hidden = trunk_hidden(policy, seq, attention_mask)[:, prompt_width - 1:-1]
     weight, bias = lm_head(policy)
-    logprobs = cai_kernels.linear_token_logprobs(hidden, weight, seq[:, prompt_width:], bias=bias)
+    logprobs = cai_kernels.linear_token_logprobs(hidden, weight, seq[:, prompt_width:], bias=bias,
+                                                 temperature=temperature)
     return logprobs, value_head(hidden) if with_values else None
 
 
@@ -123,8 +145,11 @@ def rollout(policy, reference, value_head, pm, tokenizer, fmt, prompts: list[str
     texts = [cut_at_stop(tokenizer.decode(r, skip_special_tokens=True), fmt.stop_strings()) for r in responses]
     mine = dp.shard(list(range(len(prompts))))
     rows = torch.tensor(mine, dtype=torch.long, device=device) if dp.enabled else slice(None)
-    old_logprobs, old_values = policy_outputs(policy, value_head, seq[rows], attention[rows], width)
-    ref_logprobs, _ = policy_outputs(reference, value_head, seq[rows], attention[rows], width, with_values=False)
+    # scored at the sampling temperature: the old log-probs are the sampler's own log-probs of its tokens
+    old_logprobs, old_values = policy_outputs(policy, value_head, seq[rows], attention[rows], width,
+                                              temperature=sampling_temperature(cfg))
+    ref_logprobs, _ = policy_outputs(reference, value_head, seq[rows], attention[rows], width,
+                                     temperature=sampling_temperature(cfg), with_values=False)
     scores = torch.tensor(pm.score([prompts[i] for i in mine], [texts[i] for i in mine]), dtype=torch.float32,
                           device=device)
     old_logprobs, old_values, ref_logprobs, scores = (gather_rows(dp, t) for t in
@@ -156,7 +181,7 @@ def ppo_update(policy, value_head, optimizer, params, batch: Rollout, advantages
             stats = dict.fromkeys(("pg_loss", "vf_loss", "vf_clipfrac"), 0.0)
             if len(mb):
                 logprobs, values = policy_outputs(policy, value_head, batch.seq[mb], batch.attention[mb],
-                                                  batch.prompt_width)
+                                                  batch.prompt_width, temperature=sampling_temperature(cfg))
                 pg_loss, pg_stats = cai_kernels.ppo_policy_loss(logprobs, batch.old_logprobs[mb], advantages[mb],
                                                                 batch.response_mask[mb], clip_low=cfg.clip,
                                                                 clip_high=cfg.clip)
@@ -179,6 +204,46 @@ def ppo_update(policy, value_head, optimizer, params, batch: Rollout, advantages
     return {k: v / max(updates, 1) for k, v in totals.items()}
 
 
+SNAPSHOTS = "snapshots"
+
+
+def save_snapshot(policy, stage_dir: Path, iteration: int) -> Path:
+    """The policy's trainable parameters after `iteration` iterations, as <stage>/snapshots/iter-NNNNN.safetensors
+    (the frozen rest is the policy init's); written atomically."""
+    from safetensors.torch import save_file
+
+    folder = Path(stage_dir) / SNAPSHOTS
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"iter-{iteration:05d}.safetensors"
+    tmp = folder / f".{path.name}.tmp"
+    save_file({n: p.detach().contiguous().cpu() for n, p in policy.named_parameters() if p.requires_grad}, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def snapshot_init(run_root: Path) -> str:
+    """The model spec ("sft", a path, ...) the snapshots' weights go into (the ppo stage's policy init)."""
+    path = Path(run_root) / NAME / SNAPSHOTS / "init.txt"
+    return path.read_text(encoding="utf-8").strip() if path.is_file() else "sft"
+
+
+def snapshots(run_root: Path) -> dict[int, Path]:
+    """{iteration: path} of the ppo stage's snapshots, in iteration order."""
+    folder = Path(run_root) / NAME / SNAPSHOTS
+    found = {int(p.stem.split("-")[1]): p for p in folder.glob("iter-*.safetensors")} if folder.is_dir() else {}
+    return dict(sorted(found.items()))
+
+
+def load_snapshot(model, path: Path) -> None:
+    """Overwrite `model`'s parameters with those a snapshot holds."""
+    from safetensors.torch import load_file
+
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in load_file(str(path)).items():
+            params[name].copy_(value)
+
+
 def ppo(prompts: list[dict], cfg: PPOConfig, ctx: Context) -> list[dict]:
     stage_dir = ctx.run.stage(NAME)
     policy, tokenizer = ctx.load(cfg.model, default="sft")
@@ -194,6 +259,8 @@ def ppo(prompts: list[dict], cfg: PPOConfig, ctx: Context) -> list[dict]:
     modules = {"policy": policy, "value_head": value_head}
     start, rollouts, _ = checkpoint.restore(modules, optimizer, repair=ctx.repair)
     dp = ctx.dp  # data-parallel ranks (cai.scaleout.data_parallel): each rolls out and trains on a slice
+    if dp.is_main and cfg.snapshot_every:  # the model a snapshot's weights go into: the policy init
+        atomic_write_text(stage_dir / SNAPSHOTS / "init.txt", cfg.model or "sft")
     bar = ctx.tqdm(total=cfg.steps, initial=start, desc=NAME, unit="iter")
     for it in range(start, cfg.steps):
         chosen = rng_for(ctx.seed, NAME, "prompts", it).sample(prompts, min(cfg.rollout_batch_size, len(prompts)))
@@ -215,6 +282,8 @@ def ppo(prompts: list[dict], cfg: PPOConfig, ctx: Context) -> list[dict]:
                         for r, text, s, k in zip(chosen, batch.texts, batch.scores.tolist(), kl_per_seq.tolist()))
         bar.update(1)
         bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{record['kl']:.3f}")
+        if dp.is_main and cfg.snapshot_every and (it + 1) % cfg.snapshot_every == 0 and it + 1 < cfg.steps:
+            save_snapshot(policy, stage_dir, it + 1)
         if dp.is_main and (it + 1) % cfg.save_every == 0 and it + 1 < cfg.steps:
             checkpoint.save(it + 1, modules, optimizer, rollouts)
     bar.close()

@@ -1,7 +1,9 @@
-"""sft: fine-tune the policy on the final revisions (the SL-CAI model), loss on response tokens only.
+"""sft: fine-tune the policy on the revisions (the SL-CAI model), loss on response tokens only.
 
-Each example is the prompt followed by the row's `final` text (the last revision; the first response for
-prompts that were not revised). The loss is the mean negative log-likelihood of the response tokens,
+The examples (`sft_examples`): per red-team prompt, the prompt followed by each round's revision
+(targets "all_rounds", the paper: 4 rounds = 4 examples) or by the last one only ("final"); per prompt that was
+not revised (helpfulness), the prompt followed by each of its sampled responses (critique_revise.helpful_samples;
+the paper: 2). The loss is the mean negative log-likelihood of the response tokens,
 computed by `cai_kernels.linear_token_logprobs` from the final hidden states and the LM head weight, so
 the (tokens x vocabulary) logits are never built. Checkpoints every `save_every` steps let a killed run
 resume; the model is saved to sft/model (safetensors). Output rows: the training log (step, loss, tokens).
@@ -21,6 +23,7 @@ from .common import Context, EpochSchedule
 from .training_loop import TrainingLoop
 
 NAME = "sft"
+TARGETS = ("final", "all_rounds")
 
 
 @dataclass
@@ -34,18 +37,47 @@ class SFTConfig:
     warmup_steps: int = field(default=0, metadata={"ge": 0})
     max_grad_norm: float = field(default=1.0, metadata={"gt": 0})
     max_length: int = field(default=512, metadata={"ge": 2})  # tokens of prompt + response
+    # "all_rounds": every round's revision is a target (paper); "final": the last one only
+    targets: str = field(default="all_rounds", metadata={"choices": TARGETS})
     # None: all parameters; N: the last N blocks + final norm
     train_layers: int | None = field(default=None, metadata={"ge": 1})
     save_every: int = field(default=50, metadata={"ge": 1})  # optimizer steps between resumable checkpoints
     prompt_format: str = field(default="auto", metadata={"choices": ("auto", "chat", "raw")})
 
 
+def sft_examples(revisions: list[dict], targets: str) -> list[dict]:
+    """{"id", "prompt", "target", "source"} per training example of the critique_revise rows.
+
+    Revised rows: one example per round's revision ("all_rounds") or the last revision ("final"); rows that
+    were not revised: one example per sampled response (`samples`, or `final` in rows without samples).
+    """
+    if targets not in TARGETS:
+        raise ValueError(f"sft.targets must be one of {TARGETS}; got {targets!r}")
+    examples = []
+    for row in revisions:
+        if row.get("revisions"):
+            chosen = row["revisions"] if targets == "all_rounds" else row["revisions"][-1:]
+            start = len(row["revisions"]) - len(chosen) + 1
+            examples += [{"id": row["id"], "prompt": row["prompt"], "target": text, "source": f"revision {k}"}
+                         for k, text in enumerate(chosen, start)]
+        else:
+            samples = row.get("samples") or [row["final"]]
+            examples += [{"id": row["id"], "prompt": row["prompt"], "target": text, "source": f"sample {k}"}
+                         for k, text in enumerate(samples, 1)]
+    return examples
+
+
 def sft(revisions: list[dict], cfg: SFTConfig, ctx: Context) -> list[dict]:
     stage_dir = ctx.run.stage(NAME)
+    dataset = sft_examples(revisions, cfg.targets)
     model, tokenizer = ctx.load(cfg.model)
     fmt = PromptFormat(tokenizer, cfg.prompt_format)
     max_length = min(cfg.max_length, context_length(model) or cfg.max_length)  # never past the model's context
-    examples = [encode_dialogue(fmt, tokenizer, r["prompt"], r["final"], max_length) for r in revisions]
+    examples = [encode_dialogue(fmt, tokenizer, e["prompt"], e["target"], max_length) for e in dataset]
+    if ctx.dp.is_main:
+        ctx.run.metrics.log(NAME + "_data", 0, examples=len(examples), prompts=len(revisions),
+                            revision_examples=sum(e["source"].startswith("revision") for e in dataset),
+                            sample_examples=sum(e["source"].startswith("sample") for e in dataset))
     params = set_trainable(model, cfg.train_layers)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = EpochSchedule(len(examples), cfg.batch_size, cfg.epochs, cfg.max_steps, ctx.seed, NAME)
@@ -83,8 +115,11 @@ def report_section(run: RunDir, metrics: dict[str, list[dict]]) -> list[str]:
         return []
     steps = [r["step"] for r in log]
     losses = [r["loss"] for r in log]
+    data = (metrics.get(NAME + "_data") or [{}])[-1]
+    what = (f"{data['examples']} examples from {data['prompts']} prompts ({data['revision_examples']} revisions, "
+            f"{data['sample_examples']} sampled responses of prompts that were not revised); " if data else "")
     return ["## Supervised fine-tuning on the revisions", "",
-            f"{len(steps)} optimizer steps; response-token loss {losses[0]:.3f} at the first step, "
+            f"{what}{len(steps)} optimizer steps; response-token loss {losses[0]:.3f} at the first step, "
             f"{losses[-1]:.3f} at the last (mean of the last {min(3, len(losses))}: "
             f"{sum(losses[-3:]) / len(losses[-3:]):.3f}).", "",
             plot(run, "sft_loss", lambda ax: ax.plot(steps, losses, marker="."), "SFT loss", "step",
