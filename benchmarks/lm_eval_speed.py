@@ -91,7 +91,7 @@ def main() -> int:
     folder = Path(tempfile.mkdtemp(prefix="cai-lmeval-task-"))
     task = "cai_bench_mc"
     write_mc_task(args.data, folder, name=task)
-    task_manager = TaskManager(include_path=str(folder))
+    task_manager = TaskManager(include_path=str(folder), include_defaults=False)  # only the local task
     lms = {"hf": HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size),
            "cai": CaiLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size)}
     # load the task once untimed: the first load builds the datasets cache the later ones read

@@ -7,6 +7,7 @@
                                                    actor pool, one model per actor; the same rows as --engine local
     torchrun --nproc_per_node N -m cai.cli sft ... a training stage (sft, train-pm, ppo) data-parallel over N ranks
     cai eval mc --data FILE.jsonl [--model M] [--limit N] [--json]
+    cai eval harness --model cai --model_args pretrained=embedded --tasks T ...   lm-eval's own CLI, `cai` model added
     cai report --out runs/demo                     rewrite report.md from a run folder
 """
 
@@ -80,7 +81,34 @@ def build_parser() -> argparse.ArgumentParser:
     mc.add_argument("--device", default="auto")
     mc.add_argument("--dtype", default="auto")
     mc.add_argument("--allow-download", action="store_true")
+    # parsed by lm-eval (main() hands everything after `eval harness` to it); listed here for --help
+    evals.add_parser("harness", add_help=False,
+                     help="lm-evaluation-harness's CLI with the batched scorer registered as --model cai "
+                          "(every lm-eval flag; needs the [harness] extra)")
     return parser
+
+
+def _eval_harness(argv: list[str]) -> int:
+    """lm-eval's own CLI (`lm-eval run ...`) with the `cai` model registered; lm-eval 0.4 finds no plugins."""
+    try:
+        from lm_eval.__main__ import cli_evaluate
+
+        from . import harness  # noqa: F401  registers --model cai
+    except ImportError as err:
+        print(f"error: `cai eval harness` needs lm-evaluation-harness ({err}); "
+              f"pip install 'cai-kernels[harness]'", file=sys.stderr)
+        return 2
+    from .models import ModelNotFoundError
+
+    saved, sys.argv = sys.argv, ["cai eval harness", *argv]
+    try:
+        cli_evaluate()
+    except (ModelNotFoundError, OSError, ValueError, KeyError) as err:  # OSError: a model path or id not found
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        sys.argv = saved
+    return 0
 
 
 def _eval_mc(args) -> int:
@@ -104,6 +132,9 @@ def _eval_mc(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["eval", "harness"]:
+        return _eval_harness(argv[2:])
     args = build_parser().parse_args(argv)
     if args.command == "eval":
         return _eval_mc(args)

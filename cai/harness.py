@@ -34,7 +34,7 @@ from lm_eval.models.huggingface import HFLM
 import lm_eval.models  # noqa: F401  registers lm-eval's own models, which get_model skips once ours is there
 
 from .continuations import score_continuations
-from .models import lm_head, resolve_model
+from .models import ModelNotFoundError, lm_head, resolve_model
 
 logger = logging.getLogger(__name__)
 MODEL_NAME = "cai"
@@ -54,6 +54,8 @@ class CaiLM(HFLM):
     def __init__(self, pretrained="embedded", device: str | None = None, share_prefixes: bool = True, **kwargs):
         if isinstance(pretrained, str):
             pretrained = resolve_model(pretrained)
+            if pretrained.startswith(("/", "./", "../", "~")) and not Path(pretrained).expanduser().exists():
+                raise ModelNotFoundError(f"pretrained={pretrained!r}: no such folder on this machine")
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         super().__init__(pretrained=pretrained, device=device, **kwargs)

@@ -213,7 +213,7 @@ class SharedPrefix:
 
     @classmethod
     def from_ids(cls, model, ids: list[int]) -> SharedPrefix:
-        """A prefix given as token ids (e.g. the tokens every context of an lm-eval task starts with)."""
+        """A prefix given as token ids (already tokenized few-shot examples, say)."""
         if not ids:
             raise ValueError("a shared prefix needs at least one token; got ids=[]")
         prefix = cls.__new__(cls)
