@@ -9,8 +9,8 @@ Only `_loglikelihood_tokens` differs. lm-eval's hf runs one forward of context +
 log-softmax over the whole vocabulary at every position; here (cai.continuations.score_continuations):
   - requests are grouped by context, a task's contexts go into a prefix tree, and every shared prefix (few-shot
     examples, an instruction, a question asked with several answer lists) is encoded once;
-  - continuations run on copies of their context's KV cache; the LM head is applied only at continuation
-    tokens, through `cai_kernels.choice_logprobs` (vocabulary blocks, no (tokens, vocab) tensor), and
+  - a context's continuations ride in its forward (tree attention); the LM head is applied only at
+    continuation tokens, through `cai_kernels.choice_logprobs` (no (tokens, vocab) tensor beyond those), and
     `is_greedy` is the argmax at those positions only (skipped for `loglikelihood_rolling`, which drops it).
 The fed token sequence of every request is exactly lm-eval's, so the log-likelihoods agree to float rounding.
 A model whose logits are not `lm_head(last hidden state)` (logit soft-capping, scaling) or whose cache cannot be
@@ -115,8 +115,7 @@ class CaiLM(HFLM):
         from tqdm.auto import tqdm
         bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
                    desc="Running loglikelihood requests")
-        with torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
-                            enabled=self.mixed_precision_dtype is not None):
+        with self._autocast():
             scores = score_continuations(self.model, self.tokenizer.pad_token_id, contexts, continuations,
                                          batch_size=self._rows_per_forward(requests, override_bs),
                                          share_prefixes=self.share_prefixes,
@@ -131,6 +130,11 @@ class CaiLM(HFLM):
         return results
 
     # -- helpers ------------------------------------------------------------------------------------------------
+
+    def _autocast(self):
+        """HFLM's mixed precision (`mixed_precision_dtype`), as its _model_call applies it."""
+        return torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                              enabled=self.mixed_precision_dtype is not None)
 
     def _rows_per_forward(self, requests, override_bs) -> int:
         if override_bs:
@@ -153,26 +157,36 @@ class CaiLM(HFLM):
 
     @torch.no_grad()
     def _probe(self) -> str | None:
-        """Score a short random continuation both ways; a model that differs is not one this scorer covers."""
+        """Score a few short random requests both ways (two contexts sharing a prefix, branching continuations:
+        a cached parent, tree attention); a model that differs is not one this scorer covers."""
         if self.backend != "causal":
             return f"the {self.backend} backend is not a decoder-only model"
         config = self.model.config
         changed = [name for name in _LOGIT_TRANSFORMS if getattr(config, name, None) not in (None, 1, 1.0)]
         if changed:
             return f"the model's config transforms its logits after the LM head ({', '.join(changed)})"
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, lm_head(self.model)[0].shape[0], (12,), generator=generator).tolist()
+        contexts = [ids[:5], ids[:3] + ids[8:10]]
+        continuations = [[ids[5:8], ids[9:11]], [ids[10:12]]]
         try:
-            generator = torch.Generator().manual_seed(0)
-            vocab = lm_head(self.model)[0].shape[0]
-            ids = torch.randint(0, vocab, (8,), generator=generator).tolist()
-            expected = torch.log_softmax(self._model_call(torch.tensor([ids], device=self.device))[0].float(), -1)
-            expected = sum(expected[4 + j, ids[5 + j]].item() for j in range(3))
-            got = score_continuations(self.model, self.tokenizer.pad_token_id, [ids[:5]], [[ids[5:]]],
-                                      greedy=False).logprobs[0][0]
+            with self._autocast():
+                got = score_continuations(self.model, self.tokenizer.pad_token_id, contexts, continuations,
+                                          batch_size=2, greedy=True).logprobs
+            expected = []
+            for context, options in zip(contexts, continuations):
+                expected.append([])
+                for option in options:
+                    logits = self._model_call(torch.tensor([context + option[:-1]], device=self.device))[0]
+                    logp = torch.log_softmax(logits.float(), -1)[len(context) - 1:]
+                    rows = torch.arange(len(option), device=logp.device)
+                    expected[-1].append(logp[rows, torch.tensor(option, device=logp.device)].sum().item())
         except Exception as err:  # any model this path cannot drive is scored the ordinary way
             return f"{type(err).__name__}: {err}"
-        tolerance = 1e-3 if self.model.dtype == torch.float32 else 5e-2
-        if not math.isclose(got, expected, abs_tol=tolerance * (1 + abs(expected))):
-            return f"its log-probs from the LM head differ from its logits' ({got:.5f} vs {expected:.5f})"
+        tolerance = 1e-3 if self.model.dtype == torch.float32 and self.mixed_precision_dtype is None else 5e-2
+        for ours, theirs in zip((x for row in got for x in row), (x for row in expected for x in row)):
+            if not math.isclose(ours, theirs, abs_tol=tolerance * (1 + abs(theirs))):
+                return f"its log-probs from the LM head differ from its logits' ({ours:.5f} vs {theirs:.5f})"
         return None
 
 
