@@ -95,7 +95,7 @@ def main() -> int:
     lms = {"hf": HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size),
            "cai": CaiLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size)}
     # load the task once untimed: the first load builds the datasets cache the later ones read
-    lm_eval.tasks.get_task_dict([task], task_manager)
+    task_manager.load([task])
     rounds, answers = [], {}
     for r in range(args.rounds):
         for name in (BACKENDS if r % 2 == 0 else BACKENDS[::-1]):
