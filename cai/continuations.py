@@ -91,192 +91,261 @@ def prefix_tree(contexts: list[list[int]], *, share: bool = True) -> PrefixNode:
 
 
 @dataclass
-class _Rows:
-    """A forward's KV cache and, per row, what a child node continues from: mask (R, L) bool of the positions
-    on the row's own path (its continuations and padding excluded) and its real length (next position id)."""
+class _Parent:
+    """What a node's children continue from: row `row` of a forward's KV `cache`, `mask` (L,) bool of the cache
+    positions on the node's own path (its siblings, continuations and padding excluded), `length` real tokens
+    on that path (the children's first position id)."""
     cache: object
+    row: int
     mask: torch.Tensor
-    length: list[int]
+    length: int
+
+
+@dataclass
+class _Place:
+    """Where a node sits in a packed forward: row, first column, and each of its continuations' first column."""
+    row: int
+    start: int
+    continuation_starts: list[int]
 
 
 @dataclass
 class _Packed:
-    """The rows of one forward: per node its tokens, then each continuation's tokens but the last, right-padded.
+    """One forward: rows of sibling nodes, each node's tokens then its continuations' tokens but their last.
 
-    block (R, W) int64: 0 for the node's tokens, q+1 for continuation q of the row's questions, -1 for padding;
-    offsets[r][q] = where continuation q's fed tokens start in row r.
+    ids, positions (R, W) int64, right-padded; segment (R, W): which node of the row a column belongs to (-1:
+    padding); branch (R, W): 0 for a node's tokens, k for its continuation k (1-based); places: per node.
     """
     ids: torch.Tensor
-    block: torch.Tensor
     positions: torch.Tensor
-    offsets: list[list[int]]
+    segment: torch.Tensor
+    branch: torch.Tensor
+    places: list[_Place]
 
 
-def _pack(nodes: list[PrefixNode], continuations: list[list[list[int]]], pad_id: int) -> _Packed:
-    rows, blocks, positions, offsets = [], [], [], []
-    for node in nodes:
-        tokens, block, position, starts = list(node.tokens), [0] * len(node.tokens), list(range(len(node.tokens))), []
-        for q, continuation in enumerate(c for context in node.contexts for c in continuations[context]):
-            starts.append(len(tokens))
-            fed = continuation[:-1]  # a continuation's last token is predicted, never fed
-            tokens += fed
-            block += [q + 1] * len(fed)
-            position += range(len(node.tokens), len(node.tokens) + len(fed))
-        rows.append(tokens)
-        blocks.append(block)
-        positions.append(position)
-        offsets.append(starts)
-    width = max(len(r) for r in rows)
+def _pack(rows: list[list[PrefixNode]], continuations_of, pad_id: int) -> _Packed:
+    ids, positions, segments, branches, places = [], [], [], [], []
+    for r, nodes in enumerate(rows):
+        row_ids, row_positions, row_segments, row_branches = [], [], [], []
+        for a, node in enumerate(nodes):
+            place = _Place(row=r, start=len(row_ids), continuation_starts=[])
+            row_ids += node.tokens
+            row_positions += range(len(node.tokens))
+            row_segments += [a] * len(node.tokens)
+            row_branches += [0] * len(node.tokens)
+            for k, continuation in enumerate(continuations_of(node), 1):
+                fed = continuation[:-1]  # a continuation's last token is predicted, never fed
+                place.continuation_starts.append(len(row_ids))
+                row_ids += fed
+                row_positions += range(len(node.tokens), len(node.tokens) + len(fed))
+                row_segments += [a] * len(fed)
+                row_branches += [k] * len(fed)
+            places.append(place)
+        ids.append(row_ids)
+        positions.append(row_positions)
+        segments.append(row_segments)
+        branches.append(row_branches)
+    width = max(len(r) for r in ids)
 
     def padded(values, fill):
         return torch.tensor([v + [fill] * (width - len(v)) for v in values], dtype=torch.long)
-    return _Packed(ids=padded(rows, pad_id), block=padded(blocks, -1), positions=padded(positions, 0),
-                   offsets=offsets)
+    return _Packed(ids=padded(ids, pad_id), positions=padded(positions, 0), segment=padded(segments, -1),
+                   branch=padded(branches, 0), places=places)
 
 
-def _attention_mask(parent_mask: torch.Tensor, block: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(R, 1, W, L + W) additive mask: a node token sees its path and the node's earlier tokens; a continuation
-    token sees those and its own continuation's earlier tokens; padding sees only itself (no all-masked row,
-    whose NaN would reach other rows through the values)."""
-    width = block.shape[1]
-    index = torch.arange(width, device=block.device)
-    real_q, real_k = block[:, :, None] >= 0, block[:, None, :] >= 0
-    same_branch = (block[:, None, :] == 0) | (block[:, None, :] == block[:, :, None])
-    new = (index[None, None, :] <= index[None, :, None]) & real_q & real_k & same_branch
-    new |= torch.eye(width, dtype=torch.bool, device=block.device)
-    old = parent_mask[:, None, :] & real_q
-    allowed = torch.cat([old, new], -1)
-    return torch.zeros(allowed.shape, dtype=dtype, device=block.device).masked_fill_(
+def _attention_mask(path: torch.Tensor, segment: torch.Tensor, branch: torch.Tensor, dtype: torch.dtype
+                    ) -> torch.Tensor:
+    """(R, 1, W, L + W) additive mask. A node's token sees the path (L,) its row continues and the node's earlier
+    tokens; a continuation's token also sees its own continuation's earlier tokens; nothing sees another node of
+    the row or another continuation. Padding sees only itself (an all-masked row would give NaN, which the
+    values would carry into real rows)."""
+    width = segment.shape[1]
+    index = torch.arange(width, device=segment.device)
+    real_q = segment[:, :, None] >= 0
+    same_node = (segment[:, None, :] == segment[:, :, None]) & real_q
+    same_branch = (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])
+    new = (index[None, None, :] <= index[None, :, None]) & same_node & same_branch
+    new |= torch.eye(width, dtype=torch.bool, device=segment.device)
+    allowed = torch.cat([path[None, None, :] & real_q, new], -1)
+    return torch.zeros(allowed.shape, dtype=dtype, device=segment.device).masked_fill_(
         ~allowed, torch.finfo(dtype).min)[:, None]
 
 
 @torch.no_grad()
-def _forward(model, parent: _Rows | None, parent_row: int, packed: _Packed):
-    """(last hidden states (R, W, H), the rows' _Rows for their children)."""
+def _forward(model, parent: _Parent | None, rows: list[list[PrefixNode]], packed: _Packed):
+    """(last hidden states (R, W, H), a _Parent per node, in packing order)."""
     device, trunk = model.device, model.base_model
     count = packed.ids.shape[0]
-    block = packed.block.to(device)
+    segment, branch = packed.segment.to(device), packed.branch.to(device)
     kwargs, start = {}, 0
+    path = torch.zeros(0, dtype=torch.bool, device=device)
     if parent is not None:
-        select = torch.full((count,), parent_row, dtype=torch.long, device=device)
+        select = torch.full((count,), parent.row, dtype=torch.long, device=device)
         kwargs[cache_kwarg(trunk)] = select_cache_rows(parent.cache, select)
-        start = parent.length[parent_row]
-        path = parent.mask[select]
-    else:
-        path = torch.zeros(count, 0, dtype=torch.bool, device=device)
+        start, path = parent.length, parent.mask
     dtype = next(trunk.parameters()).dtype
-    out = trunk(input_ids=packed.ids.to(device), attention_mask=_attention_mask(path, block, dtype),
+    out = trunk(input_ids=packed.ids.to(device), attention_mask=_attention_mask(path, segment, branch, dtype),
                 position_ids=start + packed.positions.to(device), use_cache=True, **kwargs)
-    own = (block == 0).sum(-1).tolist()
-    return out.last_hidden_state, _Rows(cache=returned_cache(out), mask=torch.cat([path, block == 0], 1),
-                                        length=[start + n for n in own])
+    cache = returned_cache(out)
+    own = (branch == 0) & (segment >= 0)
+    parents = [_Parent(cache=cache, row=place.row, length=start + len(node.tokens),
+                       mask=torch.cat([path, own[place.row] & (segment[place.row] == a)]))
+               for (place, node, a) in zip(packed.places, (n for row in rows for n in row),
+                                           (a for row in rows for a in range(len(row))))]
+    return out.last_hidden_state, parents
 
 
-def _batches(nodes: list[PrefixNode], row_length, batch_size: int | None, max_batch_tokens: int | None):
-    """Sibling nodes, longest rows first, in batches of at most batch_size rows and max_batch_tokens padded
-    tokens (a row alone may exceed the latter)."""
-    nodes = sorted(nodes, key=lambda n: -row_length(n))
-    batch: list[PrefixNode] = []
-    for node in nodes:
-        width = row_length(batch[0]) if batch else row_length(node)
+def _rows(nodes: list[PrefixNode], row_length, pack_tokens: int) -> list[list[PrefixNode]]:
+    """Sibling nodes packed into rows, first fit by decreasing length: a row holds up to `pack_tokens` tokens
+    (a longer node has a row to itself); rows longest first."""
+    rows: list[list[PrefixNode]] = []
+    lengths: list[int] = []
+    for node in sorted(nodes, key=lambda n: -row_length(n)):
+        size = row_length(node)
+        slot = next((i for i, used in enumerate(lengths) if used + size <= pack_tokens), None)
+        if slot is None:
+            rows.append([node])
+            lengths.append(size)
+        else:
+            rows[slot].append(node)
+            lengths[slot] += size
+    order = sorted(range(len(rows)), key=lambda i: -lengths[i])
+    return [rows[i] for i in order]
+
+
+def _batches(rows: list[list[PrefixNode]], row_length, batch_size: int | None, max_batch_tokens: int | None):
+    """Rows (longest first) in forwards of at most batch_size rows and max_batch_tokens padded tokens (a row
+    alone may exceed the latter)."""
+    batch: list[list[PrefixNode]] = []
+    for row in rows:
+        width = sum(map(row_length, batch[0] if batch else row))
         if batch and ((batch_size and len(batch) >= batch_size)
                       or (max_batch_tokens and width * (len(batch) + 1) > max_batch_tokens)):
             yield batch
             batch = []
-        batch.append(node)
+        batch.append(row)
     if batch:
         yield batch
+
+
+@dataclass
+class _Scored:
+    """Per question: summed log-probs and probabilities of its continuations, greedy flags (when asked)."""
+    logprobs: list[list[float]]
+    probs: list[list[float]]
+    greedy: list[list[bool]]
+
+
+def _score(model, hidden: torch.Tensor, nodes: list[PrefixNode], places: list[_Place], continuation_ids, *,
+           greedy: bool, temperature: float, clamp) -> tuple[list[int], _Scored] | None:
+    """The continuations of the questions that end at `nodes`, from one forward's hidden (R, W, H):
+    (their question indices, scores), or None when no question ends there."""
+    gather, targets, option_index, questions = [], [], [], []
+    width, flat = hidden.shape[1], 0
+    for node, place in zip(nodes, places):
+        last = place.row * width + place.start + len(node.tokens) - 1
+        questions += node.contexts
+        continuations = [c for q in node.contexts for c in continuation_ids[q]]
+        for continuation, start in zip(continuations, place.continuation_starts):
+            # token 0 is predicted at the node's last token, token j at fed token j - 1
+            gather += [last] + [place.row * width + start + j for j in range(len(continuation) - 1)]
+            targets += continuation
+            option_index += [flat] * len(continuation)
+            flat += 1
+    if not questions:
+        return None
+    weight, bias = lm_head(model)
+    device = hidden.device
+    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, torch.tensor(gather, device=device))
+    targets_t, options_t = torch.tensor(targets, device=device), torch.tensor(option_index, device=device)
+    counts = torch.tensor([len(continuation_ids[q]) for q in questions], device=device)
+    if greedy and rows.shape[0] * weight.shape[0] * 4 <= LOGITS_BLOCK_BYTES:
+        logits = torch.nn.functional.linear(rows, weight, bias)  # one pass of the head: argmax and log-probs
+        option_lp, option_p = cai_kernels.choice_logprobs(targets_t, options_t, counts, logits=logits,
+                                                          temperature=temperature, clamp=clamp)
+        hits = logits.argmax(-1) == targets_t
+    else:
+        option_lp, option_p = cai_kernels.choice_logprobs(targets_t, options_t, counts, hidden=rows, weight=weight,
+                                                          bias=bias, temperature=temperature, clamp=clamp)
+        hits = greedy_matches(rows, weight, bias, targets_t) if greedy else torch.ones_like(targets_t, dtype=bool)
+    # a continuation is greedy when none of its tokens misses the argmax
+    misses = torch.zeros(flat, dtype=torch.int32, device=device).index_add_(0, options_t, (~hits).to(torch.int32))
+    greedy_flat = (misses == 0).tolist()
+    option_lp, option_p = option_lp.double().tolist(), option_p.double().tolist()
+    scored, flat = _Scored([], [], []), 0
+    for row, q in enumerate(questions):
+        count = len(continuation_ids[q])
+        scored.logprobs.append(option_lp[row][:count])
+        scored.probs.append(option_p[row][:count])
+        scored.greedy.append(greedy_flat[flat:flat + count])
+        flat += count
+    return questions, scored
 
 
 @torch.no_grad()
 def score_continuations(model, pad_id: int, context_ids: list[list[int]], continuation_ids: list[list[list[int]]], *,
                         batch_size: int | None = None, max_batch_tokens: int | None = None,
+                        pack_tokens: int | None = 256,
                         prefix: SharedPrefix | None = None, share_prefixes: bool = True, greedy: bool = False,
                         temperature: float = 1.0, clamp: tuple[float, float] | None = None,
                         progress=None) -> ContinuationScores:
     """Score `continuation_ids[q]` as continuations of `context_ids[q]` (question q; token ids as given, nothing
     added). `prefix`: a SharedPrefix whose tokens come before every context (its cache is the tree's root).
 
-    A forward holds at most `batch_size` sibling nodes and `max_batch_tokens` padded tokens (each node's row is
-    its tokens plus its questions' continuations but their last tokens); neither set: one node per forward.
+    Each node of the prefix tree brings its tokens and its questions' continuations but their last tokens;
+    siblings share a row up to `pack_tokens` tokens, and at most `max_batch_tokens` (fewer, fuller forwards: a
+    forward costs a read of every weight however few its tokens; the attention computed across packed siblings,
+    then masked, stays small); None: one node per row. A packed sibling sees only its parent's path and its own
+    tokens, at the position ids it would have alone. A forward holds at most `batch_size` rows and
+    `max_batch_tokens` padded tokens (a row alone may exceed it); neither set: one row.
     `progress(n)`, when given, is called with the number of continuations each forward scored.
     """
-    _check(context_ids, continuation_ids, batch_size, max_batch_tokens)
-    weight, bias = lm_head(model)
-    logprobs: list[list[float]] = [[] for _ in context_ids]
-    probs: list[list[float]] = [[] for _ in context_ids]
-    matches: list[list[bool]] = [[] for _ in context_ids]
+    _check(context_ids, continuation_ids, batch_size, max_batch_tokens, pack_tokens)
     if batch_size is None and max_batch_tokens is None:
         batch_size = 1
+    result = ContinuationScores([[] for _ in context_ids], [[] for _ in context_ids],
+                                [[] for _ in context_ids] if greedy else None)
+
+    def continuations_of(node: PrefixNode) -> list[list[int]]:
+        return [c for q in node.contexts for c in continuation_ids[q]]
 
     def row_length(node: PrefixNode) -> int:
-        return len(node.tokens) + sum(len(c) - 1 for q in node.contexts for c in continuation_ids[q])
+        return len(node.tokens) + sum(len(c) - 1 for c in continuations_of(node))
 
-    def score(hidden: torch.Tensor, nodes: list[PrefixNode], packed: _Packed) -> None:
-        """The continuations of the questions that end at `nodes`, from the forward's hidden (R, W, H)."""
-        gather, targets, option_index, questions = [], [], [], []
-        width, flat = hidden.shape[1], 0
-        for r, node in enumerate(nodes):
-            last = r * width + len(node.tokens) - 1
-            continuations = [c for q in node.contexts for c in continuation_ids[q]]
-            questions += node.contexts
-            for continuation, start in zip(continuations, packed.offsets[r]):
-                # token 0 is predicted at the node's last token, token j at fed token j - 1
-                gather += [last] + [r * width + start + j for j in range(len(continuation) - 1)]
-                targets += continuation
-                option_index += [flat] * len(continuation)
-                flat += 1
-        if not questions:
-            return
-        device = hidden.device
-        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, torch.tensor(gather, device=device))
-        targets_t, options_t = torch.tensor(targets, device=device), torch.tensor(option_index, device=device)
-        counts = torch.tensor([len(continuation_ids[q]) for q in questions], device=device)
-        small = rows.shape[0] * weight.shape[0] * 4 <= LOGITS_BLOCK_BYTES
-        if greedy and small:  # one pass of the LM head for both the argmax and the log-probs
-            logits = torch.nn.functional.linear(rows, weight, bias)
-            option_lp, option_p = cai_kernels.choice_logprobs(targets_t, options_t, counts, logits=logits,
-                                                              temperature=temperature, clamp=clamp)
-            hits = logits.argmax(-1) == targets_t
-        else:
-            option_lp, option_p = cai_kernels.choice_logprobs(targets_t, options_t, counts, hidden=rows,
-                                                              weight=weight, bias=bias, temperature=temperature,
-                                                              clamp=clamp)
-            hits = greedy_matches(rows, weight, bias, targets_t) if greedy else None
-        if greedy:  # a continuation is greedy when none of its tokens misses the argmax
-            misses = torch.zeros(flat, dtype=torch.int32, device=device).index_add_(0, options_t,
-                                                                                   (~hits).to(torch.int32))
-            greedy_flat = (misses == 0).tolist()
-        option_lp, option_p = option_lp.double().tolist(), option_p.double().tolist()
-        flat = 0
-        for row, q in enumerate(questions):
-            count = len(continuation_ids[q])
-            logprobs[q], probs[q] = option_lp[row][:count], option_p[row][:count]
-            if greedy:
-                matches[q] = greedy_flat[flat:flat + count]
-            flat += count
-        if progress is not None:
-            progress(flat)
+    # a packed row never outgrows the forward's token budget (a single node still may)
+    pack = min(pack_tokens or 1, max_batch_tokens or pack_tokens or 1)
 
-    root_rows = None
+    def forwards(nodes: list[PrefixNode]):
+        return _batches(_rows(nodes, row_length, pack), row_length, batch_size, max_batch_tokens)
+
+    root_parent = None
     if prefix is not None:
-        root_rows = _Rows(cache=prefix.cache, mask=torch.ones(1, len(prefix), dtype=torch.bool, device=model.device),
-                          length=[len(prefix)])
-    root = prefix_tree(context_ids, share=share_prefixes)
-    # depth first: a stack of (parent rows, parent row, batches of its children still to run)
-    stack = [(root_rows, 0, _batches(root.children, row_length, batch_size, max_batch_tokens))]
+        root_parent = _Parent(cache=prefix.cache, row=0, length=len(prefix),
+                              mask=torch.ones(len(prefix), dtype=torch.bool, device=model.device))
+    # depth first: a stack of (what the nodes continue, forwards of sibling rows still to run)
+    stack = [(root_parent, forwards(prefix_tree(context_ids, share=share_prefixes).children))]
     while stack:
-        parent, parent_row, batches = stack[-1]
-        nodes = next(batches, None)
-        if nodes is None:
+        parent, pending = stack[-1]
+        rows = next(pending, None)
+        if rows is None:
             stack.pop()
             continue
-        packed = _pack(nodes, continuation_ids, pad_id)
-        hidden, rows = _forward(model, parent, parent_row, packed)
-        score(hidden, nodes, packed)
-        stack.extend((rows, r, _batches(node.children, row_length, batch_size, max_batch_tokens))
-                     for r, node in reversed(list(enumerate(nodes))) if node.children)
-    return ContinuationScores(logprobs, probs, matches if greedy else None)
+        packed = _pack(rows, continuations_of, pad_id)
+        hidden, parents = _forward(model, parent, rows, packed)
+        nodes = [n for row in rows for n in row]
+        scored = _score(model, hidden, nodes, packed.places, continuation_ids, greedy=greedy,
+                        temperature=temperature, clamp=clamp)
+        if scored is not None:
+            questions, scores = scored
+            for i, q in enumerate(questions):
+                result.logprobs[q], result.probs[q] = scores.logprobs[i], scores.probs[i]
+                if greedy:
+                    result.greedy[q] = scores.greedy[i]
+            if progress is not None:
+                progress(sum(len(continuation_ids[q]) for q in questions))
+        stack.extend((node_parent, forwards(node.children))
+                     for node_parent, node in reversed(list(zip(parents, nodes))) if node.children)
+    return result
 
 
 def greedy_matches(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, *,
@@ -288,11 +357,12 @@ def greedy_matches(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
                       for i in range(0, hidden.shape[0], rows)])
 
 
-def _check(context_ids, continuation_ids, batch_size, max_batch_tokens) -> None:
+def _check(context_ids, continuation_ids, batch_size, max_batch_tokens, pack_tokens) -> None:
     if len(context_ids) != len(continuation_ids):
         raise ValueError(f"context_ids and continuation_ids must have the same length; got {len(context_ids)} "
                          f"and {len(continuation_ids)}")
-    for name, value in (("batch_size", batch_size), ("max_batch_tokens", max_batch_tokens)):
+    for name, value in (("batch_size", batch_size), ("max_batch_tokens", max_batch_tokens),
+                        ("pack_tokens", pack_tokens)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be a positive int or None; got {value!r}")
     for q, (context, continuations) in enumerate(zip(context_ids, continuation_ids)):

@@ -48,7 +48,9 @@ class CaiLM(HFLM):
 
     Takes HFLM's arguments; besides: `pretrained="embedded"` is the embedded SmolLM2-135M-Instruct,
     `device=None` picks cuda when available, else cpu, and `share_prefixes=False` encodes every context whole
-    (no prefix tree). `batch_size` is the number of contexts (tree nodes) per forward, as HFLM's is requests.
+    (no prefix tree). `batch_size` is the number of rows per forward, as HFLM's is requests: a row holds a tree
+    node (a context's tokens beyond its parent's) with the continuations that end there, or several sibling nodes
+    packed up to `score_continuations`' pack_tokens (256 tokens).
     """
 
     def __init__(self, pretrained="embedded", device: str | None = None, share_prefixes: bool = True, **kwargs):

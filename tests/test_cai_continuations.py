@@ -84,13 +84,15 @@ def _requests(seed, vocab, *, questions=12):
     return contexts, continuations
 
 
-@pytest.mark.parametrize("batch_size,max_batch_tokens,share", [(1, None, True), (3, None, True), (None, 40, True),
-                                                               (4, None, False), (None, 1, True)])
-def test_scores_match_one_forward_per_request(tiny, batch_size, max_batch_tokens, share):
+@pytest.mark.parametrize("batch_size,max_batch_tokens,pack_tokens,share", [
+    (1, None, 256, True), (3, None, 256, True), (None, 40, 256, True), (4, None, 256, False), (None, 1, 256, True),
+    (1, None, 1, True), (2, None, 12, False), (3, None, None, True)])
+def test_scores_match_one_forward_per_request(tiny, batch_size, max_batch_tokens, pack_tokens, share):
     model, tok = tiny
     contexts, continuations = _requests(0, model.config.vocab_size)
     scores = score_continuations(model, tok.pad_token_id, contexts, continuations, batch_size=batch_size,
-                                 max_batch_tokens=max_batch_tokens, share_prefixes=share, greedy=True)
+                                 max_batch_tokens=max_batch_tokens, pack_tokens=pack_tokens, share_prefixes=share,
+                                 greedy=True)
     for q, (context, options) in enumerate(zip(contexts, continuations)):
         naive = [_naive(model, context, c) for c in options]
         assert scores.logprobs[q] == pytest.approx([n[0] for n in naive], abs=1e-4)
@@ -145,15 +147,48 @@ def test_each_shared_token_runs_once(tiny, monkeypatch):
     assert len(fed) == 2  # the shared head, then the six contexts' own tokens with their continuations
 
 
+@pytest.mark.parametrize("pack_tokens,batch_size,max_batch_tokens,shapes", [
+    (256, 8, None, [(1, 24)]),  # the six siblings (4 tokens each) share one row
+    (None, 8, None, [(6, 4)]),  # no packing: a row per sibling
+    (10, 8, None, [(3, 8)]),  # two siblings a row
+    (256, None, 8, [(1, 8)] * 3),  # rows capped by max_batch_tokens, one row a forward
+])
+def test_packing_sibling_nodes(tiny, monkeypatch, pack_tokens, batch_size, max_batch_tokens, shapes):
+    """Sibling nodes share a row up to pack_tokens (and max_batch_tokens) tokens; the scores do not change."""
+    model, tok = tiny
+    head = list(range(10, 40))
+    contexts = [head + [50 + i, 60] for i in range(6)]
+    continuations = [[[70, 71, 72], [73 + i]] for i in range(6)]
+    fed = []
+    trunk_forward = model.base_model.forward
+
+    @functools.wraps(trunk_forward)
+    def recording(*args, **kwargs):
+        fed.append(tuple(kwargs["input_ids"].shape))
+        return trunk_forward(*args, **kwargs)
+    monkeypatch.setattr(model.base_model, "forward", recording)
+    scores = score_continuations(model, tok.pad_token_id, contexts, continuations, batch_size=batch_size,
+                                 max_batch_tokens=max_batch_tokens, pack_tokens=pack_tokens, greedy=True)
+    assert fed[1:] == shapes
+    monkeypatch.undo()
+    for q, (context, options) in enumerate(zip(contexts, continuations)):
+        naive = [_naive(model, context, c) for c in options]
+        assert scores.logprobs[q] == pytest.approx([n[0] for n in naive], abs=1e-4)
+        assert scores.greedy[q] == [n[1] for n in naive]
+
+
 def test_attention_mask_never_masks_a_whole_row():
-    block = torch.tensor([[0, 0, 1, 1, 2, -1, -1]])
-    parent = torch.tensor([[True, False, True]])
-    mask = _attention_mask(parent, block, torch.float32)[0, 0] == 0
+    # one row: node 0 (2 tokens) with continuations 1 (2 tokens) and 2 (1 token), node 1 (1 token), padding
+    segment = torch.tensor([[0, 0, 0, 0, 0, 1, -1]])
+    branch = torch.tensor([[0, 0, 1, 1, 2, 0, 0]])
+    path = torch.tensor([True, False, True])
+    mask = _attention_mask(path, segment, branch, torch.float32)[0, 0] == 0
     assert mask.any(-1).all()
     assert mask[4, 3:].tolist() == [True, True, False, False, True, False, False]  # node tokens, own branch
     assert mask[3, 3:].tolist() == [True, True, True, True, False, False, False]
-    assert mask[:5, :3].tolist() == [[True, False, True]] * 5
-    assert mask[5].tolist() == [False] * 3 + [False] * 5 + [True, False]
+    assert mask[5, 3:].tolist() == [False] * 5 + [True, False]  # a packed sibling sees only itself and the path
+    assert mask[:6, :3].tolist() == [[True, False, True]] * 6
+    assert mask[6].tolist() == [False] * 3 + [False] * 6 + [True]
 
 
 def test_greedy_matches_in_blocks():
@@ -177,3 +212,7 @@ def test_bad_requests(tiny):
         score_continuations(model, tok.pad_token_id, [[1]], [[[2]]], batch_size=0)
     with pytest.raises(ValueError, match="max_batch_tokens"):
         score_continuations(model, tok.pad_token_id, [[1]], [[[2]]], max_batch_tokens=True)
+    with pytest.raises(ValueError, match="pack_tokens"):
+        score_continuations(model, tok.pad_token_id, [[1]], [[[2]]], pack_tokens=0)
+    with pytest.raises(ValueError, match="pack_tokens"):
+        score_continuations(model, tok.pad_token_id, [[1]], [[[2]]], pack_tokens=2.5)
