@@ -4,9 +4,10 @@ the label stage and the lm-evaluation-harness backend.
 The naive way (lm-eval's hf) runs one forward of context + continuation per request and a log-softmax over the
 whole vocabulary at every position. Here:
   1. The contexts go into a prefix tree (a radix tree: a node holds the tokens its contexts share beyond its
-     parent's). Each node's tokens run once, on a copy of its parent's KV cache, sibling nodes batched, the
-     tree walked depth first so that only the caches on the current path are alive. Few-shot examples, an
-     instruction, or a question asked with several answer lists (the paper's HHH file: 41% of its context
+     parent's). Each node's tokens run once, on a copy of its parent's KV cache, sibling nodes batched (short
+     ones packed into one row, `pack_tokens`, a block-diagonal mask keeping them apart), the tree walked
+     depth first so that only the caches on the current path are alive. Few-shot examples, an instruction,
+     or a question asked with several answer lists (the paper's HHH file: 41% of its context
      tokens repeat an earlier context's prefix) cost nothing after their first time.
   2. Where contexts end, their continuations ride in the same forward: each continuation's tokens but its last
      are packed after the node's tokens in its row, with position ids that restart where the context ends
