@@ -9,6 +9,7 @@
     cai eval mc --data FILE.jsonl [--model M] [--limit N] [--json]
     cai eval mc --data paper:* --chain-of-thought [--samples N]   every eval file of the paper's folder, reasoning first
     cai eval pm --model RUN/train_pm/model [--data paper:438HHHEvaluations.jsonl]   a PM on the HHH comparisons
+    cai eval harness --model cai --model_args pretrained=embedded --tasks T ...   lm-eval's own CLI, `cai` model added
     cai report --out runs/demo                     rewrite report.md from a run folder
 
 Errors are `error: ...` lines on stderr and a non-zero exit (1; 2 for a bad command line), with no traceback
@@ -148,8 +149,34 @@ def build_parser() -> argparse.ArgumentParser:
     pm.add_argument("--device", default="auto")
     pm.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     _add_debug(pm)
+    # parsed by lm-eval (main() hands everything after `eval harness` to it); listed here for --help
+    evals.add_parser("harness", add_help=False,
+                     help="lm-evaluation-harness's CLI with the batched scorer registered as --model cai "
+                          "(every lm-eval flag; needs the [harness] extra)")
     return parser
 
+
+def _eval_harness(argv: list[str]) -> int:
+    """lm-eval's own CLI (`lm-eval run ...`) with the `cai` model registered; lm-eval 0.4 finds no plugins."""
+    try:
+        from lm_eval.__main__ import cli_evaluate
+
+        from . import harness  # noqa: F401  registers --model cai
+    except ImportError as err:
+        print(f"error: `cai eval harness` needs lm-evaluation-harness ({err}); "
+              f"pip install 'cai-kernels[harness]'", file=sys.stderr)
+        return 2
+    from .models import ModelNotFoundError
+
+    saved, sys.argv = sys.argv, ["cai eval harness", *argv]
+    try:
+        cli_evaluate()
+    except (ModelNotFoundError, OSError, ValueError, KeyError) as err:  # OSError: a model path or id not found
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        sys.argv = saved
+    return 0
 
 
 def _eval_mc(args) -> int:
@@ -293,6 +320,9 @@ def error_lines(err: BaseException) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["eval", "harness"]:  # lm-eval parses its own flags
+        return _eval_harness(argv[2:])
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("CAI_DEBUG", "") not in ("", "0")
     shown = warnings.showwarning

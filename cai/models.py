@@ -255,18 +255,51 @@ class SharedPrefix:
     def __init__(self, model, tokenizer, text: str):
         self.text = text
         self.ids = encode(tokenizer, text)
-        with torch.no_grad():
-            prefix = torch.tensor([self.ids], dtype=torch.long, device=model.device)
-            self._cache = returned_cache(model.base_model(input_ids=prefix, use_cache=True))
+        self._cache = self._encode(model, self.ids)
+
+    @classmethod
+    def from_ids(cls, model, ids: list[int]) -> SharedPrefix:
+        """A prefix given as token ids (already tokenized few-shot examples, say)."""
+        if not ids:
+            raise ValueError("a shared prefix needs at least one token; got ids=[]")
+        prefix = cls.__new__(cls)
+        prefix.text, prefix.ids = None, list(ids)
+        prefix._cache = cls._encode(model, prefix.ids)
+        return prefix
+
+    @staticmethod
+    @torch.no_grad()
+    def _encode(model, ids: list[int]):
+        prefix = torch.tensor([ids], dtype=torch.long, device=model.device)
+        return returned_cache(model.base_model(input_ids=prefix, use_cache=True))
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def cache(self):
+        """The prefix's KV cache, one row (read it, e.g. through select_cache_rows; do not extend it)."""
+        return self._cache
 
     def cache_for(self, batch: int):
         """A fresh copy of the prefix cache with `batch` rows (the model's forward extends it in place)."""
         cache = copy.deepcopy(self._cache)
         cache.batch_repeat_interleave(batch)
         return cache
+
+
+def select_cache_rows(cache, rows: torch.Tensor):
+    """A cache holding `cache`'s batch rows `rows` (B',) (repeats allowed), leaving `cache` as it was.
+
+    The layers' key / value tensors are indexed into new tensors; a forward on the result extends only it.
+    """
+    selected = copy.copy(cache)
+    if hasattr(cache, "layers"):
+        selected.layers = [copy.copy(layer) for layer in cache.layers]
+    else:  # transformers < 4.54: per-layer lists of tensors, which batch_select_indices re-assigns
+        selected.key_cache, selected.value_cache = list(cache.key_cache), list(cache.value_cache)
+    selected.batch_select_indices(rows)
+    return selected
 
 
 def shared_prefix(model, tokenizer, texts: list[str], prefix) -> tuple[SharedPrefix | None, list[str]]:

@@ -48,3 +48,28 @@ def test_eval_mc_chain_of_thought_on_hhh(capsys):
     assert any(text.strip() for text in result["reasoning"])
     assert not any(stop in text for text in result["reasoning"] for stop in ("The answer is", "\n\nHuman:"))
     assert all(abs(sum(p) - 1.0) < 1e-5 for p in result["probs"])
+
+
+@pytest.mark.skipif(paper_data_dir() is None, reason="the paper's published data folder is not on this machine")
+def test_harness_backend_on_hhh_matches_hf(tmp_path):
+    """`--model cai` against lm-eval's hf on the embedded model, the HHH file as a local task: the same
+    per-request log-likelihoods (1e-4) and is_greedy, the same accuracy."""
+    lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (the `harness` extra)")
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from cai.harness import CaiLM, write_mc_task
+
+    require_ops("choice_logprobs")
+    write_mc_task("paper:438HHHEvaluations.jsonl", tmp_path, name="hhh")
+    model, tokenizer = load_model("embedded", device="cpu", dtype="float32")
+    answers, accuracy = {}, {}
+    for name, lm in (("hf", HFLM(pretrained=model, tokenizer=tokenizer, batch_size=2)),
+                     ("cai", CaiLM(pretrained=model, tokenizer=tokenizer, batch_size=2))):
+        out = lm_eval.simple_evaluate(model=lm, tasks=["hhh"], limit=6, log_samples=True, verbosity="WARNING",
+                                      task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False))
+        answers[name] = [r[0] for s in sorted(out["samples"]["hhh"], key=lambda s: s["doc_id"]) for r in s["resps"]]
+        accuracy[name] = out["results"]["hhh"]["acc,none"]
+    assert len(answers["cai"]) == 12 and accuracy["cai"] == accuracy["hf"]
+    assert max(abs(a[0] - b[0]) for a, b in zip(answers["hf"], answers["cai"])) <= 1e-4
+    assert [a[1] for a in answers["hf"]] == [b[1] for b in answers["cai"]]

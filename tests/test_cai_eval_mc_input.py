@@ -10,10 +10,11 @@ import pytest
 
 from cai import CaiWarning
 from cai.cli import main as cai_main
+from cai.continuations import score_continuations
 from cai.data import load_mc_questions
 from cai.evals import mc_eval
 from cai.models import encode, generate, load_model
-from cai.scoring import _score_batch, score_options, tokenize_questions
+from cai.scoring import score_options, tokenize_questions
 from cai_helpers import _one_thread, require_ops, tiny_model_dir  # noqa: F401 (fixtures)
 
 GOOD = {"prompt": "Which reply is kinder? (A) go away (B) happy to help. The answer is:", "corrects": [" (B)"],
@@ -101,9 +102,8 @@ def test_prompt_longer_than_the_context_is_cut_from_the_left(tiny_model_dir):
         cut = score_options(model, tokenizer, prompts, options)
     room = context - (max(len(o) for o in option_ids[0]) - 1)
     for q in range(3):  # each scored as its last `room` tokens, the options unchanged
-        expected = _score_batch(model, tokenizer, [prompt_ids[q][-room:]], [option_ids[q]], prefix=None,
-                                temperature=1.0, clamp=None)[1]
-        assert cut.probs[q] == pytest.approx(expected[0].tolist(), abs=1e-6)
+        expected = score_continuations(model, tokenizer.pad_token_id, [prompt_ids[q][-room:]], [option_ids[q]])
+        assert cut.probs[q] == pytest.approx(expected.probs[0], abs=1e-6)
     with pytest.raises(ValueError, match=f"multiple-choice scoring: 2 of 3 prompts do not fit in the model's context "
                                          f"of {context} tokens"):
         score_options(model, tokenizer, prompts, options, overflow="error")

@@ -10,7 +10,7 @@ from cai.cli import main as cai_main
 from cai.data import MCQuestion, load_mc_questions
 from cai.evals import mc_eval
 from cai.models import load_model
-from cai.scoring import plan_batches, score_options
+from cai.scoring import score_options
 from cai_helpers import _one_thread, require_ops, tiny_model_dir, tiny_raw_model_dir  # noqa: F401 (fixtures)
 from naive_mc import naive_mc_eval, naive_option_logprobs, normalize
 
@@ -77,13 +77,6 @@ def test_bad_questions(tiny_model_dir):
         score_options(model, tok, ["x"], [[" a", ""]])
     with pytest.raises(ValueError, match="same length"):
         score_options(model, tok, ["x", "y"], [[" a"]])
-
-
-def test_plan_batches_covers_every_question_once():
-    prompt_ids = [[0] * n for n in (5, 50, 7, 300, 1, 80)]
-    batches = plan_batches(prompt_ids, 128)
-    assert sorted(q for b in batches for q in b) == list(range(6))
-    assert all(len(b) == 1 or max(len(prompt_ids[q]) for q in b) * len(b) <= 128 for b in batches)
 
 
 def test_mc_eval_and_cli_json(tiny_model_dir, tmp_path, capsys):
