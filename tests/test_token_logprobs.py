@@ -471,3 +471,28 @@ def test_devices_must_match(logits, targets):
 def test_unknown_backend(logits, targets):
     with pytest.raises(ValueError, match="backend must be one of"):
         cai_kernels.token_logprobs(logits, targets, backend="fortran")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the GPU runs the script itself (benchmarks/gpu.sh token-logprobs)")
+def test_gpu_script_runs_end_to_end_on_the_interpreter(tmp_path):
+    # benchmarks/token_logprobs_gpu.py (the split's GPU check) at tiny shapes: every forced pieces count is
+    # checked against the reference and timed, and the summary carries the acceptance line
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    run = subprocess.run([sys.executable, "-m", "benchmarks.token_logprobs_gpu", "--dry-run", "--out", str(tmp_path)],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "== token_logprobs split: summary" in run.stdout and "acceptance (issue 10)" in run.stdout
+    report = json.loads((tmp_path / "token-logprobs-split-dry-run.json").read_text())
+    assert {case["pieces"] for case in report["correctness"]} == {"rule", 1, 2, 4}
+    assert all(case["ok"] for case in report["correctness"])
+    variants = {row["variant"] for row in report["forward"]}
+    assert {"op", "op, no check", "pieces=1", "pieces=2", "pieces=4", "pieces=1 1-block", "torch.compile",
+            "eager"} <= variants
+    assert {row["variant"] for row in report["fwd_bwd"]} == {"op fwd+bwd", "torch.compile fwd+bwd"}
