@@ -73,15 +73,19 @@ def synchronize() -> None:
 
 @contextlib.contextmanager
 def knobs(*, pieces: int | None = None, prefetch: bool = True, check: bool = True):
-    """The launcher's test knobs (FORCE_PIECES, PREFETCH) and, with check=False, no target-range check."""
-    saved = tk.FORCE_PIECES, tk.PREFETCH, tk.check_targets_in_range
+    """The launcher's test knobs (FORCE_PIECES, PREFETCH) and, with check=False, no target-range check
+    (where the launcher still has one: a launcher that checks on the device needs no stub)."""
+    saved = tk.FORCE_PIECES, tk.PREFETCH
+    saved_check = getattr(tk, "check_targets_in_range", None)
     tk.FORCE_PIECES, tk.PREFETCH = pieces, prefetch
-    if not check:
+    if not check and saved_check is not None:
         tk.check_targets_in_range = lambda *args, **kwargs: None
     try:
         yield
     finally:
-        tk.FORCE_PIECES, tk.PREFETCH, tk.check_targets_in_range = saved
+        tk.FORCE_PIECES, tk.PREFETCH = saved
+        if saved_check is not None:
+            tk.check_targets_in_range = saved_check
 
 
 def make_sets(rows: int, vocab: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
