@@ -12,6 +12,9 @@
 #   bash benchmarks/gpu.sh test bench-quick     # a short lease: the tests, then the headline cases only
 #   bash benchmarks/gpu.sh linear-head         # the tensor-core fused LM head alone (benchmarks/linear_head_gpu.py):
 #                                              # correctness, timings vs GEMMs / Liger / CCE, config sweep, < 2 min
+#   bash benchmarks/gpu.sh token-logprobs      # token_logprobs' row split alone (benchmarks/token_logprobs_gpu.py):
+#                                              # every pieces count checked and timed at 64-16384 rows vs
+#                                              # torch.compile; bf16 at 4096 / 8192 rows first (the acceptance)
 # or `bash benchmarks/gpu.sh all` where one command may run longer.
 # Each bench part writes benchmarks/results/<device>-<date>-<part>.json and copies it to $OUT at once
 # (a machine given back between calls loses its files). `report` merges the parts it finds into
@@ -29,8 +32,8 @@ PARTS=()
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
-    test|bench-logprobs|bench-linear|bench-rest|bench-quick|report|all|setup|linear-head) PARTS+=("$arg") ;;
-    *) echo "usage: $0 [setup|test|bench-logprobs|bench-linear|bench-rest|bench-quick|report|all|linear-head]... [--dry-run]" >&2; exit 2 ;;
+    test|bench-logprobs|bench-linear|bench-rest|bench-quick|report|all|setup|linear-head|token-logprobs) PARTS+=("$arg") ;;
+    *) echo "usage: $0 [setup|test|bench-logprobs|bench-linear|bench-rest|bench-quick|report|all|linear-head|token-logprobs]... [--dry-run]" >&2; exit 2 ;;
   esac
 done
 [ ${#PARTS[@]} -gt 0 ] || PARTS=(all)
@@ -137,6 +140,11 @@ for part in "${PARTS[@]}"; do
                  else mkdir -p "$OUT"
                       timeout -s INT -k 20 "$TIME_LIMIT" "$PY" -m benchmarks.linear_head_gpu --out "$OUT" 2>&1 | tee "$OUT/linear-head.log"
                  fi ;;
+    # no setup either: the Triton kernels and the reference only
+    token-logprobs) if [ "$DRY_RUN" = 1 ]; then run "$PY" -m benchmarks.token_logprobs_gpu --out "$OUT"
+                    else mkdir -p "$OUT"
+                         timeout -s INT -k 20 "$TIME_LIMIT" "$PY" -m benchmarks.token_logprobs_gpu --out "$OUT" 2>&1 | tee "$OUT/token-logprobs.log"
+                    fi ;;
     all) setup; part_test; part_bench logprobs benchmarks/test_bench_token_logprobs.py
          [ ${#LINEAR_BENCHES[@]} -eq 0 ] || part_bench linear "${LINEAR_BENCHES[@]}"
          [ ${#REST_BENCHES[@]} -eq 0 ] || part_bench rest "${REST_BENCHES[@]}"

@@ -17,6 +17,8 @@ Sections (each prints as it finishes, so a run cut short still reports what it m
                fused linear cross-entropy and Cut Cross-Entropy (reduction "sum", fwd+bwd), and the
                up-front experiment; triton.testing.do_bench medians over 3 rotated input sets; peak
                extra memory (beyond inputs and the returned gradients) of each fwd+bwd
+  routing      exact fp32 (TF32 off) and fp64: linear_head against the hybrid engine and the bare cuBLAS
+               GEMMs, fwd+bwd; the summary names the faster engine for each (EXACT_ROUTES)
   sweep        forward tiles x warps x stages x pieces, dz-kernel tiles, grad-GEMM tiles, vocab chunk:
                each stage timed alone at both shapes, under a time budget
 Peers come from .whl/ (``make gpu-wheels`` on a machine with internet; carry .whl): installed with
@@ -213,10 +215,10 @@ def upfront_fwd_bwd(s, config=None):
     h_tiles = triton.cdiv(H, gr.block_n)
     weight_tiles = triton.cdiv(V, gr.block_m) * h_tiles
     lh.linear_head_grad_kernel[(weight_tiles + triton.cdiv(N, gr.block_m) * h_tiles,)](
-        dz, h, w, grad_weight, grad_hidden, grad_hidden, N, H, 0, V, dz.stride(0), h.stride(0), 1, w.stride(0), 1,
-        grad_weight.stride(0), grad_hidden.stride(0), weight_tiles,
+        dz, h, w, grad_weight, grad_hidden, grad_hidden, N, H, 0, V, dz.stride(0), N, 0, h.stride(0), 1, w.stride(0),
+        1, grad_weight.stride(0), grad_hidden.stride(0), weight_tiles,
         ACCUMULATE_X=False, HAS_LO=False, EVEN_N=N % gr.block_k == 0, EVEN_WIDTH=V % gr.block_k == 0,
-        EVEN_H=H % gr.block_n == 0, BLOCK_M=gr.block_m, BLOCK_N=gr.block_n, BLOCK_K=gr.block_k, ACC=tl.float32, DOT_PRECISION="tf32",
+        EVEN_H=H % gr.block_n == 0, SPLIT_ROWS=False, BLOCK_M=gr.block_m, BLOCK_N=gr.block_n, BLOCK_K=gr.block_k, ACC=tl.float32, DOT_PRECISION="tf32",
         UPCAST=upcast, num_warps=gr.num_warps, num_stages=gr.num_stages)
     return logp, grad_hidden, grad_weight
 
@@ -450,61 +452,73 @@ def timings(shape: Shape, peers: dict) -> list[dict]:
     for s in sets:
         s.pop("h_leaf", None), s.pop("w_leaf", None), s.pop("g", None)
     if shape == (DRY_SHAPES if DRY_RUN else ACCEPTANCE)[0]:
-        rows += fp32_timings(shape)
+        rows += exact_timings(shape)
     return rows
 
 
-def fp32_timings(shape: Shape) -> list[dict]:
-    """fp32 inputs at one shape, fwd+bwd: exact fp32 (torch's default, TF32 off: tl.dot on FMA units)
-    and TF32 (allow_tf32), against cuBLAS fp32 GEMMs and the current hybrid (torch.mm on fp32 operands
-    + Triton row kernels): which path fp32 inputs should take after the integration."""
-    sets = make_sets(shape, dtype=torch.float32, count=1 if DRY_RUN else 2)
+EXACT_FP64_SHAPE = Shape(4096, 576, 49152)  # fp64 runs at ~1/15 of the bf16 rate: a quarter of the tokens
+
+
+def exact_timings(shape: Shape) -> list[dict]:
+    """The routing table of triton/linear_token_logprobs.py (EXACT_ROUTES), fwd+bwd: exact fp32 (torch's
+    default, TF32 off: linear_head's tl.dot on FMA units) and fp64 (DMMA) on linear_head against the
+    hybrid (cuBLAS GEMMs + Triton row kernels) and the bare cuBLAS GEMMs; fp32 under TF32 (linear_head,
+    the route it always takes) for reference. Rows carry ``group``; the summary names the faster engine."""
     rows = []
-    hybrid = _hybrid_module()
-    variants = [("fp32 bare GEMMs (exact)", False, bare_fwd_bwd), ("fp32 linear_head (exact)", False, ours_fwd_bwd),
-                ("fp32 bare GEMMs (tf32)", True, bare_fwd_bwd), ("fp32 linear_head (tf32)", True, ours_fwd_bwd)]
-    if hybrid is not None:
-        variants.append(("fp32 hybrid linear_logprobs (exact)", False, lambda s: _hybrid_fwd_bwd(hybrid, s)))
-    for name, tf32, step in variants:
-        before = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        try:
-            rotation = Rotation(sets)
-            ms = bench(lambda: step(rotation.next()))
-            extra = peak_extra_bytes(step, sets[0])
-            rows.append(dict(shape=shape.label, variant=name, mode="fwd+bwd", ms=ms, tflops=3 * shape.gemm_flops / ms / 1e9,
-                             extra_mb=None if extra is None else extra / 2**20,
-                             extra_pct_of_bf16_logits=None if extra is None else 100 * extra / shape.logits_bytes_bf16))
-            log(f"  {name:<34} fwd+bwd  {ms:9.3f} ms  {rows[-1]['tflops']:7.1f} TFLOP/s")
-        except Exception as error:  # noqa: BLE001
-            rows.append(dict(shape=shape.label, variant=name, mode="fwd+bwd", error=f"{type(error).__name__}: {error}"[:300]))
-            log(f"  {name}: FAILED {rows[-1]['error']}")
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = before
-    for s in sets:
-        s.pop("g", None)
+    cases = [(shape, torch.float32, "fp32 exact", False), (shape, torch.float32, "fp32 tf32", True),
+             (DRY_SHAPES[0] if DRY_RUN else EXACT_FP64_SHAPE, torch.float64, "fp64", False)]
+    for case_shape, dtype, group, tf32 in cases:
+        sets = make_sets(case_shape, dtype=dtype, count=1 if DRY_RUN else 2)
+        variants = [("bare GEMMs", bare_fwd_bwd), ("linear_head", ours_fwd_bwd)]
+        if not tf32:
+            variants.append(("hybrid", _hybrid_fwd_bwd))
+        for engine, step in variants:
+            before = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            name = f"{group}: {engine}"
+            try:
+                rotation = Rotation(sets)
+                ms = bench(lambda: step(rotation.next()))
+                extra = peak_extra_bytes(step, sets[0])
+                rows.append(dict(shape=case_shape.label, variant=name, group=group, engine=engine, mode="fwd+bwd",
+                                 ms=ms, tflops=3 * case_shape.gemm_flops / ms / 1e9,
+                                 extra_mb=None if extra is None else extra / 2**20,
+                                 extra_pct_of_bf16_logits=None if extra is None
+                                 else 100 * extra / case_shape.logits_bytes_bf16))
+                log(f"  {name:<34} fwd+bwd  {ms:9.3f} ms  {rows[-1]['tflops']:7.1f} TFLOP/s  {case_shape.label}")
+            except Exception as error:  # noqa: BLE001
+                rows.append(dict(shape=case_shape.label, variant=name, group=group, engine=engine, mode="fwd+bwd",
+                                 error=f"{type(error).__name__}: {error}"[:300]))
+                log(f"  {name}: FAILED {rows[-1]['error']}")
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = before
+        del sets
     return rows
 
 
-def _hybrid_module():
-    """The current CUDA path (torch.mm + Triton row kernels), under its old or its restructured name."""
-    import importlib
-    for name in ("cai_kernels.triton.linear_logprobs", "cai_kernels.triton.linear_token_logprobs"):
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        if hasattr(module, "linear_token_logprobs_fwd") and hasattr(module, "VOCAB_BLOCK"):
-            return module
-    return None
+def _hybrid_fwd_bwd(s):
+    """The hybrid engine of triton/linear_token_logprobs.py with the op's default blocking."""
+    from cai_kernels._params import LinearTokenLogprobsParams
+    from cai_kernels.triton import linear_token_logprobs as ltl
+
+    params = LinearTokenLogprobsParams(1.0, None, False, ltl.VOCAB_BLOCK, ltl.TOKEN_CHUNK)
+    h3 = s["h"].unsqueeze(0)  # the op's (outer, inner, H) rows view
+    logp, ent, lse = ltl._hybrid_fwd(h3, s["w"], None, s["t"], params)
+    return ltl._hybrid_bwd(s["ones"], lse.new_empty(0), h3, s["w"], None, s["t"], lse, ent, True, True, False, params)
 
 
-def _hybrid_fwd_bwd(module, s):
-    h3 = s["h"].unsqueeze(0)  # its (outer, inner, H) rows view
-    blocking = (module.VOCAB_BLOCK, module.TOKEN_CHUNK)
-    logp, ent, lse = module.linear_token_logprobs_fwd(h3, s["w"], None, s["t"], 1.0, 0, False, False, *blocking)
-    return module.linear_token_logprobs_bwd(s["ones"], lse.new_empty(0), h3, s["w"], None, s["t"], lse, ent, 1.0, 0,
-                                            False, True, True, False, *blocking)
+def routing_verdict(rows) -> list[str]:
+    """One line per exact dtype: the engine EXACT_ROUTES should name (the faster fwd+bwd)."""
+    lines = []
+    for group, dtype in (("fp32 exact", "torch.float32"), ("fp64", "torch.float64")):
+        timed = {r["engine"]: r["ms"] for r in rows if r.get("group") == group and "ms" in r}
+        if "hybrid" in timed and "linear_head" in timed:
+            best = min(("hybrid", "linear_head"), key=timed.get)
+            lines.append(f"  EXACT_ROUTES[{dtype}] = {best!r}: hybrid {timed['hybrid']:.3f} ms, linear_head "
+                         f"{timed['linear_head']:.3f} ms, bare GEMMs {timed.get('bare GEMMs', float('nan')):.3f} ms")
+        else:
+            lines.append(f"  EXACT_ROUTES[{dtype}]: not settled (an engine failed: see the timings)")
+    return lines
 
 
 # -- sweep -------------------------------------------------------------------------------------------------
@@ -645,14 +659,13 @@ def summary(shapes, timing_rows, correct, sweep_rows) -> str:
     for shape in shapes:
         mine = [r for r in timing_rows if r["shape"] == shape.label]
         bare = {r["mode"]: r.get("ms") for r in mine if r["variant"] == "bare bf16 GEMMs"}
-        bare_fp32 = {tf32: next((r.get("ms") for r in mine if r["variant"] == f"fp32 bare GEMMs ({tf32})"), None)
-                     for tf32 in ("exact", "tf32")}
         for r in mine:
             if "ms" not in r:
                 lines.append(f"{shape.label:<26} {r['variant']:<36} {r['mode']:<8} {r['error'][:60]}")
                 continue
-            if r["variant"].startswith("fp32"):  # against the fp32 GEMMs of the same precision
-                base = bare_fp32["tf32" if "(tf32)" in r["variant"] else "exact"]
+            if r.get("group"):  # exact / TF32 / fp64 rows: against the bare GEMMs of the same group
+                base = next((o.get("ms") for o in mine if o.get("group") == r["group"] and o["engine"] == "bare GEMMs"),
+                            None)
             else:
                 base = bare.get(r["mode"])
             ratio = r["ms"] / base if base else float("nan")
@@ -662,6 +675,10 @@ def summary(shapes, timing_rows, correct, sweep_rows) -> str:
         checks = acceptance(mine, bare)
         lines.append(f"{'':<26} acceptance: " + "; ".join(f"{k} {'PASS' if v else 'FAIL'}" if v is not None
                                                           else f"{k} n/a" for k, v in checks.items()))
+    exact_rows = [r for r in timing_rows if r.get("group")]
+    if exact_rows:
+        lines.append("routing of exact fp32 / fp64 (EXACT_ROUTES in cai_kernels/triton/linear_token_logprobs.py):")
+        lines += routing_verdict(exact_rows)
     if sweep_rows:
         lines.append("sweep (best per stage):")
         for shape in shapes:

@@ -1,14 +1,13 @@
 """The tensor-core fused LM head (cai_kernels/triton/linear_head.py) against the float64 reference.
 
-The launchers are called directly (the op layer is wired to them separately). On this machine the
+The launchers are called directly (tests/test_linear_token_logprobs.py checks the op that routes bf16 /
+fp16, and fp32 under TF32, to them). On this machine the
 kernels run through Triton's interpreter on CPU tensors with small tiles (16 x 32 x 16, 3 vocabulary
 pieces, 64-column backward chunks), so that the odd sizes below cross every tile, piece and chunk
 edge; on a GPU the same tests run on CUDA with the launcher's own blocking.
 
-Error model of the gradients (16-bit inputs): dz is rounded once to the operand dtype before the
-two GEMMs (unit roundoff u), the GEMMs accumulate in fp32, and the result is rounded once more, so
-|grad - exact| <= u * sum_k |dz_k w_k| + u * |exact| (+ fp32 terms). ``assert_within_model`` checks
-exactly that bound, element by element.
+Error model of the gradients: ``tests/_rounding_model.py`` (dz rounded once to the operand dtype before
+the two GEMMs, fp32 accumulation, one more rounding of the result), checked element by element.
 """
 
 import math
@@ -20,21 +19,11 @@ from cai_kernels.reference import linear_token_logprobs as reference
 from cai_kernels.reference import token_logprobs as reference_token_logprobs
 from cai_kernels.triton import linear_head
 from tests._backends import assert_close
+from tests._rounding_model import assert_gradients_within_model, exact
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24, torch.float64: 2.0**-53}
-# Absolute rounding of one dz element. Stored: fp16's subnormals (below 6.1e-5) are spaced 2^-24 apart,
-# so dz that small rounds with an error up to 2^-25 (probabilities ~ 1/V land there), as in torch's own
-# fp16 softmax backward. Computed: p = exp(z - lse) below fp32's (fp64's) smallest normal number may
-# be flushed to zero (the GPU's ex2.approx.ftz), an error of up to that number times |g + h (z - mu)| / T.
-ABSOLUTE_ROUNDOFF = {torch.bfloat16: 2.0**-134, torch.float16: 2.0**-25, torch.float32: 2.0**-150,
-                     torch.float64: 2.0**-1075}
-SMALLEST_NORMAL = {torch.float64: 2.0**-1022}
-if DEVICE.type == "cpu":
-    # Triton's interpreter rounds fp32 -> bf16 toward zero (triton 3.9, ``_convert_float``); the GPU
-    # rounds to nearest even
-    UNIT_ROUNDOFF[torch.bfloat16] = 2.0**-7
+INTERPRETED = DEVICE.type == "cpu"  # the kernels run through Triton's interpreter
 
 
 @pytest.fixture(autouse=True)
@@ -78,52 +67,6 @@ def run(hidden, weight, bias, targets, *, temperature=1.0, ignore_index=None, gr
     return logp, entropy, lse, grads, (grad_logp, grad_ent)
 
 
-def exact(hidden, weight, bias, targets, upstream, *, temperature=1.0, ignore_index=None):
-    """float64 reference on the very values the kernels saw: logp, entropy, lse, the gradients (autograd)
-    and, for the error model, |dz| split into its two parts: (|g| [k == t] + p |g + h (z - mu)|) / T."""
-    leaves = [None if t is None else t.detach().double().cpu().requires_grad_() for t in (hidden, weight, bias)]
-    logits = torch.nn.functional.linear(*leaves)
-    targets = targets.cpu()
-    logp, entropy = reference_token_logprobs(logits, targets, temperature=temperature, ignore_index=ignore_index,
-                                             return_entropy=True)
-    grad_logp, grad_ent = (u.double().cpu() for u in upstream)
-    loss = (logp.reshape(-1) * grad_logp).sum()
-    if grad_ent.numel():
-        loss = loss + (entropy.reshape(-1) * grad_ent).sum()
-    grads = torch.autograd.grad(loss, [t for t in leaves if t is not None])
-    with torch.no_grad():
-        z = (logits / temperature).reshape(-1, logits.size(-1))
-        p = z.softmax(-1)
-        active = torch.ones(z.size(0), dtype=torch.bool) if ignore_index is None else targets.reshape(-1) != ignore_index
-        g = grad_logp * active
-        h = grad_ent * active if grad_ent.numel() else torch.zeros_like(g)
-        mu = (p * z.masked_fill(p == 0, 0.0)).sum(-1, keepdim=True)
-        coef = (g[:, None] + h[:, None] * (z - mu).masked_fill(p == 0, 0.0)).abs()
-        is_target = torch.nn.functional.one_hot(targets.reshape(-1).clamp(min=0), z.size(-1)).bool()
-        parts = ((g.abs()[:, None] * is_target + p * coef) * active[:, None]) / temperature
-        lse = torch.logsumexp(z, -1).masked_fill(~active, 0.0)
-        logit_size = z[torch.isfinite(z)].abs().max().item() + lse.abs().max().item()
-        coef_size = (g.abs().max().item() + h.abs().max().item() * 2 * logit_size) / temperature
-    return logp.detach(), entropy.detach(), lse, grads, (parts, (logit_size, coef_size)), (leaves[0].detach(), leaves[1].detach())
-
-
-def assert_within_model(actual, expected, terms_bound, weights_bound, sizes, dtype, name):
-    """|actual - expected| <= (u + slack) (terms_bound + |expected|) + floor * weights_bound, element by
-    element: terms_bound = sum_k |dz_k| |w_k| over the sum that forms the element (|dz| as its two
-    parts), weights_bound = sum_k |w_k|. slack: the fp32 (fp64) error of p = exp(z - lse), relative to
-    the logits' size (max |z| + max |lse|); floor: the absolute rounding of one dz (see above)."""
-    logit_size, coef_size = sizes
-    eps = 2.0**-53 if dtype == torch.float64 else 2.0**-24
-    slack = 32 * eps * (1 + logit_size)
-    floor = ABSOLUTE_ROUNDOFF[dtype] + SMALLEST_NORMAL.get(dtype, 2.0**-126) * coef_size
-    bound = (UNIT_ROUNDOFF[dtype] + slack) * (terms_bound + expected.abs()) + floor * weights_bound + 1e-300
-    error = (actual.detach().double().cpu() - expected).abs()
-    worst = (error / bound).max().item() if error.numel() else 0.0
-    assert actual.dtype == dtype, f"{name}: dtype {actual.dtype}, expected {dtype}"
-    assert not torch.isnan(actual).any(), f"{name}: NaN"
-    assert worst <= 1.0, f"{name}: error {worst:.2f}x the model's bound (max abs error {error.max().item():.3g})"
-
-
 def check(hidden, weight, bias, targets, *, temperature=1.0, ignore_index=None, grad_entropy=True, config=None,
           forward_tol=None):
     """The forward and all three gradients against the float64 reference; returns the kernels' results."""
@@ -139,16 +82,7 @@ def check(hidden, weight, bias, targets, *, temperature=1.0, ignore_index=None, 
     assert_close(entropy, ref_entropy.reshape(-1), rtol=tol, atol=tol, msg="entropy")
     assert_close(lse, ref_lse.reshape(-1), rtol=tol, atol=tol, msg="lse")
 
-    x2 = h.reshape(-1, h.size(-1))
-    bounds = ((dz_parts @ w.abs()).reshape(h.shape), dz_parts.t() @ x2.abs(), dz_parts.sum(0))
-    weights = (w.abs().sum(0).expand(h.shape), x2.abs().sum(0).expand(w.shape), torch.full((w.size(0),), x2.size(0)))
-    for name, grad, ref, bound, weight_sum in zip(("grad_hidden", "grad_weight", "grad_bias"), grads,
-                                                  ref_grads + (None,), bounds, weights):
-        if ref is None:
-            assert grad.numel() == 0
-            continue
-        assert grad.shape == ref.shape, f"{name}: shape {tuple(grad.shape)}, expected {tuple(ref.shape)}"
-        assert_within_model(grad, ref, bound, weight_sum, sizes, hidden.dtype, name)
+    assert_gradients_within_model(grads, ref_grads, dz_parts, sizes, h, w, hidden.dtype, interpreted=INTERPRETED)
     return logp, entropy, grads
 
 
@@ -339,13 +273,43 @@ def test_reference_op_agrees_with_the_launcher_contract():
 
 
 def test_vocab_chunk_stays_within_the_memory_fraction():
+    """scratch + lo (+ the copy of hidden when its rows need one) <= 4.8 % of the bf16 logits wherever that
+    leaves room for the floor of 8 grad tiles; otherwise the chunk is that floor (module docstring)."""
     config = linear_head.HOPPER
-    for rows, hidden_size, vocab in ((16384, 576, 49152), (8192, 4096, 128256), (65536, 896, 151936)):
-        chunk = linear_head.vocab_chunk(rows, hidden_size, vocab, torch.bfloat16, config)
-        extra = rows * chunk * 2 + rows * hidden_size * 2  # scratch + lo
-        assert chunk % config.grad.block_k == 0 and chunk % config.dlogits.block_n == 0
-        assert extra <= 0.05 * rows * vocab * 2, (rows, hidden_size, vocab, chunk)
+    step = math.lcm(config.dlogits.block_n, config.grad.block_m, config.grad.block_k)
+    for rows, hidden_size, vocab in ((16384, 576, 49152), (8192, 4096, 128256), (65536, 896, 151936),
+                                     (4096, 4096, 32000)):
+        for copied in (False, True):
+            chunk = linear_head.vocab_chunk(rows, hidden_size, vocab, torch.bfloat16, config, hidden_copied=copied)
+            assert chunk % config.grad.block_k == 0 and chunk % config.dlogits.block_n == 0
+            fixed = rows * hidden_size * 2 * (2 if copied else 1)  # lo (+ the copy of hidden)
+            logits = rows * vocab * 2
+            if fixed + rows * 8 * step * 2 <= linear_head.MEMORY_FRACTION * logits:
+                assert rows * chunk * 2 + fixed <= linear_head.MEMORY_FRACTION * logits, (rows, hidden_size, vocab)
+            else:
+                assert chunk == 8 * step, (rows, hidden_size, vocab, copied)
+    # the acceptance shapes fit without a copy of hidden
+    assert linear_head.vocab_chunk(8192, 4096, 128256, torch.bfloat16, config) == 2048
     assert linear_head.vocab_chunk(8, 16, 100, torch.bfloat16, config) == 128  # tiny: one chunk, V rounded up
+
+
+@pytest.mark.parametrize("view", ["matrix", "time_slice", "transpose", "three_strides"])
+def test_rows_are_read_in_place_unless_no_two_level_layout_fits(view):
+    """hidden's rows as one strided matrix, or an (outer, inner) pair of strides (``hidden[:, :-1]``,
+    a transposed (T, B, H) view): read in place; only a view that needs three strides is copied."""
+    base = torch.randn(2, 3, 4, 6, 16, dtype=torch.float64)
+    hidden = {"matrix": base[0, 0], "time_slice": base[0, :, :-1], "transpose": base[0, :, 0].transpose(0, 1),
+              "three_strides": base[:, :, 1:, 1:]}[view]
+    x, _, _, _, _, split_rows, copied = linear_head._row_layout(hidden)
+    assert (split_rows, copied) == {"matrix": (False, False), "time_slice": (True, False),
+                                    "transpose": (True, False), "three_strides": (False, True)}[view]
+    if not copied:
+        assert x.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+    hidden = hidden.to(torch.bfloat16).to(DEVICE)
+    _, weight, bias = make_inputs(1, 16, 70, dtype=torch.bfloat16)
+    targets = torch.randint(0, 70, hidden.shape[:-1], device=DEVICE)
+    _, _, (grad_hidden, _, _) = check(hidden, weight, bias, targets, temperature=0.9)
+    assert grad_hidden.shape == hidden.shape
 
 
 @pytest.mark.slow

@@ -1,5 +1,10 @@
 """linear_token_logprobs: every compiled backend against the float64 reference (full logits);
-peak memory; bad input."""
+the Triton backend's routing (tensor-core linear_head for bf16 / fp16 and TF32, the hybrid or
+linear_head for exact fp32 / fp64: both engines are tested); peak memory; bad input.
+
+Gradients are checked against the error model of tests/_rounding_model.py: the tensor-core engine
+rounds dz to the operand dtype before its GEMMs; the C++ kernels and the hybrid keep dz in fp32 and
+meet the same bound with room to spare."""
 
 import importlib
 import math
@@ -12,7 +17,10 @@ from hypothesis import given, settings
 import cai_kernels
 from benchmarks._memory import peak_extra_bytes
 from cai_kernels.reference import linear_token_logprobs as reference
+from cai_kernels.triton import linear_head
+from cai_kernels.triton import linear_token_logprobs as triton_backend
 from tests._backends import LOW_PRECISION, assert_close, compiled_backends
+from tests._rounding_model import assert_gradients_within_model, exact
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = compiled_backends("linear_token_logprobs", DEVICE)
@@ -21,16 +29,28 @@ op_module = importlib.import_module("cai_kernels.ops.linear_token_logprobs")
 
 @pytest.fixture
 def blocks(monkeypatch):
-    """Set (vocab_block, token_chunk) of every compiled backend: small blocks put many blocks, a
-    ragged last block and several token chunks into inputs small enough for Triton's interpreter."""
-    from cai_kernels.triton import linear_token_logprobs as linear_logprobs
+    """Set (vocab_block, token_chunk) of the C++ kernels and of the Triton backend's hybrid engine: small
+    blocks put many blocks, a ragged last block and several token chunks into inputs small enough for
+    Triton's interpreter. The tensor-core engine keeps its own blocking (the interpreter's is small:
+    16 x 32 x 16 tiles, 3 vocabulary pieces, 64-column backward chunks)."""
 
     def set_blocks(vocab_block, token_chunk):
         monkeypatch.setitem(op_module.BLOCKING, "cpu", (vocab_block, token_chunk))
-        monkeypatch.setattr(linear_logprobs, "VOCAB_BLOCK", vocab_block)
-        monkeypatch.setattr(linear_logprobs, "TOKEN_CHUNK", token_chunk)
+        monkeypatch.setattr(triton_backend, "VOCAB_BLOCK", vocab_block)
+        monkeypatch.setattr(triton_backend, "TOKEN_CHUNK", token_chunk)
 
     return set_blocks
+
+
+@pytest.fixture
+def exact_route(monkeypatch):
+    """Route exact fp32 / fp64 inputs of the Triton backend to one engine (``EXACT_ROUTES``)."""
+
+    def set_route(engine):
+        monkeypatch.setitem(triton_backend.EXACT_ROUTES, torch.float32, engine)
+        monkeypatch.setitem(triton_backend.EXACT_ROUTES, torch.float64, engine)
+
+    return set_route
 
 
 def make_inputs(lead, hidden_size, vocab, *, dtype=torch.float32, with_bias=True, logit_scale=3.0):
@@ -42,23 +62,11 @@ def make_inputs(lead, hidden_size, vocab, *, dtype=torch.float32, with_bias=True
     return cast(hidden), cast(weight), cast(bias)
 
 
-def grad_tolerance(dtype, expected):
-    """One rounding to the input dtype on top of fp32 accumulation over H, V and rows: the absolute
-    part is relative to the gradient's largest entry (entries near 0 come from cancellations)."""
-    scale = expected.abs().max().item()
-    if dtype == torch.bfloat16:
-        return {"rtol": 1e-2, "atol": 1e-4 * scale}
-    if dtype == torch.float16:
-        return {"rtol": 2e-3, "atol": 1e-4 * scale}
-    if dtype == torch.float64:
-        return {"rtol": 1e-9, "atol": 1e-12 * scale}
-    return {"rtol": 1e-4, "atol": 1e-5 * scale}
-
-
 def check_forward_backward(hidden, weight, bias, targets, backend, *, temperature=1.0, ignore_index=None,
                            entropy_weight=0.37):
     """Forward (log-probs + entropy) and the gradients of a weighted sum w.r.t. hidden, weight, bias,
-    each against the reference in float64 on the very values the kernel saw."""
+    each against the reference in float64 on the very values the kernel saw (the gradients under the
+    error model of tests/_rounding_model.py)."""
     kwargs = dict(temperature=temperature, ignore_index=ignore_index, return_entropy=True)
     leaves = [None if t is None else t.detach().requires_grad_() for t in (hidden, weight, bias)]
     logp, entropy = cai_kernels.linear_token_logprobs(leaves[0], leaves[1], targets, bias=leaves[2], backend=backend,
@@ -67,21 +75,24 @@ def check_forward_backward(hidden, weight, bias, targets, backend, *, temperatur
     assert logp.dtype == entropy.dtype == out_dtype
     assert logp.shape == entropy.shape == targets.shape
 
-    ref_leaves = [None if t is None else t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
-    ref_logp, ref_entropy = reference(ref_leaves[0], ref_leaves[1], targets, bias=ref_leaves[2], **kwargs)
+    # upstream gradients that fp32 holds exactly: the kernels and the reference see the same values
+    weights = torch.rand(targets.shape, dtype=torch.float32).double()
+    entropy_weight = float(torch.tensor(entropy_weight, dtype=torch.float32))
+    upstream = (weights, torch.full(targets.shape, entropy_weight, dtype=torch.float64))
+    ref_logp, ref_entropy, _, ref_grads, (dz_parts, sizes), (h64, w64) = exact(
+        hidden, weight, bias, targets, upstream, temperature=temperature, ignore_index=ignore_index)
     tol = 1e-10 if hidden.dtype == torch.float64 else 2e-5
     assert_close(logp, ref_logp, rtol=tol, atol=tol, msg="log-probs")
     assert_close(entropy, ref_entropy, rtol=tol, atol=tol, msg="entropy")
 
-    weights = torch.rand_like(ref_logp)
-    (logp * weights.to(logp.dtype)).sum().add((entropy * entropy_weight).sum()).backward()
-    (ref_logp * weights).sum().add((ref_entropy * entropy_weight).sum()).backward()
-    for name, leaf, ref_leaf in zip(("hidden", "weight", "bias"), leaves, ref_leaves):
-        if leaf is None:
-            continue
-        assert leaf.grad.dtype == leaf.dtype and leaf.grad.shape == leaf.shape
-        assert_close(leaf.grad, ref_leaf.grad, **grad_tolerance(leaf.dtype, ref_leaf.grad), msg=f"grad of {name}")
-    return logp, entropy, [None if leaf is None else leaf.grad for leaf in leaves]
+    (logp * weights.to(logp).reshape(logp.shape)).sum().add((entropy * entropy_weight).sum()).backward()
+    grads = [None if leaf is None else leaf.grad for leaf in leaves]
+    for leaf, grad in zip(leaves, grads):
+        if leaf is not None:
+            assert grad.dtype == leaf.dtype and grad.shape == leaf.shape
+    assert_gradients_within_model(grads, ref_grads, dz_parts, sizes, h64, w64, hidden.dtype,
+                                  interpreted=backend == "triton" and DEVICE.type == "cpu")
+    return logp, entropy, grads
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -161,10 +172,12 @@ def test_without_bias_and_frozen_head(backend, blocks):
     # a frozen LM head: only hidden gets a gradient (the kernel skips the weight GEMM)
     leaf = hidden.detach().requires_grad_()
     cai_kernels.linear_token_logprobs(leaf, weight, targets, backend=backend).sum().backward()
-    ref_leaf = hidden.detach().double().requires_grad_()
-    reference(ref_leaf, weight.double(), targets).sum().backward()
+    ones = torch.ones(targets.shape, dtype=torch.float64)
+    _, _, _, (ref_grad, _, _), (dz_parts, sizes), (h64, w64) = exact(hidden, weight, None, targets,
+                                                                     (ones, ones.new_empty(0)))
     assert weight.grad is None
-    assert_close(leaf.grad, ref_leaf.grad, **grad_tolerance(torch.float32, ref_leaf.grad))
+    assert_gradients_within_model((leaf.grad, None, None), (ref_grad, None, None), dz_parts, sizes, h64, w64,
+                                  hidden.dtype, interpreted=backend == "triton" and DEVICE.type == "cpu")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -258,6 +271,127 @@ def test_property_matches_reference(lead, hidden_size, vocab, dtype, temperature
     tol = 4e-6 * (1 + (scale + 4) / temperature)
     assert_close(logp, ref_logp, rtol=tol, atol=tol)
     assert_close(entropy, ref_entropy, rtol=tol, atol=tol)
+
+
+# ---- the Triton backend's routing: tensor cores for 16-bit (and TF32), a table for exact fp32 / fp64 --------
+
+def test_routing_table():
+    engine = triton_backend.engine
+    for dtype in (torch.bfloat16, torch.float16):
+        assert engine(dtype, tf32=False) == engine(dtype, tf32=True) == triton_backend.LINEAR_HEAD
+    assert engine(torch.float32, tf32=True) == triton_backend.LINEAR_HEAD
+    assert engine(torch.float32, tf32=False) == triton_backend.EXACT_ROUTES[torch.float32]
+    assert engine(torch.float64, tf32=True) == triton_backend.EXACT_ROUTES[torch.float64]
+    assert set(triton_backend.EXACT_ROUTES.values()) <= {triton_backend.LINEAR_HEAD, triton_backend.HYBRID}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_each_dtype_reaches_its_engine(dtype, monkeypatch):
+    """The op's Triton backend calls linear_head's launchers, forward and backward, for 16-bit inputs (and
+    for exact fp32 only where the table says so), the hybrid's otherwise: counted, not assumed."""
+    calls = []
+    for name in ("linear_token_logprobs_fwd", "linear_token_logprobs_bwd"):
+        launcher = getattr(linear_head, name)
+        monkeypatch.setattr(linear_head, name, lambda *a, _f=launcher, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    hidden, weight, bias = make_inputs((3, 4), 16, 90, dtype=dtype)
+    leaf = hidden.detach().requires_grad_()
+    targets = torch.randint(0, 90, (3, 4), device=DEVICE)
+    cai_kernels.linear_token_logprobs(leaf, weight, targets, bias=bias, backend="triton").sum().backward()
+    tf32 = DEVICE.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    expected = triton_backend.engine(dtype, tf32)
+    assert calls == (["linear_token_logprobs_fwd", "linear_token_logprobs_bwd"]
+                     if expected == triton_backend.LINEAR_HEAD else [])
+
+
+@pytest.mark.parametrize("engine", [triton_backend.LINEAR_HEAD, triton_backend.HYBRID])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_exact_inputs_on_either_engine(engine, dtype, exact_route, blocks):
+    """Whichever engine EXACT_ROUTES names after the next GPU run, exact fp32 and fp64 are right on it."""
+    exact_route(engine)
+    blocks(64, 4)
+    hidden, weight, bias = make_inputs((2, 7), 20, 301, dtype=dtype)
+    hidden = hidden[:, 1:]                                        # an (outer, inner) view, read in place
+    targets = torch.randint(0, 301, (2, 6), device=DEVICE)
+    targets[1, 2] = -100
+    check_forward_backward(hidden, weight, bias, targets, "triton", temperature=0.8, ignore_index=-100)
+
+
+def test_gradcheck_float64_on_the_tensor_core_engine(exact_route):
+    exact_route(triton_backend.LINEAR_HEAD)
+    hidden, weight, bias = (t.requires_grad_() for t in make_inputs((2, 3), 4, 40, dtype=torch.float64))
+    targets = torch.randint(0, 40, (2, 3), device=DEVICE)
+    targets[0, 1] = -1
+
+    def both_outputs(h, w, b):
+        return cai_kernels.linear_token_logprobs(h, w, targets, bias=b, temperature=0.7, ignore_index=-1,
+                                                 return_entropy=True, backend="triton")
+
+    assert torch.autograd.gradcheck(both_outputs, (hidden, weight, bias), fast_mode=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_logprobs_are_the_fp32_accumulated_gemm_not_bf16_rounded_logits(backend):
+    """The numerics contract, through the public op: log-probs of the fp32-accumulated GEMM of the bf16
+    operands (what cuBLAS gives with fp32 output), far closer to it than the log-probs of bf16-rounded
+    logits are."""
+    hidden, weight, _ = make_inputs((24,), 256, 200, dtype=torch.bfloat16, with_bias=False, logit_scale=8.0)
+    targets = torch.randint(0, 200, (24,), device=DEVICE)
+    logp = cai_kernels.linear_token_logprobs(hidden, weight, targets, backend=backend)
+    fp32_logits = hidden.double() @ weight.double().t()  # bf16 products are exact; fp64 sums them exactly enough
+    from_fp32 = cai_kernels.token_logprobs(fp32_logits, targets, backend="reference")
+    from_bf16 = cai_kernels.token_logprobs(fp32_logits.float().bfloat16().double(), targets, backend="reference")
+    error = (logp.double() - from_fp32).abs().max().item()
+    rounding_gap = (from_bf16 - from_fp32).abs().max().item()
+    assert error < 5e-5, error
+    assert rounding_gap > 100 * error, (rounding_gap, error)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_triton_backend_is_deterministic(dtype):
+    """No atomics on either engine: two runs give bit-identical log-probs, entropies and gradients."""
+    hidden, weight, bias = make_inputs((5, 9), 24, 333, dtype=dtype)
+    targets = torch.randint(0, 333, (5, 9), device=DEVICE)
+
+    def run():
+        leaves = [t.detach().requires_grad_() for t in (hidden, weight, bias)]
+        logp, entropy = cai_kernels.linear_token_logprobs(leaves[0], leaves[1], targets, bias=leaves[2],
+                                                          temperature=0.8, return_entropy=True, backend="triton")
+        (logp.sum() + 0.3 * entropy.sum()).backward()
+        return [logp, entropy] + [leaf.grad for leaf in leaves]
+
+    for a, b in zip(run(), run()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_64_bit_offsets_of_hidden_rows(backend):
+    """Rows of hidden 2^29 + 64 elements apart (bf16): row index x stride passes 2^31, which a 32-bit
+    offset would wrap. On the CPU the storage is 1 GiB of untouched (not resident) memory."""
+    if DEVICE.type == "cuda" and torch.cuda.get_device_properties(0).total_memory < 16 * 2**30:
+        pytest.skip("needs a 1 GiB buffer on the GPU")
+    stride, rows, hidden_size = 2**29 + 64, 5, 16
+    storage = torch.empty(stride * (rows - 1) + hidden_size, dtype=torch.bfloat16, device=DEVICE)
+    hidden = storage.as_strided((rows, hidden_size), (stride, 1))
+    values, weight, bias = make_inputs((rows,), hidden_size, 37, dtype=torch.bfloat16)
+    hidden.copy_(values)
+    targets = torch.randint(0, 37, (rows,), device=DEVICE)
+    check_forward_backward(hidden, weight, bias, targets, backend, temperature=1.1)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="TF32 is a CUDA matmul mode")
+def test_fp32_under_tf32_takes_the_tensor_cores(monkeypatch):
+    """allow_tf32: fp32 inputs run on linear_head in TF32; the log-probs are those of the logits within
+    TF32's rounding of both operands (2^-11 each: |error of z| <= 2 * 2^-11 sum_k |x_k w_k| / T)."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert triton_backend._engine_for(torch.empty(1, device=DEVICE)) == triton_backend.LINEAR_HEAD
+    hidden, weight, bias = make_inputs((64,), 256, 1000)
+    targets = torch.randint(0, 1000, (64,), device=DEVICE)
+    logp = cai_kernels.linear_token_logprobs(hidden, weight, targets, bias=bias, temperature=0.9, backend="triton")
+    ref = reference(hidden.double(), weight.double(), targets, bias=bias.double(), temperature=0.9)
+    products = (hidden.double().abs() @ weight.double().abs().t()) / 0.9
+    # log p moves by at most twice the largest logit error of its row (z_t and the log-sum-exp)
+    bound = 2 * 2 * 2.0**-11 * products.max(-1).values + 1e-5
+    assert torch.all((logp.double() - ref).abs().cpu() <= bound.cpu())
 
 
 def test_backends_agree_with_each_other():

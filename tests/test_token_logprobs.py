@@ -166,7 +166,8 @@ def test_gradcheck_float64(backend):
         return cai_kernels.token_logprobs(x, targets, temperature=0.7, ignore_index=-1, return_entropy=True,
                                           backend=backend)
 
-    assert torch.autograd.gradcheck(both_outputs, (logits,))
+    # the interpreter runs each Triton program in Python: random projections instead of the full Jacobian
+    assert torch.autograd.gradcheck(both_outputs, (logits,), fast_mode=backend == "triton" and DEVICE.type == "cpu")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -206,6 +207,183 @@ def test_property_matches_reference(lead, vocab, dtype, temperature, scale, use_
     tol = 4e-6 * (1 + scale / temperature)
     assert_close(logp, ref_logp, rtol=tol, atol=tol)
     assert_close(entropy, ref_entropy, rtol=tol, atol=tol)
+
+
+# ---- the Triton backend's split of long rows over several programs (few rows: fill the GPU) ---------------
+
+from cai_kernels.triton import token_logprobs as triton_kernels  # noqa: E402
+
+
+@pytest.fixture
+def split(monkeypatch):
+    """Force the Triton kernels to split every row into ``pieces`` programs of ``block``-wide steps, so
+    that small rows cross piece, block and vocabulary edges; ``prefetch`` False: one block in flight."""
+
+    def set_split(pieces, block=32, prefetch=True):
+        monkeypatch.setattr(triton_kernels, "FORCE_PIECES", pieces)
+        monkeypatch.setattr(triton_kernels, "MAX_BLOCK_V", block)
+        monkeypatch.setattr(triton_kernels, "PREFETCH", prefetch)
+
+    return set_split
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("vocab,pieces", [(301, 2), (301, 3), (1000, 7), (97, 4), (33, 5)])
+def test_split_rows_match_reference(dtype, vocab, pieces, split):
+    # V = 301 = 9 * 32 + 13: pieces of 4 and 5 blocks, the last ragged; 1000 / 32 = 31.25 blocks in 7
+    # pieces; 33 = 1 block + 1 entry in at most 2 pieces (capped at the block count)
+    split(pieces)
+    logits = random_logits(2, 5, vocab, dtype=dtype)
+    targets = torch.randint(0, vocab, (2, 5), device=DEVICE)
+    targets[0, 0], targets[1, 4] = 0, vocab - 1       # the first and the last column
+    targets[1, 1] = -100
+    logp, entropy, grad = check_forward_backward(logits, targets, "triton", temperature=0.7, ignore_index=-100)
+    assert logp[1, 1] == 0 and entropy[1, 1] == 0 and torch.all(grad[1, 1] == 0)
+
+
+@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "one-block"])
+@pytest.mark.parametrize("pieces", [1, 3])
+def test_both_loop_forms_split_or_not(prefetch, pieces, split):
+    split(pieces, block=16, prefetch=prefetch)
+    logits = random_logits(3, 4, 203)
+    targets = torch.randint(0, 203, (3, 4), device=DEVICE)
+    check_forward_backward(logits, targets, "triton", temperature=1.3)
+
+
+def test_split_and_unsplit_agree(split):
+    logits = random_logits(6, 777, dtype=torch.bfloat16)
+    targets = torch.randint(0, 777, (6,), device=DEVICE)
+    split(1)
+    whole = cai_kernels.token_logprobs(logits, targets, return_entropy=True, backend="triton")
+    split(5)
+    pieces = cai_kernels.token_logprobs(logits, targets, return_entropy=True, backend="triton")
+    for a, b in zip(whole, pieces):
+        assert_close(a, b, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("pieces", [2, 4])
+def test_split_rows_with_minus_inf_nan_and_inf(pieces, split):
+    split(pieces)
+    logits = random_logits(6, 300)
+    logits[0, :200] = -math.inf       # whole pieces of -inf: (m, s, w) = (-inf, 0, 0) must merge to nothing
+    logits[1, :] = -math.inf          # a row of -inf: NaN, as log_softmax
+    logits[2, 250] = math.nan         # NaN in one piece poisons its row only
+    logits[3, 17] = math.inf          # +inf: NaN, as log_softmax
+    logits[4, 100:] = -math.inf       # -inf from the second piece on
+    targets = torch.tensor([250, 3, 5, 40, 50, 299], device=DEVICE)
+    logp, entropy = cai_kernels.token_logprobs(logits, targets, return_entropy=True, backend="triton")
+    ref_logp, ref_entropy = reference_f64(logits, targets, return_entropy=True)
+    assert_close(logp, ref_logp, msg="log-probs")       # NaN must match NaN, infinities exactly
+    assert_close(entropy, ref_entropy, msg="entropy")
+    assert torch.isnan(logp[[1, 2, 3]]).all() and torch.isfinite(logp[[0, 4, 5]]).all()
+    # and the gradient where the row is finite
+    finite = [0, 4, 5]
+    _, _, grad = check_forward_backward(logits[finite], targets[finite], "triton")
+    assert torch.all(grad[0, :200] == 0) and torch.all(grad[1, 100:] == 0)
+
+
+def test_split_gradcheck_float64(split):
+    split(3, block=16)
+    logits = torch.randn(2, 2, 37, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    targets = torch.randint(0, 37, (2, 2), device=DEVICE)
+    targets[1, 1] = -1
+
+    def both_outputs(x):
+        return cai_kernels.token_logprobs(x, targets, temperature=0.7, ignore_index=-1, return_entropy=True,
+                                          backend="triton")
+
+    # the interpreter runs each Triton program in Python: random projections instead of the full Jacobian
+    assert torch.autograd.gradcheck(both_outputs, (logits,), fast_mode=DEVICE.type == "cpu")
+
+
+def test_split_non_contiguous_views(split):
+    split(3)
+    base = random_logits(2, 4, 300, dtype=torch.bfloat16)
+    for logits in (base[:, :-1], base.transpose(0, 1)):
+        targets = torch.randint(0, 300, logits.shape[:-1], device=DEVICE)
+        check_forward_backward(logits, targets, "triton", temperature=0.9)
+
+
+def test_split_offsets_beyond_2_pow_31(split):
+    # as test_offsets_beyond_2_pow_31, through the split kernels: 4 blocks of 16 in 2 pieces, forward and
+    # backward (the backward re-reads the row at its 64-bit offset)
+    split(2, block=16)
+    vocab, gap = 64, 2**31 + 64
+    storage = torch.empty(gap + vocab, dtype=torch.bfloat16, device=DEVICE)
+    logits = storage.as_strided((2, vocab), (gap, 1))
+    logits.copy_(random_logits(2, vocab, dtype=torch.bfloat16))
+    targets = torch.tensor([3, 60], device=DEVICE)
+    check_forward_backward(logits, targets, "triton", temperature=0.8)
+
+
+@pytest.mark.parametrize("rows,vocab,pieces", [(130, 64, 2), (9, 600, 40)], ids=["2-pieces-2-merge-programs",
+                                                                               "capped-at-32-pieces"])
+def test_split_merge_tiles(rows, vocab, pieces, split):
+    # 130 rows of 2 pieces: merge tiles of 128 rows, the second ragged; 600 / 16 = 38 blocks, 40 pieces asked:
+    # MAX_PIECES = 32, one merge tile of 32 pieces x 32 rows, 9 of them used
+    split(pieces, block=16)
+    expected = min(pieces, triton_kernels.MAX_PIECES)
+    assert triton_kernels.split_pieces(rows, vocab, 16, 2, 132) == expected
+    assert rows % triton_kernels.merge_blocks(expected)[1] != 0
+    logits = random_logits(rows, vocab, dtype=torch.bfloat16)
+    targets = torch.randint(0, vocab, (rows,), device=DEVICE)
+    targets[::7] = -100
+    check_forward_backward(logits, targets, "triton", temperature=1.1, ignore_index=-100)
+
+
+def test_split_is_deterministic(split):
+    # fixed-order merge, no atomics: two calls agree bit for bit
+    split(4)
+    logits = random_logits(5, 999, dtype=torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, 999, (5,), device=DEVICE)
+    runs = []
+    for _ in range(2):
+        logits.grad = None
+        logp, entropy = cai_kernels.token_logprobs(logits, targets, return_entropy=True, backend="triton")
+        (logp.sum() + entropy.sum()).backward()
+        runs.append((logp.detach(), entropy.detach(), logits.grad.clone()))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_split_rule():
+    """The launcher's rule (triton/token_logprobs.py): split only when the one-program-per-row grid
+    leaves most of its last wave empty and the merge costs less than that; pieces span >= 2 blocks."""
+    pieces = triton_kernels.split_pieces
+    sms, block = 132, 4096
+    slots = sms * triton_kernels.RESIDENT_PROGRAMS_PER_SM
+    for element in (2, 4):
+        # many rows: one program per row (several full waves)
+        for rows in (4096, 8192, 16384, 32768):
+            assert pieces(rows, 49152, block, element, sms) == 1
+            assert pieces(rows, 49152, block, element, sms, backward=True) == 1
+        # few rows: a split fills the SMs that one program per row leaves idle
+        for rows in (64, 128, 256):
+            p = pieces(rows, 151936, block, element, sms)
+            assert p > 1 and rows * p >= slots // 2, (rows, p)
+    # every piece spans at least MIN_BLOCKS_PER_PIECE blocks: a row of 3 blocks is never split
+    assert pieces(8, 3 * block, block, 2, sms) == 1
+    assert pieces(8, 2 * block * 5, block, 2, sms) <= 5
+    # the choice is the minimum of the model when that saves MIN_SPLIT_GAIN, else one program per row
+    model = triton_kernels.modeled_seconds
+    gain = triton_kernels.MIN_SPLIT_GAIN
+    for vocab in (49152, 151936):
+        for rows in (1, 16, 100, 300, 500, 1000, 1500, 3000):
+            p = pieces(rows, vocab, block, 2, sms)
+            times = {q: model(rows, vocab, 2, q, sms) for q in range(1, -(-vocab // block) // 2 + 1)}
+            best = min(times.values())
+            if p == 1:
+                assert best > (1 - gain) * times[1], (vocab, rows)
+            else:
+                assert times[p] == best and times[p] <= (1 - gain) * times[1], (vocab, rows, p)
+    # never more than MAX_PIECES, however long the row and few the rows
+    assert pieces(1, 2**20, block, 2, sms) == triton_kernels.MAX_PIECES
+
+
+def test_split_rule_reads_the_sm_count_from_the_device():
+    count = triton_kernels.sm_count(torch.device("cpu"))
+    assert count == triton_kernels.CPU_SMS
+    if torch.cuda.is_available():
+        assert triton_kernels.sm_count(DEVICE) == torch.cuda.get_device_properties(DEVICE).multi_processor_count
 
 
 def test_backends_agree_with_each_other():
@@ -293,3 +471,28 @@ def test_devices_must_match(logits, targets):
 def test_unknown_backend(logits, targets):
     with pytest.raises(ValueError, match="backend must be one of"):
         cai_kernels.token_logprobs(logits, targets, backend="fortran")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the GPU runs the script itself (benchmarks/gpu.sh token-logprobs)")
+def test_gpu_script_runs_end_to_end_on_the_interpreter(tmp_path):
+    # benchmarks/token_logprobs_gpu.py (the split's GPU check) at tiny shapes: every forced pieces count is
+    # checked against the reference and timed, and the summary carries the acceptance line
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    run = subprocess.run([sys.executable, "-m", "benchmarks.token_logprobs_gpu", "--dry-run", "--out", str(tmp_path)],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "== token_logprobs split: summary" in run.stdout and "acceptance (issue 10)" in run.stdout
+    report = json.loads((tmp_path / "token-logprobs-split-dry-run.json").read_text())
+    assert {case["pieces"] for case in report["correctness"]} == {"rule", 1, 2, 4}
+    assert all(case["ok"] for case in report["correctness"])
+    variants = {row["variant"] for row in report["forward"]}
+    assert {"op", "op, no check", "pieces=1", "pieces=2", "pieces=4", "pieces=1 1-block", "torch.compile",
+            "eager"} <= variants
+    assert {row["variant"] for row in report["fwd_bwd"]} == {"op fwd+bwd", "torch.compile fwd+bwd"}

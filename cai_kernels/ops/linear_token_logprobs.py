@@ -3,8 +3,11 @@
 ``log p(target)`` (and the entropy) under softmax((hidden @ weight.T + bias) / T). The compiled
 backends walk the vocabulary in blocks with an online log-sum-exp; the backward recomputes each
 logits block from the saved per-row lse and accumulates the gradients of hidden, weight and bias in
-fp32. Peak extra memory is one [token_chunk, vocab_block] fp32 block per thread (plus fp32 copies of
-16-bit blocks of the inputs and an fp32 grad_hidden accumulator for 16-bit hidden), not tokens x V.
+fp32. On CPU (C++) peak extra memory is one [token_chunk, vocab_block] fp32 block per thread (plus fp32
+copies of 16-bit blocks of the inputs), not tokens x V. On CUDA (Triton) bf16 / fp16 inputs, and fp32
+under TF32, run on the tensor cores (``cai_kernels/triton/linear_head.py``: extra memory <= 4.8 % of
+the bf16 logits for usual heads), exact fp32 and fp64 as the routing table in
+``cai_kernels/triton/linear_token_logprobs.py`` says.
 
 Wrapped as the torch.library custom op ``cai_kernels::linear_token_logprobs`` (fake implementation
 + autograd formula), so torch.compile traces models that call it without a graph break.
@@ -116,8 +119,15 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     Returns:
         logprobs (...) fp32 (fp64 for fp64 inputs), and with ``return_entropy`` the entropy (...).
         Differentiable w.r.t. hidden, weight and bias; gradients in their dtypes, accumulated in fp32.
-    Memory: the compiled backends keep one [token_chunk, vocab_block] fp32 logits block per CPU thread
-    (at most 32 MB in all) or on the GPU, never (..., V); the "reference" backend materializes the logits.
+    Memory: never the (..., V) logits (the "reference" backend materializes them). CPU: one
+    [token_chunk, vocab_block] fp32 logits block per thread, at most 32 MB in all. CUDA, bf16 / fp16 (and
+    fp32 under TF32): a dz scratch of a few vocabulary columns per token plus the low half of
+    grad_hidden, at most 4.8 % of a bf16 (..., V) logits tensor while H + 1024 <= 0.048 V; exact fp32 /
+    fp64: one 4096 x 4096 logits block plus an fp32 (..., H) grad_hidden.
+    Precision: the logits are an fp32-accumulated GEMM of the operands as given (bf16 products are
+    exact in fp32), never 16-bit-rounded logits; TF32 only under torch.backends.cuda.matmul.allow_tf32.
+    On CUDA, 16-bit gradients are GEMMs of dL/dlogits rounded once to the operand dtype (fp32 accumulation).
+    Deterministic: every backend gives bit-identical results run to run.
     """
     check_linear_operands(hidden, weight, bias)
     check_targets("targets", targets, lead_shape=hidden.shape[:-1], what="one per row of hidden: hidden.shape[:-1]")

@@ -2,7 +2,8 @@
 log-sum-exp of a row streamed in blocks, and the per-block gradient of the log-probs w.r.t. the logits.
 
 With z = x / T:
-    lse     = log sum_k exp(z_k)          (online: m' = max(m, max_blk z), s' = s e^(m-m') + sum e^(z-m'))
+    lse     = log sum_k exp(z_k)          (online: m' = max(m, max_blk z), s' = s e^(m-m') + sum e^(z-m');
+                                           pieces of a row merge the same way: merge_lse_partials)
     log p_t = z_t - lse
     H       = lse - sum_k p_k z_k         (w = sum e^(z-m) (z-m) rides along: H = log s - w / s)
     dL/dx_k = ([k == t] g - p_k (g + h (z_k - mu))) / T,   mu = lse - H
@@ -29,6 +30,22 @@ def online_lse_step(m, s, w, z, WITH_ENTROPY: tl.constexpr):
         w += tl.sum(tl.where(e > 0, e * (z - m_ref), 0.0), axis=0)
     s = s * alpha + tl.sum(e, axis=0)
     return m_new, s, w
+
+
+@triton.jit
+def merge_lse_partials(m_p, s_p, w_p, WITH_ENTROPY: tl.constexpr):
+    """Merges [pieces, rows] partial (m, s, w) of one row split into pieces (each from online_lse_step
+    over its columns) along axis 0 into each row's (m, s, w): m = max m_p, s = sum s_p e^(m_p - m),
+    w = sum e^(m_p - m) (w_p + s_p (m_p - m)). A piece that saw only -inf, (-inf, 0, 0), adds 0; a NaN
+    in s_p or w_p reaches s and w."""
+    m = tl.max(m_p, axis=0)
+    m_ref = tl.where(m == float("-inf"), 0.0, m)  # every piece -inf: avoid -inf - -inf
+    alpha = tl.exp(m_p - m_ref[None, :])
+    s = tl.sum(s_p * alpha, axis=0)
+    w = tl.zeros_like(s)
+    if WITH_ENTROPY:
+        w = tl.sum(tl.where(s_p > 0, alpha * (w_p + s_p * (m_p - m_ref[None, :])), 0.0), axis=0)
+    return m, s, w
 
 
 @triton.jit

@@ -55,18 +55,27 @@ GEMMs whose every output tile has one owner (Liger's way). This module takes the
 every sum in a fixed order, so the default path gives bit-identical results run to run (and
 ``torch.are_deterministic_algorithms_enabled()`` needs no other path). Costs, at H200 scale: one
 recompute GEMM (4 GEMMs in all, against the 3 of an unfused head); the scratch written once and
-read twice in the operand dtype; the grad-X accumulator read and written once per chunk. Extra memory:
-the scratch (N x vocab_chunk) + lo (N x H, 16-bit inputs) + small per-tile buffers. ``vocab_chunk``
-defaults to what keeps the total within ``MEMORY_FRACTION`` of a bf16 (N, V) logits tensor.
+read twice in the operand dtype; the grad-X accumulator read and written once per chunk.
+
+Extra memory (beyond the inputs and the returned gradients). Forward: the (2 or 3, pieces, N) fp32
+partials, O(N). Backward: the dz scratch (N x vocab_chunk, operand dtype) + lo (N x H, 16-bit inputs
+when grad_hidden is asked for) + a copy of hidden when its rows are not one strided matrix (e.g.
+``hidden.transpose(0, 1)``; the common ``hidden[:, :-1]`` is one strided matrix and is not copied) +
+small per-tile buffers. ``vocab_chunk`` defaults to what keeps the total within ``MEMORY_FRACTION``
+(4.8 %) of a bf16 (N, V) logits tensor, with a floor of 8 grad tiles (1024 columns at the H100 / H200
+blocking): the bound holds while H + 1024 <= 0.048 V (lo alone is H / V of the bf16 logits; e.g.
+[*, 576] x [49152]: chunk 1664, 4.6 %; [*, 4096] x [128256]: chunk 2048, 4.8 %). Heads with a small
+vocabulary for their width exceed it: [*, 4096] x [32000] (Llama 2) takes 1024 columns + lo, 16 %.
 dz is rounded to the operand dtype before the two GEMMs, as every tensor-core path must (and as
 autograd through bf16 logits does); for fp16 inputs probabilities below 6e-5 land in fp16's
 subnormal range (absolute step 6e-8), as in torch's own fp16 softmax backward.
 
-Integration (not wired yet): the op layer's Triton backend calls ``linear_token_logprobs_fwd`` /
-``_bwd`` below with the arguments it passes the hybrid kernels today minus ``vocab_block, token_chunk``
-(the blocking is this module's: ``default_config``, or ``config=``); fp64 runs here too (DMMA, fp64
-accumulators). ``choice_logprobs`` from hidden states reaches it through ``linear_token_logprobs``;
-with few tokens (one token tile) ``pieces`` spreads the vocabulary over every SM.
+Integration: the Triton backend of the op ``linear_token_logprobs`` (``triton/linear_token_logprobs.py``)
+calls ``linear_token_logprobs_fwd`` / ``_bwd`` below for bf16 / fp16 inputs and for fp32 under TF32; its
+routing table (``EXACT_ROUTES`` there) says which engine runs exact fp32 and fp64, which this module
+can run too (exact fp32 ``tl.dot`` on FMA units; fp64 on DMMA with fp64 accumulators). The blocking is
+this module's (``default_config``, or ``config=``). ``choice_logprobs`` from hidden states reaches it
+through that op; with few tokens (one token tile) ``pieces`` spreads the vocabulary over every SM.
 
 Layouts: hidden any (..., H) view (reshaped to (N, H) rows; a copy only when the rows are not one
 strided matrix), weight (V, H) any strides (unit inner strides are what the JIT specializes and the
@@ -180,6 +189,17 @@ def _scalar(hi, lo, dtype: tl.constexpr):
 
 
 @triton.jit
+def _x_rows(rows, N, inner, stride_xo, stride_xn, SPLIT_ROWS: tl.constexpr):
+    """64-bit offsets of hidden's rows (clamped to N - 1: rows past N read row N - 1, in bounds): row r
+    at r * stride_xn, or, with SPLIT_ROWS, at (r // inner) * stride_xo + (r % inner) * stride_xn (rows
+    of an (outer, inner, H) view that are not one strided matrix, e.g. ``hidden[:, :-1]``)."""
+    r = tl.minimum(rows, N - 1).to(tl.int64)
+    if SPLIT_ROWS:
+        return (r // inner) * stride_xo + (r % inner) * stride_xn
+    return r * stride_xn
+
+
+@triton.jit
 def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """acc + a @ b on the tensor cores. UPCAST only under Triton's interpreter, which multiplies the
     raw bits of bf16 operands (seen with triton 3.9): fp32 products of the same values are exact."""
@@ -247,9 +267,9 @@ def _online_update(m, s, w, z, WITH_ENTROPY: tl.constexpr):
 @triton.jit(do_not_specialize=["pieces"])
 def linear_head_fwd_kernel(
     x_ptr, w_ptr, b_ptr, part_ptr,
-    N, V, H, stride_xn, stride_xh, stride_wv, stride_wh,
+    N, V, H, inner, stride_xo, stride_xn, stride_xh, stride_wv, stride_wh,
     pieces, scale_hi, scale_lo,
-    HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, EVEN_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -270,7 +290,7 @@ def linear_head_fwd_kernel(
 
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     # rows past N read row N - 1 (in bounds, no mask in the loop); their results are not stored
-    row_offsets = tl.minimum(rows, N - 1).to(tl.int64) * stride_xn
+    row_offsets = _x_rows(rows, N, inner, stride_xo, stride_xn, SPLIT_ROWS)
     m = tl.full((BLOCK_M,), float("-inf"), ACC)
     s = tl.zeros((BLOCK_M,), ACC)
     w = tl.zeros((BLOCK_M,), ACC)
@@ -294,10 +314,10 @@ def linear_head_fwd_kernel(
 @triton.jit(do_not_specialize=["pieces"])
 def linear_head_merge_kernel(
     part_ptr, x_ptr, w_ptr, b_ptr, targets_ptr, logp_ptr, entropy_ptr, lse_ptr,
-    N, H, stride_xn, stride_xh, stride_wv, stride_wh,
+    N, H, inner, stride_xo, stride_xn, stride_xh, stride_wv, stride_wh,
     pieces, scale_hi, scale_lo, ignore_index,
     HAS_BIAS: tl.constexpr, HAS_IGNORE: tl.constexpr, WITH_ENTROPY: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, SPLIT_ROWS: tl.constexpr,
 ):
     """Per row: merge the pieces' (m, s, w) in piece order, then log p = z_t - lse, entropy, lse.
 
@@ -334,7 +354,7 @@ def linear_head_merge_kernel(
         at += N  # the next piece's row (64-bit pointer steps: pieces * N may pass 2^31)
 
     safe_target = tl.where(active, target, 0)
-    x_rows = x_ptr + tl.minimum(rows, N - 1) * stride_xn
+    x_rows = x_ptr + _x_rows(rows, N, inner, stride_xo, stride_xn, SPLIT_ROWS)
     w_rows = w_ptr + safe_target * stride_wv
     dot = tl.zeros((BLOCK_R, BLOCK_H), ACC)
     for k in range(0, H, BLOCK_H):
@@ -362,11 +382,11 @@ def linear_head_merge_kernel(
 def linear_head_dlogits_kernel(
     x_ptr, w_ptr, b_ptr, targets_ptr, grad_logp_ptr, grad_entropy_ptr, lse_ptr, entropy_ptr,
     d_ptr, bias_part_ptr,
-    N, V, H, vocab_start, width, stride_xn, stride_xh, stride_wv, stride_wh, stride_d, stride_bias_part,
-    scale_hi, scale_lo, ignore_index,
+    N, V, H, vocab_start, width, inner, stride_xo, stride_xn, stride_xh, stride_wv, stride_wh, stride_d,
+    stride_bias_part, scale_hi, scale_lo, ignore_index,
     HAS_BIAS: tl.constexpr, HAS_IGNORE: tl.constexpr, WITH_ENTROPY: tl.constexpr, NEED_BIAS: tl.constexpr,
-    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    EVEN_K: tl.constexpr, SPLIT_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """dz of one [token tile, vocabulary tile] of the chunk [vocab_start, vocab_start + width).
 
@@ -405,7 +425,7 @@ def linear_head_dlogits_kernel(
     local_cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = vocab_start + local_cols
     in_chunk = local_cols < width
-    acc = _logits_tile(x_ptr, w_ptr, tl.minimum(rows, N - 1) * stride_xn,
+    acc = _logits_tile(x_ptr, w_ptr, _x_rows(rows, N, inner, stride_xo, stride_xn, SPLIT_ROWS),
                        tl.minimum(cols, V - 1).to(tl.int64) * stride_wv, H, stride_xh, stride_wh,
                        BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, ACC, DOT_PRECISION, UPCAST)
     z = _scaled_logits(acc, b_ptr, cols, in_chunk, scale, HAS_BIAS)  # the chunk ends at or before V
@@ -426,11 +446,11 @@ def linear_head_dlogits_kernel(
 @triton.jit(do_not_specialize=["weight_tiles"])
 def linear_head_grad_kernel(
     d_ptr, x_ptr, w_ptr, gw_ptr, gx_ptr, gx_lo_ptr,
-    N, H, vocab_start, width, stride_d, stride_xn, stride_xh, stride_wv, stride_wh, stride_gw, stride_gx,
-    weight_tiles,
+    N, H, vocab_start, width, stride_d, inner, stride_xo, stride_xn, stride_xh, stride_wv, stride_wh, stride_gw,
+    stride_gx, weight_tiles,
     ACCUMULATE_X: tl.constexpr, HAS_LO: tl.constexpr, EVEN_N: tl.constexpr, EVEN_WIDTH: tl.constexpr,
-    EVEN_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    EVEN_H: tl.constexpr, SPLIT_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """The two GEMMs of one chunk's dz (d: (N, >= width rounded up to BLOCK_M), d[n, j] = dz[n, vocab_start + j]).
 
@@ -456,6 +476,9 @@ def linear_head_grad_kernel(
         dt_ptrs = d_ptr + local_vocab[:, None] + ks[None, :].to(tl.int64) * stride_d
         xk_ptrs = x_ptr + ks[:, None].to(tl.int64) * stride_xn + hw[None, :] * stride_xh
         for k in range(0, tl.cdiv(N, BLOCK_K)):
+            if SPLIT_ROWS:  # the next BLOCK_K tokens' rows, wherever the (outer, inner) view puts them
+                xk_ptrs = x_ptr + _x_rows(k * BLOCK_K + ks, N, inner, stride_xo, stride_xn, True)[:, None] \
+                    + hw[None, :] * stride_xh
             if EVEN_N:
                 dtv = tl.load(dt_ptrs)
                 if EVEN_H:
@@ -509,9 +532,21 @@ def linear_head_grad_kernel(
 
 @dataclass(frozen=True)
 class _Problem:
-    """hidden as (N, H) rows and everything the launchers derive from the inputs alone."""
+    """hidden's rows and everything the launchers derive from the inputs alone.
+
+    Row r of hidden lies at ``x + r * stride_xn`` (one strided matrix), or with ``split_rows`` at
+    ``x + (r // inner) * stride_xo + (r % inner) * stride_xn`` (an (outer, inner, H) view such as
+    ``hidden[:, :-1]``, read in place); its H entries are ``stride_xh`` apart."""
 
     x: torch.Tensor
+    rows: int
+    hidden_size: int
+    inner: int
+    stride_xo: int
+    stride_xn: int
+    stride_xh: int
+    split_rows: bool
+    copied: bool  # x is a copy of hidden (no 1- or 2-level row layout fits): extra memory
     weight: torch.Tensor
     bias: torch.Tensor | None
     acc: torch.dtype
@@ -520,16 +555,33 @@ class _Problem:
     config: LinearHeadConfig
 
     @property
-    def rows(self) -> int:
-        return self.x.size(0)
-
-    @property
-    def hidden_size(self) -> int:
-        return self.x.size(1)
-
-    @property
     def vocab(self) -> int:
         return self.weight.size(0)
+
+    @property
+    def x_layout(self) -> tuple:
+        """The kernels' (inner, stride_xo, stride_xn, stride_xh) arguments."""
+        return self.inner, self.stride_xo, self.stride_xn, self.stride_xh
+
+
+def _row_layout(hidden: torch.Tensor):
+    """(x, inner, stride_xo, stride_xn, stride_xh, split_rows, copied) of hidden (..., H): its rows as one
+    strided matrix when they are one, else as an (outer, inner) pair of strides, else a copy."""
+    size = hidden.size(-1)
+    try:
+        x = hidden.view(-1, size)
+        return x, x.size(0), 0, x.stride(0), x.stride(1), False, False
+    except RuntimeError:  # not one strided matrix
+        pass
+    lead = hidden.shape[:-1]
+    for split in range(1, len(lead)):
+        try:
+            x = hidden.view(math.prod(lead[:split]), math.prod(lead[split:]), size)
+        except RuntimeError:
+            continue
+        return x, x.size(1), x.stride(0), x.stride(1), x.stride(2), True, False
+    x = hidden.reshape(-1, size)
+    return x, x.size(0), 0, x.stride(0), x.stride(1), False, True
 
 
 def _problem(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -538,7 +590,7 @@ def _problem(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise TypeError(f"hidden must be fp32, bf16, fp16 or fp64; got {hidden.dtype}")
     if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
         raise TypeError("hidden, weight and bias must share one dtype")
-    x = hidden.reshape(-1, hidden.size(-1))  # a view unless the rows are not one strided matrix
+    x, inner, stride_xo, stride_xn, stride_xh, split_rows, copied = _row_layout(hidden)
     if hidden.dtype == torch.float64:
         precision = "ieee"
     elif hidden.dtype == torch.float32:
@@ -546,7 +598,8 @@ def _problem(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     else:
         precision = "tf32"  # ignored by Triton for 16-bit operands
     upcast = _interpreting() and hidden.dtype == torch.bfloat16
-    return _Problem(x, weight, bias, accumulate_dtype(hidden.dtype), precision, upcast,
+    return _Problem(x, hidden.numel() // hidden.size(-1), hidden.size(-1), inner, stride_xo, stride_xn, stride_xh,
+                    split_rows, copied, weight, bias, accumulate_dtype(hidden.dtype), precision, upcast,
                     config or default_config(hidden.device, hidden.dtype, precision == "tf32"))
 
 
@@ -586,7 +639,7 @@ def linear_token_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: 
     entropy = torch.empty(N if with_entropy else 0, dtype=acc, device=device)
     if N == 0:
         return logp, entropy, lse
-    fwd, x = problem.config.fwd, problem.x
+    fwd, x = problem.config.fwd, problem.x  # x: hidden's rows in one of two layouts (see _Problem)
     pieces = _pieces(problem)
     scale = _split(inv_temperature * LOG2E)
     partials = torch.empty((3 if with_entropy else 2, pieces, N), dtype=acc, device=device)
@@ -594,9 +647,10 @@ def linear_token_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: 
     grid = (triton.cdiv(N, fwd.block_m) * pieces,)
     linear_head_fwd_kernel[grid](
         x, weight, bias_arg, partials,
-        N, V, H, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+        N, V, H, *problem.x_layout, weight.stride(0), weight.stride(1),
         pieces, *scale,
         HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, EVEN_K=H % fwd.block_k == 0,
+        SPLIT_ROWS=problem.split_rows,
         BLOCK_M=fwd.block_m, BLOCK_N=fwd.block_n, BLOCK_K=fwd.block_k,
         DOT_PRECISION=problem.dot_precision, UPCAST=problem.upcast,
         num_warps=fwd.num_warps, num_stages=fwd.num_stages,
@@ -604,25 +658,27 @@ def linear_token_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: 
     rows_per_program = problem.config.merge_rows
     linear_head_merge_kernel[(triton.cdiv(N, rows_per_program),)](
         partials, x, weight, bias_arg, targets, logp, entropy if with_entropy else lse, lse,
-        N, H, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+        N, H, *problem.x_layout, weight.stride(0), weight.stride(1),
         pieces, *scale, ignore_index,
-        HAS_BIAS=bias is not None, HAS_IGNORE=has_ignore, WITH_ENTROPY=with_entropy,
+        HAS_BIAS=bias is not None, HAS_IGNORE=has_ignore, WITH_ENTROPY=with_entropy, SPLIT_ROWS=problem.split_rows,
         BLOCK_R=rows_per_program, BLOCK_H=problem.config.merge_cols, num_warps=4,
     )
     return logp, entropy, lse
 
 
 def vocab_chunk(problem_rows: int, hidden_size: int, vocab: int, dtype: torch.dtype, config: LinearHeadConfig,
-                need_hidden: bool = True) -> int:
-    """Columns of dz materialized per backward step: what keeps scratch + lo within
-    ``config.memory_fraction`` of a bf16 (N, V) logits tensor, at least 8 grad tiles wide (so that
-    the GEMMs stay large), a multiple of both kernels' vocabulary tiles, at most V rounded up."""
+                need_hidden: bool = True, hidden_copied: bool = False) -> int:
+    """Columns of dz materialized per backward step: what keeps scratch + lo (+ the copy of hidden, when
+    its rows were not one strided matrix) within ``config.memory_fraction`` of a bf16 (N, V) logits
+    tensor, at least 8 grad tiles wide (so that the GEMMs stay large), a multiple of both kernels'
+    vocabulary tiles, at most V rounded up."""
     if config.vocab_chunk is not None:
         return config.vocab_chunk
     element = torch.empty((), dtype=dtype).element_size()
     step = math.lcm(config.dlogits.block_n, config.grad.block_m, config.grad.block_k)
     lo_bytes = problem_rows * hidden_size * element if (need_hidden and element == 2) else 0
-    budget = config.memory_fraction * problem_rows * vocab * 2 - lo_bytes
+    copy_bytes = problem_rows * hidden_size * element if hidden_copied else 0
+    budget = config.memory_fraction * problem_rows * vocab * 2 - lo_bytes - copy_bytes
     columns = int(budget // max(1, problem_rows * element))
     columns = max(columns // step * step, 8 * step)
     return min(columns, triton.cdiv(vocab, step) * step)
@@ -655,7 +711,7 @@ def linear_token_logprobs_bwd(grad_logp: torch.Tensor, grad_entropy: torch.Tenso
             grad_weight.zero_()
         return _finish(hidden, grad_hidden, grad_weight, grad_bias, bias)
 
-    chunk = vocab_chunk(N, H, V, dtype, cfg, need_hidden)
+    chunk = vocab_chunk(N, H, V, dtype, cfg, need_hidden, problem.copied)
     scale = _split(inv_temperature * LOG2E)
     dl, gr = cfg.dlogits, cfg.grad
     # whole grad tiles of columns: the grad-W programs read a tile's padding instead of clamping indices
@@ -671,12 +727,12 @@ def linear_token_logprobs_bwd(grad_logp: torch.Tensor, grad_entropy: torch.Tenso
         linear_head_dlogits_kernel[(token_tiles * triton.cdiv(width, dl.block_n),)](
             x, weight, bias_arg, targets, grad_logp, grad_entropy if with_entropy else grad_logp, lse,
             entropy if with_entropy else lse, scratch, bias_part if need_bias else scratch,
-            N, V, H, vocab_start, width, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+            N, V, H, vocab_start, width, *problem.x_layout, weight.stride(0), weight.stride(1),
             scratch.stride(0), bias_part.stride(0) if need_bias else 0,
             *scale, ignore_index,
             HAS_BIAS=bias is not None, HAS_IGNORE=has_ignore, WITH_ENTROPY=with_entropy, NEED_BIAS=need_bias,
-            EVEN_K=H % dl.block_k == 0, BLOCK_M=dl.block_m, BLOCK_N=dl.block_n, BLOCK_K=dl.block_k,
-            GROUP_M=cfg.group_m, DOT_PRECISION=problem.dot_precision, UPCAST=problem.upcast,
+            EVEN_K=H % dl.block_k == 0, SPLIT_ROWS=problem.split_rows, BLOCK_M=dl.block_m, BLOCK_N=dl.block_n,
+            BLOCK_K=dl.block_k, GROUP_M=cfg.group_m, DOT_PRECISION=problem.dot_precision, UPCAST=problem.upcast,
             num_warps=dl.num_warps, num_stages=dl.num_stages,
         )
         if need_bias:
@@ -689,12 +745,13 @@ def linear_token_logprobs_bwd(grad_logp: torch.Tensor, grad_entropy: torch.Tenso
         linear_head_grad_kernel[(weight_tiles + hidden_tiles,)](
             scratch, x, weight, grad_weight if need_weight else scratch, gx,
             grad_hidden_lo if has_lo else gx,
-            N, H, vocab_start, width, scratch.stride(0), x.stride(0), x.stride(1), weight.stride(0),
+            N, H, vocab_start, width, scratch.stride(0), *problem.x_layout, weight.stride(0),
             weight.stride(1), grad_weight.stride(0) if need_weight else 0, gx.stride(0) if need_hidden else 0,
             weight_tiles,
             ACCUMULATE_X=chunk_index > 0, HAS_LO=has_lo, EVEN_N=N % gr.block_k == 0,
-            EVEN_WIDTH=width % gr.block_k == 0, EVEN_H=H % gr.block_n == 0, BLOCK_M=gr.block_m,
-            BLOCK_N=gr.block_n, BLOCK_K=gr.block_k, ACC=tl.float64 if acc == torch.float64 else tl.float32,
+            EVEN_WIDTH=width % gr.block_k == 0, EVEN_H=H % gr.block_n == 0, SPLIT_ROWS=problem.split_rows,
+            BLOCK_M=gr.block_m, BLOCK_N=gr.block_n, BLOCK_K=gr.block_k,
+            ACC=tl.float64 if acc == torch.float64 else tl.float32,
             DOT_PRECISION=problem.dot_precision, UPCAST=problem.upcast,
             num_warps=gr.num_warps, num_stages=gr.num_stages,
         )
@@ -723,23 +780,26 @@ def _aot_specs():
     HMMA, fp32 under TF32 too; exact fp32 (ieee) runs on FMA units by design."""
     from ._aot import AotSpec
 
-    dims = {"N": "i32", "V": "i32", "H": "i32", "stride_xn": "i32", "stride_xh": "constexpr", "stride_wv": "i32",
-            "stride_wh": "constexpr"}
+    dims = {"N": "i32", "V": "i32", "H": "i32", "inner": "i32", "stride_xo": "i32", "stride_xn": "i32",
+            "stride_xh": "constexpr", "stride_wv": "i32", "stride_wh": "constexpr"}
     unit = {"stride_xh": 1, "stride_wh": 1}
-    aligned_dims = ("N", "V", "H", "stride_xn", "stride_wv")
+    aligned_dims = ("N", "V", "H", "stride_xo", "stride_xn", "stride_wv")
     specs = []
     for arch, config in (("sm_90a", HOPPER), ("sm_80", AMPERE)):
-        for dtype, precision, entropy, bias in (("bf16", "tf32", True, False), ("bf16", "tf32", False, True),
-                                                ("fp16", "tf32", True, True), ("fp32", "tf32", True, True),
-                                                ("fp32", "ieee", False, False), ("fp64", "ieee", True, True)):
+        # split_rows: hidden's rows as an (outer, inner) view (``hidden[:, :-1]``), read in place
+        for dtype, precision, entropy, bias, split_rows in (
+                ("bf16", "tf32", True, False, False), ("bf16", "tf32", False, True, False),
+                ("bf16", "tf32", True, True, True), ("fp16", "tf32", True, True, False),
+                ("fp32", "tf32", True, True, False), ("fp32", "ieee", False, False, False),
+                ("fp64", "ieee", True, True, False)):
             tensor_cores = precision == "tf32"
             acc = "fp64" if dtype == "fp64" else "fp32"
             # exact fp32 / fp64: their own (smaller) blocking
             blocking = config if tensor_cores else EXACT_FP32 if dtype == "fp32" else FP64
             label = f"{dtype}{'+tf32' if dtype == 'fp32' and tensor_cores else ''}" + \
-                    f"{'+entropy' if entropy else ''}{'+bias' if bias else ''}"
-            flags = {"HAS_BIAS": bias, "WITH_ENTROPY": entropy, "EVEN_K": True, "DOT_PRECISION": precision,
-                     "UPCAST": False}
+                    f"{'+entropy' if entropy else ''}{'+bias' if bias else ''}{'+split_rows' if split_rows else ''}"
+            flags = {"HAS_BIAS": bias, "WITH_ENTROPY": entropy, "EVEN_K": True, "SPLIT_ROWS": split_rows,
+                     "DOT_PRECISION": precision, "UPCAST": False}
             blocks = blocking.fwd
             specs.append(AotSpec(
                 "linear_head_fwd_kernel",
@@ -754,7 +814,7 @@ def _aot_specs():
                 continue
             blocks = blocking.dlogits
             flags = {"HAS_BIAS": bias, "HAS_IGNORE": True, "WITH_ENTROPY": entropy, "NEED_BIAS": bias,
-                     "EVEN_K": True, "DOT_PRECISION": precision, "UPCAST": False}
+                     "EVEN_K": True, "SPLIT_ROWS": split_rows, "DOT_PRECISION": precision, "UPCAST": False}
             specs.append(AotSpec(
                 "linear_head_dlogits_kernel",
                 {"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "targets_ptr": "*i64",
@@ -775,8 +835,8 @@ def _aot_specs():
             blocks = blocking.grad
             has_lo = dtype in ("bf16", "fp16")
             flags = {"ACCUMULATE_X": True, "HAS_LO": has_lo, "EVEN_N": True, "EVEN_WIDTH": True, "EVEN_H": False,
-                     "ACC": tl.float64 if dtype == "fp64" else tl.float32, "DOT_PRECISION": precision,
-                     "UPCAST": False}
+                     "SPLIT_ROWS": split_rows, "ACC": tl.float64 if dtype == "fp64" else tl.float32,
+                     "DOT_PRECISION": precision, "UPCAST": False}
             specs.append(AotSpec(
                 "linear_head_grad_kernel",
                 {"d_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "gw_ptr": f"*{dtype}",
@@ -786,20 +846,20 @@ def _aot_specs():
                    "weight_tiles": "i32"}
                 | dict.fromkeys(list(flags) + ["BLOCK_M", "BLOCK_N", "BLOCK_K"], "constexpr"),
                 unit | flags | {"BLOCK_M": blocks.block_m, "BLOCK_N": blocks.block_n, "BLOCK_K": blocks.block_k},
-                aligned=("d_ptr", "x_ptr", "w_ptr", "gw_ptr", "gx_ptr", "gx_lo_ptr", "N", "H", "stride_xn", "stride_wv",
-                         "vocab_start", "width", "stride_d", "stride_gw", "stride_gx"),
+                aligned=("d_ptr", "x_ptr", "w_ptr", "gw_ptr", "gx_ptr", "gx_lo_ptr", "N", "H", "stride_xo", "stride_xn",
+                         "stride_wv", "vocab_start", "width", "stride_d", "stride_gw", "stride_gx"),
                 num_warps=blocks.num_warps, num_stages=blocks.num_stages, tensor_cores=tensor_cores,
                 archs=(arch,), label=label + ("+lo" if has_lo else "")))
         specs.append(AotSpec(
             "linear_head_merge_kernel",
             {"part_ptr": "*fp32", "x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "targets_ptr": "*i64",
              "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "lse_ptr": "*fp32", "N": "i32", "H": "i32",
-             "stride_xn": "i32", "stride_xh": "constexpr", "stride_wv": "i32", "stride_wh": "constexpr",
-             "pieces": "i32", "scale_hi": "fp32", "scale_lo": "fp32", "ignore_index": "i32",
+             "inner": "i32", "stride_xo": "i32", "stride_xn": "i32", "stride_xh": "constexpr", "stride_wv": "i32",
+             "stride_wh": "constexpr", "pieces": "i32", "scale_hi": "fp32", "scale_lo": "fp32", "ignore_index": "i32",
              "HAS_BIAS": "constexpr", "HAS_IGNORE": "constexpr", "WITH_ENTROPY": "constexpr", "BLOCK_R": "constexpr",
-             "BLOCK_H": "constexpr"},
+             "BLOCK_H": "constexpr", "SPLIT_ROWS": "constexpr"},
             unit | {"HAS_BIAS": True, "HAS_IGNORE": True, "WITH_ENTROPY": True, "BLOCK_R": config.merge_rows,
-                    "BLOCK_H": config.merge_cols},
+                    "BLOCK_H": config.merge_cols, "SPLIT_ROWS": False},
             aligned=("part_ptr", "x_ptr", "w_ptr", "b_ptr", "targets_ptr", "logp_ptr", "entropy_ptr", "lse_ptr", "N",
                      "H", "stride_xn", "stride_wv"),
             num_warps=4, archs=(arch,), label="bf16+entropy+bias"))
