@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .._params import LinearTokenLogprobsParams
-from .._validation import accumulate_dtype, check_targets_in_range
+from .._validation import accumulate_dtype
 from ._online_lse import block_v, grad_row_scalars, ignore_args, logits_grad, num_warps, online_lse_step
 
 # Default blocking on a GPU: a 4096 x 4096 fp32 logits block is 64 MB, large enough for cuBLAS to
@@ -127,8 +127,8 @@ def linear_token_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: 
                               targets: torch.Tensor, params: LinearTokenLogprobsParams):
     """Same contract as the C++ kernel (csrc/cpu/linear_token_logprobs.cpp): hidden (outer, inner, H)
     with stride(2) == 1, weight (V, H), bias (V,) or None, targets (rows,) int64, each in [0, V) or
-    ignore_index (else ValueError). Returns (logp, entropy, lse), each (rows,) fp32 (fp64 for fp64 inputs)."""
-    check_targets_in_range("targets", targets, weight.size(0), params.ignore_index)
+    ignore_index (else NaN at that row: checked on the device). Returns (logp, entropy, lse), each (rows,) fp32
+    (fp64 for fp64 inputs)."""
     ops = _Operands(hidden, weight, bias)
     rows, V, device = ops.rows, weight.size(0), hidden.device
     inv_temperature, with_entropy = 1.0 / params.temperature, params.with_entropy
@@ -154,7 +154,8 @@ def linear_token_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: 
                 )
     active = targets != ignore_index if has_ignore else torch.ones_like(targets, dtype=torch.bool)
     lse = running_max + running_sum.log()
-    logp = torch.where(active, target_logit * inv_temperature - lse, 0.0)
+    in_range = (targets >= 0) & (targets < V)  # bad data: never read (the block kernel records in-block targets)
+    logp = torch.where(active, torch.where(in_range, target_logit * inv_temperature - lse, math.nan), 0.0)
     entropy = (torch.where(active, running_sum.log() - weighted / running_sum, 0.0) if with_entropy
                else lse.new_empty(0))
     return logp, entropy, torch.where(active, lse, 0.0)

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .._params import TokenLogprobsParams
-from .._validation import accumulate_dtype, check_targets_in_range
+from .._validation import accumulate_dtype
 from ._online_lse import block_v, grad_row_scalars, ignore_args, logits_grad, num_warps, online_lse_step
 
 
@@ -25,9 +25,11 @@ def token_logprobs_fwd_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)  # 64-bit: rows * V may exceed 2^31
     target = tl.load(targets_ptr + row)
-    active = target >= 0  # the launcher has checked the range; negatives here are ignore_index
+    active = target == target  # every row, unless it is ignored
     if HAS_IGNORE:
         active = target != ignore_index
+    # a target outside [0, V) (and not ignore_index) is bad data checked here, on the device: NaN, no read
+    in_range = (target >= 0) & (target < V)
     read_end = tl.where(active, V, 0)  # an ignored row reads nothing
     row_ptr = logits_ptr + (row // inner) * stride_outer + (row % inner) * stride_inner
     acc_dtype = lse_ptr.dtype.element_ty  # fp32, or fp64 for fp64 logits
@@ -40,10 +42,12 @@ def token_logprobs_fwd_kernel(
         z = tl.load(row_ptr + cols, mask=cols < read_end, other=float("-inf")).to(acc_dtype) * inv_temperature
         m, s, w = online_lse_step(m, s, w, z, WITH_ENTROPY)
 
-    safe_target = tl.where(active, target, 0)
-    z_target = tl.load(row_ptr + safe_target, mask=active, other=0.0).to(acc_dtype) * inv_temperature
+    readable = active & in_range
+    safe_target = tl.where(readable, target, 0)
+    z_target = tl.load(row_ptr + safe_target, mask=readable, other=0.0).to(acc_dtype) * inv_temperature
     lse = m + tl.log(s)
-    tl.store(logp_ptr + row, tl.where(active, z_target - lse, 0.0))
+    logp = tl.where(in_range, z_target - lse, float("nan"))
+    tl.store(logp_ptr + row, tl.where(active, logp, 0.0))
     tl.store(lse_ptr + row, tl.where(active, lse, 0.0))
     if WITH_ENTROPY:
         tl.store(entropy_ptr + row, tl.where(active, tl.log(s) - w / s, 0.0))
@@ -72,11 +76,11 @@ def token_logprobs_bwd_kernel(
 
 def token_logprobs_fwd(logits: torch.Tensor, targets: torch.Tensor, params: TokenLogprobsParams):
     """Same contract as the C++ kernel (csrc/cpu/token_logprobs.cpp): logits (outer, inner, V) with
-    stride(2) == 1, targets (rows,) int64, each in [0, V) or ignore_index (else ValueError).
+    stride(2) == 1, targets (rows,) int64, each in [0, V) or ignore_index: checked on the device, a NaN
+    log-prob for a target outside (the C++ kernel raises ValueError; the ops layer checks CPU tensors).
     Returns (logp, entropy, lse), each (rows,) fp32 (fp64 for fp64 logits); entropy empty without
     params.with_entropy."""
     n_rows, V = targets.numel(), logits.size(2)
-    check_targets_in_range("targets", targets, V, params.ignore_index)
     acc = accumulate_dtype(logits.dtype)
     logp = torch.empty(n_rows, dtype=acc, device=logits.device)
     lse = torch.empty(n_rows, dtype=acc, device=logits.device)
