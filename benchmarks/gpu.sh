@@ -15,6 +15,11 @@
 #   bash benchmarks/gpu.sh token-logprobs      # token_logprobs' row split alone (benchmarks/token_logprobs_gpu.py):
 #                                              # every pieces count checked and timed at 64-16384 rows vs
 #                                              # torch.compile; bf16 at 4096 / 8192 rows first (the acceptance)
+#   bash benchmarks/gpu.sh acceptance          # one call, <= 6 min: the CUDA tests of the host-path work (launch
+#                                              # counts, no synchronization, CUDA graphs, data checks, torch.func,
+#                                              # argument errors) and of the ops it changed, then the headline
+#                                              # benchmarks (-m quick) and their ratio table (vs eager, vs
+#                                              # torch.compile) in benchmarks/results/<device>-<date>-acceptance.md
 # or `bash benchmarks/gpu.sh all` where one command may run longer.
 # Each bench part writes benchmarks/results/<device>-<date>-<part>.json and copies it to $OUT at once
 # (a machine given back between calls loses its files). `report` merges the parts it finds into
@@ -32,8 +37,8 @@ PARTS=()
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
-    test|bench-logprobs|bench-linear|bench-rest|bench-quick|report|all|setup|linear-head|token-logprobs) PARTS+=("$arg") ;;
-    *) echo "usage: $0 [setup|test|bench-logprobs|bench-linear|bench-rest|bench-quick|report|all|linear-head|token-logprobs]... [--dry-run]" >&2; exit 2 ;;
+    test|bench-logprobs|bench-linear|bench-rest|bench-quick|report|all|setup|linear-head|token-logprobs|acceptance) PARTS+=("$arg") ;;
+    *) echo "usage: $0 [setup|test|bench-logprobs|bench-linear|bench-rest|bench-quick|report|all|linear-head|token-logprobs|acceptance]... [--dry-run]" >&2; exit 2 ;;
   esac
 done
 [ ${#PARTS[@]} -gt 0 ] || PARTS=(all)
@@ -115,6 +120,46 @@ part_report() {
   fi
 }
 
+# The acceptance call: stages with their own time limits so that the whole stays within 6 minutes (the C++
+# build, avx512 alone, ~1 min on 16 cores; ACCEPT_TESTS / ACCEPT_TEST_TIMEOUT / ACCEPT_BENCH_TIMEOUT override).
+ACCEPT_TESTS=${ACCEPT_TESTS:-tests/test_launches.py tests/test_cuda_graphs.py tests/test_data_checks.py \
+tests/test_func_transforms.py tests/test_argument_errors.py tests/test_kl_penalty.py tests/test_ppo_policy_loss.py \
+tests/test_ppo_value_loss.py tests/test_masked_whiten.py tests/test_ppo_advantages.py tests/test_pairwise_loss.py}
+
+log_to() {  # tee into $1, except under --dry-run (which writes nothing)
+  if [ "$DRY_RUN" = 1 ]; then cat; else tee "$1"; fi
+}
+
+part_acceptance() {
+  local stem DRY_ARG=""
+  [ "$DRY_RUN" = 1 ] && DRY_ARG="--dry-run"
+  stem="benchmarks/results/$(name)-acceptance"
+  echo "== acceptance: CUDA tests of the changed ops"
+  set +e
+  # shellcheck disable=SC2086
+  run timeout -s INT -k 10 "${ACCEPT_TEST_TIMEOUT:-110}" "$PY" -m pytest $ACCEPT_TESTS -q -p no:cacheprovider \
+      -o addopts="-ra" -m "not slow" --junitxml="$OUT/acceptance-tests.xml" 2>&1 | log_to "$OUT/acceptance-tests.log"
+  local rc=${PIPESTATUS[0]}
+  echo "== acceptance: headline benchmarks -> $stem.json"
+  run timeout -s INT -k 10 "${ACCEPT_BENCH_TIMEOUT:-100}" "$PY" -m pytest benchmarks/test_bench_*.py -m quick \
+      --benchmark-only --no-memory -q -p no:cacheprovider --benchmark-json="$stem.json" 2>&1 | log_to "$OUT/acceptance-bench.log"
+  if [ "$DRY_RUN" = 1 ] || [ -f "$stem.json" ]; then
+    # the ratio table (ours vs eager reference and torch.compile) is printed and written to $stem.md
+    run "$PY" -m benchmarks.report "$stem.json" --no-plots
+    [ "$DRY_RUN" = 1 ] || cp "$stem.json" "$stem.md" "$OUT/"
+  fi
+  # the fused LM head vs the bare GEMMs / Liger / CCE, and bf16 token_logprobs at 4096 / 8192 rows vs torch.compile
+  # (each checks its kernels against the float64 reference first; no sweep, short budgets)
+  echo "== acceptance: fused LM head (linear_token_logprobs) -> $OUT"
+  run timeout -s INT -k 10 "${ACCEPT_LINEAR_TIMEOUT:-60}" "$PY" -m benchmarks.linear_head_gpu --out "$OUT" --no-sweep \
+      --budget 45 $DRY_ARG 2>&1 | log_to "$OUT/acceptance-linear-head.log"
+  echo "== acceptance: token_logprobs at 4096 / 8192 rows -> $OUT"
+  run timeout -s INT -k 10 "${ACCEPT_TOKEN_TIMEOUT:-45}" "$PY" -m benchmarks.token_logprobs_gpu --out "$OUT" \
+      --rows 4096 8192 --budget 35 $DRY_ARG 2>&1 | log_to "$OUT/acceptance-token-logprobs.log"
+  set -e
+  [ "$DRY_RUN" = 1 ] || [ "$rc" = 0 ] || { echo "acceptance tests failed (exit $rc): see $OUT/acceptance-tests.log"; exit "$rc"; }
+}
+
 LINEAR_BENCHES=()
 for f in benchmarks/test_bench_linear_token_logprobs.py benchmarks/test_bench_choice_logprobs.py; do
   [ -f "$f" ] && LINEAR_BENCHES+=("$f")
@@ -135,6 +180,10 @@ for part in "${PARTS[@]}"; do
                  run "$PY" -m benchmarks.report "benchmarks/results/$(name)-quick.json" --readme README.md || true
                  [ "$DRY_RUN" = 1 ] || cp benchmarks/results/"$(name)"-quick.* README.md "$OUT/" 2>/dev/null || true ;;
     report) part_report ;;
+    acceptance) if [ "$DRY_RUN" = 1 ] || grep -qw avx512f /proc/cpuinfo 2>/dev/null; then
+                  export CAI_KERNELS_CAPABILITIES=${CAI_KERNELS_CAPABILITIES:-avx512}  # half the build time
+                fi
+                setup; part_acceptance ;;
     # no setup: needs neither the C++ extension nor the suite's peers beyond .whl/ (installed by the script)
     linear-head) if [ "$DRY_RUN" = 1 ]; then run "$PY" -m benchmarks.linear_head_gpu --out "$OUT"
                  else mkdir -p "$OUT"

@@ -90,4 +90,4 @@ cpu_kernels = _CpuKernels()
 def warn_fallback_once(device_type: str, reason: str) -> None:
     """Says once per device type and reason that an op runs on the slower reference implementation."""
     warnings.warn(f"cai_kernels: no compiled kernels for {device_type} tensors ({reason}); "
-                  "using the reference PyTorch implementation", RuntimeWarning, stacklevel=3)
+                  "using the reference PyTorch implementation", RuntimeWarning, stacklevel=4)

@@ -139,6 +139,14 @@ class PairwiseLossParams(typing.NamedTuple):
 
 
 @kernel_params
+class RankedPairwiseLossParams(typing.NamedTuple):
+    """ranked_pairwise_loss's reduced form (the Triton kernels; the C++ kernels return per-row losses, reduced in
+    PyTorch): the per-row losses summed, or (MEAN) averaged over the rows with at least one pair."""
+
+    reduction: Reduction
+
+
+@kernel_params
 class LastTokenRewardsParams(typing.NamedTuple):
     """last_token_rewards: the caller's name of the mask, for the error raised when a sequence has no real token."""
 

@@ -127,24 +127,39 @@ def status(op_name: str, device_type: str) -> dict[str, tuple[bool, str]]:
     return {backend: _live(op, backend, device_type) for backend in BACKENDS}
 
 
+_SELECTED: dict[tuple, str] = {}
+
+
 # Evaluated once while torch.compile traces (its result, a string, becomes a constant of the graph)
 # rather than traced through: it reads the environment and imports modules.
 @torch.compiler.assume_constant_result
 def select_backend(op_name: str, device: torch.device, backend: str | None = None) -> str:
-    """The backend that runs ``op_name`` on tensors on ``device`` (see module docstring)."""
-    requested = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
+    """The backend that runs ``op_name`` on tensors on ``device`` (see module docstring). Cached per
+    (op, device type, backend=, CAI_KERNELS_BACKEND, and on CPU TRITON_INTERPRET): a call costs a dict lookup."""
+    device_type = device.type
+    env = os.environ.get(ENV_VAR) if backend is None else None
+    key = (op_name, device_type, backend, env,
+           os.environ.get("TRITON_INTERPRET") if device_type == "cpu" else None)
+    found = _SELECTED.get(key)
+    if found is None:
+        found = _SELECTED[key] = _select(op_name, device_type, backend, env)
+    return found
+
+
+def _select(op_name: str, device_type: str, backend: str | None, env: str | None) -> str:
+    requested = backend if backend is not None else (env or "auto")
     if requested not in BACKENDS + ("auto",):
         source = "backend" if backend is not None else ENV_VAR
         raise ValueError(f"{source} must be one of {BACKENDS + ('auto',)}; got {requested!r}")
     op = OPS[op_name]
     if requested != "auto":
-        ok, why = _live(op, requested, device.type)
+        ok, why = _live(op, requested, device_type)
         if not ok:
-            raise ValueError(f"backend {requested!r} cannot run {op_name} on {device.type} tensors: {why}")
+            raise ValueError(f"backend {requested!r} cannot run {op_name} on {device_type} tensors: {why}")
         return requested
-    compiled = "cpu" if device.type == "cpu" else "triton"
-    ok, why = _live(op, compiled, device.type)
+    compiled = "cpu" if device_type == "cpu" else "triton"
+    ok, why = _live(op, compiled, device_type)
     if ok:
         return compiled
-    _extension.warn_fallback_once(device.type, why)
+    _extension.warn_fallback_once(device_type, why)
     return "reference"

@@ -4,21 +4,77 @@ Dtype rules: every op computes and returns in fp32 (fp64 when an input is fp64),
 dtype; inputs of different float dtypes are promoted to a common one first (an exact upcast).
 
 Checks: errors name the argument and what was expected: a wrong type or dtype is a TypeError, a wrong
-shape, value or device a ValueError. Checks that read tensor *data* (target ranges, labels in [0, 1],
-a real token in every sequence, num_valid in [0, K], the multiple-choice layout) are the
-``check_*_values`` / ``*_in_range`` / ``check_option_layout`` functions: the public ops run them for the
-reference backend (never while torch.compile traces), the Triton launchers run them on the host, and
-the C++ kernels check while they read.
+shape, value or device a ValueError. They read attributes only (types, shapes, dtypes, devices): a few
+microseconds a call, never a device synchronization.
+
+Checks that read tensor *data* (targets in [0, V), soft labels in [0, 1], a real token in every sequence,
+num_valid in [0, K], the multiple-choice layout) are the ``check_*_values`` / ``*_in_range`` /
+``check_option_layout`` functions. Reading data from a GPU waits for it (a host-device synchronization,
+and no CUDA graph can hold one), so where they run depends on the device (``host_data_checks``):
+  * CPU tensors: always, on the host (no synchronization there); the C++ kernels check while they read,
+    the Python layer checks for the reference and Triton backends. A ValueError names the argument.
+  * GPU tensors: on the device. The kernels never read out of bounds on bad data: an out-of-range
+    target, a soft label outside [0, 1], a sequence without a real token give NaN where that row's
+    result would be (log-prob, loss, reward), so the error shows in the loss instead of as a crash.
+    ``cai_kernels.debug()`` (or the environment variable ``CAI_KERNELS_DEBUG=1``) turns the host-side
+    checks on for GPU tensors too: the ValueError of the CPU, at the price of a synchronization per check.
+  * The reference backend (plain PyTorch, indexing with the data) checks on the host on every device.
+  * While torch.compile traces, on meta / fake tensors, under a dispatch mode or a torch.func transform: no
+    data to read (or none to branch on), no host-side check (the device-side masking still applies).
+``choice_logprobs`` is the exception: its output's width K = max(num_options) is read from the data
+(a synchronization by the API's design), and its layout checks ride along with that one read.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Sequence
 
 import torch
 
 from ._params import NO_BOUND
+
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
+
+# ---- debug mode: host-side data checks on every device ---------------------------------------------
+
+_DEBUG = [os.environ.get("CAI_KERNELS_DEBUG", "0").strip().lower() not in ("", "0", "false", "no", "off")]
+
+
+class debug:
+    """``cai_kernels.debug(enabled=True)``: run the checks that read tensor data on the host for GPU tensors
+    too (a ValueError naming the argument, as on the CPU; each check synchronizes with the device).
+
+    Takes effect when called; as a context manager (``with cai_kernels.debug(): ...``) it restores the
+    previous setting on exit. The environment variable ``CAI_KERNELS_DEBUG=1`` sets the initial value.
+    Without it, GPU kernels mask bad data on the device and write NaN (see ``_validation``'s docstring)."""
+
+    def __init__(self, enabled: bool = True):
+        self.previous = _DEBUG[0]
+        _DEBUG[0] = bool(enabled)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _DEBUG[0] = self.previous
+
+
+def debug_enabled() -> bool:
+    """Whether ``cai_kernels.debug()`` (or CAI_KERNELS_DEBUG=1) is on."""
+    return _DEBUG[0]
+
+
+def host_data_checks(device: torch.device) -> bool:
+    """Whether the checks that read tensor data run on the host for tensors on ``device``: on CPU tensors
+    always, on GPUs in debug mode; never while tracing, under a dispatch mode or a torch.func transform (a
+    vmapped tensor has no single value to branch on), or on meta tensors."""
+    device_type = device.type
+    if device_type != "cpu" and (device_type == "meta" or not _DEBUG[0]):
+        return False
+    return not (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+                or torch._C._are_functorch_transforms_active())
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
@@ -81,13 +137,13 @@ def check_shape(name: str, value: torch.Tensor, shape: Iterable[int], what: str)
         raise ValueError(f"{name} must have shape {shape} ({what}); got {describe(value)}")
 
 
-def check_same_device(**tensors: torch.Tensor | None) -> None:
-    named = [(name, t) for name, t in tensors.items() if t is not None]
-    first_name, first = named[0]
-    for name, t in named[1:]:
-        if t.device != first.device:
-            raise ValueError(f"{name} must be on the same device as {first_name} ({first.device}); "
-                             f"got {t.device}")
+def check_same_device(names: tuple[str, ...], *tensors: torch.Tensor | None) -> None:
+    """Every tensor (None skipped) on the device of the first; ``names`` name them in order."""
+    device = tensors[0].device
+    for i in range(1, len(tensors)):
+        t = tensors[i]
+        if t is not None and t.device != device:
+            raise ValueError(f"{names[i]} must be on the same device as {names[0]} ({device}); got {t.device}")
 
 
 def check_rows(name: str, value, *, shape: tuple[int, ...] | None = None, what: str = "") -> torch.Tensor:
@@ -117,25 +173,31 @@ def check_mask(name: str, value, shape: Iterable[int], *, what: str = "one entry
 # ---- numbers and options -------------------------------------------------------------------------
 
 def _check_real(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.SymInt, torch.SymFloat)):
         raise TypeError(f"{name} must be a number; got {type(value).__name__}")
+
+
+def _finite(value) -> bool:
+    """math.isfinite, also for the SymFloats of torch.compile(dynamic=True) (a comparison, which guards)."""
+    return -math.inf < value < math.inf
 
 
 def check_positive_float(name: str, value) -> float:
     """A finite number > 0 (temperature, ...)."""
     _check_real(name, value)
-    if not math.isfinite(value) or value <= 0:
+    if not (_finite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0; got {value}")
-    return float(value)
+    return value if isinstance(value, (float, torch.SymFloat)) else float(value)
 
 
 def check_number(name: str, value, *, low: float | None = None, high: float | None = None,
                  low_open: bool = False) -> float:
     """A finite real number in [low, high] (``low_open``: (low, high])."""
     _check_real(name, value)
-    value = float(value)
+    if not isinstance(value, (float, torch.SymFloat)):
+        value = float(value)
     too_low = low is not None and (value <= low if low_open else value < low)
-    if not math.isfinite(value) or too_low or (high is not None and value > high):
+    if not _finite(value) or too_low or (high is not None and value > high):
         bracket = "(" if low_open else "["
         lo = "-inf" if low is None else low
         hi = "inf" if high is None else high
@@ -144,10 +206,13 @@ def check_number(name: str, value, *, low: float | None = None, high: float | No
 
 
 def check_optional_int(name: str, value) -> int | None:
+    """None, or an int that fits int64 (what the kernels and the custom-op schemas take)."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
         raise TypeError(f"{name} must be an int or None; got {type(value).__name__}")
+    if isinstance(value, int) and not INT64_MIN <= value <= INT64_MAX:
+        raise ValueError(f"{name} must fit in int64 ([-2**63, 2**63 - 1]); got {value}")
     return value
 
 
@@ -202,7 +267,7 @@ def check_bounds(name: str, value) -> tuple[float, float]:
     for side, bound in (("lo", lo), ("hi", hi)):
         if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float))):
             raise TypeError(f"{name} {side} must be a number or None; got {type(bound).__name__}")
-        if bound is not None and math.isnan(bound):
+        if bound is not None and bound != bound:  # NaN (also for SymFloats)
             raise ValueError(f"{name} {side} must not be NaN; got {value!r}")
     lo = -NO_BOUND if lo is None or lo == -math.inf else float(lo)
     hi = NO_BOUND if hi is None or hi == math.inf else float(hi)
@@ -290,9 +355,9 @@ def check_per_row_arg(name: str, value, shape: torch.Size, device: torch.device,
             raise ValueError(f"{name} must be broadcastable to the rewards' shape {tuple(shape)}; "
                              f"got {describe(value)}")
         return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.SymInt, torch.SymFloat)):
         raise TypeError(f"{name} must be a float, a torch.Tensor or None; got {type(value).__name__}")
-    if not math.isfinite(value) or (probability and not 0.0 <= value <= 1.0):
+    if not _finite(value) or (probability and not 0.0 <= value <= 1.0):
         expected = "a number in [0, 1]" if probability else "a finite number"
         raise ValueError(f"{name} must be {expected}; got {value}")
     return float(value)
@@ -393,4 +458,4 @@ def check_loss_inputs(names: tuple[str, str, str], tensors, response_mask) -> No
     for name, t in zip(names[1:], tensors[1:]):
         check_rows(name, t, shape=shape, what=f"like {names[0]}")
     check_mask("response_mask", response_mask, shape)
-    check_same_device(**dict(zip(names, tensors)), response_mask=response_mask)
+    check_same_device((*names, "response_mask"), *tensors, response_mask)

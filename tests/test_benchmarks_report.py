@@ -100,3 +100,19 @@ def test_gpu_script_dry_run():
                      "--benchmark-json=benchmarks/results/DEVICE-DATE-logprobs.json",
                      "-m benchmarks.report", "--merge-into benchmarks/results/DEVICE-DATE.json"):
         assert expected in out, (expected, out)
+
+
+def test_gpu_script_acceptance_dry_run(tmp_path):
+    """``gpu.sh acceptance``: the CUDA tests of the changed ops (with their own time limit), the headline benchmarks
+    and their ratio table, an avx512-only build; --dry-run writes nothing."""
+    out_dir = tmp_path / "out"
+    run = subprocess.run(["bash", "benchmarks/gpu.sh", "acceptance", "--dry-run"], cwd=ROOT, capture_output=True,
+                         text=True, env={**os.environ, "OUT": str(out_dir), "PYTHON": sys.executable})
+    assert run.returncode == 0, run.stderr
+    out = run.stdout
+    for expected in ("CAI_KERNELS_CAPABILITIES=avx512 ", "timeout -s INT -k 10 150", "tests/test_launches.py",
+                     "tests/test_cuda_graphs.py", "tests/test_func_transforms.py", "-m quick --benchmark-only",
+                     "--benchmark-json=benchmarks/results/DEVICE-DATE-acceptance.json",
+                     "-m benchmarks.report benchmarks/results/DEVICE-DATE-acceptance.json"):
+        assert expected in out, (expected, out)
+    assert not any(out_dir.rglob("*")), list(out_dir.rglob("*"))

@@ -115,4 +115,4 @@ def test_grids_are_one_dimensional_beyond_65535(monkeypatch):
 
     assert_grids_are_one_dimensional(monkeypatch, kernels, ["row_moments_kernel"],
                                      lambda x, m: kernels.masked_whiten_fwd(x, m, MaskedWhitenParams(True, True, 1e-8)),
-                                     also=(_whiten, ["whiten_kernel"]))
+                                     persistent=(_whiten, ["whiten_kernel"]))

@@ -125,4 +125,4 @@ def test_grid_is_one_dimensional_beyond_65535(monkeypatch):
     params = PpoAdvantagesParams(0.1, 1.0, 0.95, KlEstimator.K1, -1.0, 1.0, -1.0, 1.0, True)
     assert_grids_are_one_dimensional(monkeypatch, kernels, ["ppo_advantages_kernel"],
                                      lambda x, m: kernels.ppo_advantages_fwd(x[:, 0].contiguous(), x, x, x, m, params),
-                                     also=(_whiten, ["whiten_kernel"]))
+                                     persistent=(_whiten, ["whiten_kernel"]))

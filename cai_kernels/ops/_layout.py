@@ -40,6 +40,28 @@ def rows_view(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def flat(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a contiguous 1-D tensor (itself when it already is one: no dispatcher call)."""
+    if x.dim() == 1 and x.is_contiguous():
+        return x
+    return x.reshape(-1).contiguous()
+
+
+def vmap_rows(in_dims, *tensors: torch.Tensor | None) -> tuple[list, int]:
+    """For a ``vmap`` rule of a row-wise op: each tensor with its vmapped dimension moved to the front (a
+    tensor not vmapped, in_dim None, expanded along it) and the batch size; None stays None."""
+    size = next(t.size(d) for t, d in zip(tensors, in_dims) if d is not None)
+    moved = []
+    for t, d in zip(tensors, in_dims):
+        if t is None:
+            moved.append(None)
+        elif d is None:
+            moved.append(t.expand(size, *t.shape))
+        else:
+            moved.append(t.movedim(d, 0))
+    return moved, size
+
+
 def _mergeable_groups(x: torch.Tensor) -> list[tuple[int, int]]:
     """Runs of leading dims where each dim steps exactly over the next one (flatten is then a view)."""
     groups: list[tuple[int, int]] = []

@@ -22,7 +22,7 @@ from .._validation import (check_float_tensor, check_linear_operands, check_opti
                            check_probability_clamp, check_same_device, check_shape, check_targets,
                            check_targets_in_range, check_tensor)
 from ..reference.choice_logprobs import choice_logprobs as reference
-from ._kernel_op import KernelOp
+from ._kernel_op import KernelOp, traced
 from .linear_token_logprobs import linear_token_logprobs
 from .token_logprobs import token_logprobs
 
@@ -47,6 +47,8 @@ def _setup_context(ctx, args, params, backend, output):
 def _backward_formula(ctx, grad_option_logprobs, grad_probs, _grad_slot):
     """Through the softmax (p (g - sum p g)) and the clamp (no gradient where it bites, as torch.clamp),
     then each token takes its option's gradient: a gather through option_slot."""
+    if grad_option_logprobs is None and grad_probs is None:
+        return None, None, None
     option_logprobs, option_slot = ctx.saved_tensors
     grad = torch.zeros_like(option_logprobs) if grad_option_logprobs is None else grad_option_logprobs
     if grad_probs is not None:
@@ -88,7 +90,9 @@ def choice_logprobs(targets: torch.Tensor, option_ids: torch.Tensor, num_options
     """Multiple-choice scores: summed log-probs per option, normalized over each question's options.
 
     Args:
-        targets: (N,) int64, the tokens of every option continuation of every question, flattened.
+        targets: (N,) int64, the tokens of every option continuation of every question, flattened, each in
+            [0, V): else a ValueError on CPU tensors (and in ``cai_kernels.debug()`` mode), NaN scores for that
+            token's option on a GPU.
         option_ids: (N,) int64, the option of each token in [0, O); options are numbered question by
             question (question 0's options first); tokens may come in any order.
         num_options: (Q,) int64, options per question, each >= 1, summing to O.
@@ -103,6 +107,9 @@ def choice_logprobs(targets: torch.Tensor, option_ids: torch.Tensor, num_options
         option_logprobs[q, k] = sum of log p(token) over option k of question q (-inf for k >= num_options[q]);
         probs[q] = softmax over the question's options (0 in the padding), clamped.
         Differentiable w.r.t. logits / hidden / weight / bias (no gradient through a clamped probability).
+    Synchronization: K sizes the outputs, so the option step reads num_options' data once on the host (one
+    synchronization on a GPU, which also carries the layout checks: num_options >= 1, ids in [0, O), every
+    option with a token, else ValueError); this op cannot be captured in a CUDA graph.
     Under torch.compile K is a data-dependent size; inductor (torch 2.13) cannot lower a column select
     ``probs[:, k]`` of such a tensor (a guard on K == 1): use ``probs.narrow(1, k, 1)`` or ``gather``.
     """
@@ -111,14 +118,18 @@ def choice_logprobs(targets: torch.Tensor, option_ids: torch.Tensor, num_options
     check_shape("option_ids", option_ids, targets.shape, "one option id per token: targets.shape")
     check_tensor("num_options", num_options, dtypes=(torch.int64,), ndim=1)
     _check_scores_source(targets, logits, hidden, weight, bias)
-    check_same_device(targets=targets, option_ids=option_ids, num_options=num_options, logits=logits, hidden=hidden,
-                      weight=weight, bias=bias)
+    check_same_device(("targets", "option_ids", "num_options", "logits", "hidden", "weight", "bias"), targets,
+                      option_ids, num_options, logits, hidden, weight, bias)
     temperature = check_positive_float("temperature", temperature)
     clamp = check_probability_clamp("clamp", clamp)
     device = targets.device
     chosen = _registry.select_backend("choice_logprobs", device, backend)
     if chosen == "reference":
-        if not torch.compiler.is_compiling():
+        if device.type == "meta":
+            raise ValueError("choice_logprobs' reference backend cannot run on meta tensors: the width K = "
+                             "max(num_options) of its outputs is read from num_options' data (trace the compiled "
+                             "backends under torch.compile instead: they give K as a data-dependent size)")
+        if not traced():
             vocab = logits.size(-1) if logits is not None else weight.size(0)
             check_targets_in_range("targets", targets, vocab, None)
             check_option_layout(option_ids, num_options)

@@ -1,8 +1,8 @@
 """gae: generalized advantage estimation as one fused reverse scan, the core of RLHF-PPO's post-rollout step.
 
 Not differentiable (every stack computes it under no_grad): inputs are detached. The compiled backends run
-as the custom op ``cai_kernels::gae`` (with a fake implementation), so torch.compile traces callers without
-a graph break; plain eager calls skip the custom op (``call_kernel_directly``).
+as the custom op ``cai_kernels::gae`` (with a fake implementation) while torch.compile traces; eager calls
+run the kernel directly (``_kernel_op.py``): one launch.
 """
 
 from __future__ import annotations
@@ -13,11 +13,21 @@ from .. import _registry
 from .._params import GaeParams
 from .._validation import accumulate_dtype, check_discount, check_mask, check_rows, check_same_device
 from ..reference.gae import gae as reference
-from ._kernel_op import KernelOp, call_kernel_directly
-from ._layout import as_rows, detached, kernel_mask
+from ._kernel_op import KernelOp
+from ._layout import as_rows, detached, kernel_mask, vmap_rows
+
+
+def _vmap(in_dims, rewards, values, mask, *, params, backend):
+    """Rows are independent: the vmapped dimension joins B."""
+    (rewards, values, mask), size = vmap_rows(in_dims, rewards, values, mask)
+    T = rewards.size(-1)
+    advantages, returns = _forward(*as_rows(rewards.reshape(-1, T), values.reshape(-1, T)), mask.reshape(-1, T),
+                                   params=params, backend=backend)
+    return (advantages.view(size, -1, T), returns.view(size, -1, T)), (0, 0)
+
 
 _forward = KernelOp("gae", op="gae", kernel="gae_fwd", args="Tensor rewards, Tensor values, Tensor mask",
-                    params=GaeParams, returns="(Tensor, Tensor)")
+                    params=GaeParams, returns="(Tensor, Tensor)", vmap=_vmap)
 
 
 @_forward.register_fake
@@ -53,11 +63,10 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor
     shape = tuple(rewards.shape)
     check_rows("values", values, shape=shape, what="like rewards")
     check_mask("response_mask", response_mask, shape)
-    check_same_device(rewards=rewards, values=values, response_mask=response_mask)
+    check_same_device(("rewards", "values", "response_mask"), rewards, values, response_mask)
     gamma, lam = check_discount(gamma, lam)
     chosen = _registry.select_backend("gae", rewards.device, backend)
     rewards, values = detached(rewards), detached(values)
     if chosen == "reference":
         return reference(rewards, values, response_mask, gamma=gamma, lam=lam)
-    call = _forward.run if call_kernel_directly() else _forward
-    return call(*as_rows(rewards, values), kernel_mask(response_mask), params=GaeParams(gamma, lam), backend=chosen)
+    return _forward(*as_rows(rewards, values), kernel_mask(response_mask), params=GaeParams(gamma, lam), backend=chosen)

@@ -1,7 +1,8 @@
 """kl_penalty: per-token KL estimates (k1 / k2 / k3 / abs) in fp32, stable, differentiable.
 
 The compiled backends run as the custom op ``cai_kernels::kl_penalty`` (fake implementation and
-autograd formula registered), so torch.compile traces callers without a graph break.
+autograd formula registered) while torch.compile traces; eager calls run the kernel directly
+(``_kernel_op.py``). One kernel launch forward, one backward.
 """
 
 from __future__ import annotations
@@ -13,11 +14,22 @@ from .._params import ESTIMATORS, LOW_VAR_KL_CLAMP, LOW_VAR_KL_OUTPUT_CLAMP, KlP
 from .._validation import accumulate_dtype, check_bounds, check_choice, check_float_tensor, check_same_device, \
     common_dtype
 from ..reference.kl_penalty import kl_penalty as reference
-from ._kernel_op import KernelOp, call_kernel_directly
-from ._layout import rows_view
+from ._kernel_op import KernelOp
+from ._layout import rows_view, vmap_rows
+
+
+def _vmap(in_dims, logprobs, ref_logprobs, *, params, backend):
+    """Per-token: the vmapped dimension is one more leading dimension of the rows."""
+    (logprobs, ref_logprobs), size = vmap_rows(in_dims, logprobs, ref_logprobs)
+    # one (N, T) layout for both (an expanded, not vmapped input is copied: the kernel takes one row layout)
+    T = logprobs.size(-1)
+    out = _forward(rows_view(logprobs.reshape(-1, T)), rows_view(ref_logprobs.reshape(-1, T)), params=params,
+                   backend=backend)
+    return out.view(size, -1, T), 0
+
 
 _forward = KernelOp("kl_penalty", op="kl_penalty", kernel="kl_penalty_fwd", args="Tensor logprobs, Tensor ref_logprobs",
-                    params=KlPenaltyParams, returns="Tensor")
+                    params=KlPenaltyParams, returns="Tensor", vmap=_vmap)
 _backward = KernelOp("kl_penalty_backward", op="kl_penalty", kernel="kl_penalty_bwd",
                      args="Tensor grad, Tensor logprobs, Tensor ref_logprobs", params=KlPenaltyParams, returns="Tensor")
 
@@ -40,6 +52,8 @@ def _setup_context(ctx, args, params, backend, output):
 
 def _backward_formula(ctx, grad):
     logprobs, ref_logprobs = ctx.saved_tensors
+    if grad is None:
+        return None, None
     grad_log_ratio = _backward(grad.contiguous(), logprobs, ref_logprobs, params=ctx.params, backend=ctx.backend)
     grad_log_ratio = grad_log_ratio.view(logprobs.shape)
     grad_ref = -grad_log_ratio if ctx.needs_input_grad[1] else None
@@ -79,7 +93,7 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
     if ref_logprobs.shape != logprobs.shape:
         raise ValueError(f"ref_logprobs must have the shape of logprobs {tuple(logprobs.shape)}; "
                          f"got {tuple(ref_logprobs.shape)}")
-    check_same_device(logprobs=logprobs, ref_logprobs=ref_logprobs)
+    check_same_device(("logprobs", "ref_logprobs"), logprobs, ref_logprobs)
     kind = check_choice("estimator", estimator, ESTIMATORS)
     lo, hi = check_bounds("clamp", clamp)
     out_lo, out_hi = check_bounds("output_clamp", output_clamp)
@@ -91,9 +105,11 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
             lo, hi = LOW_VAR_KL_CLAMP
         if output_clamp is None:
             out_lo, out_hi = LOW_VAR_KL_OUTPUT_CLAMP
-    dtype = common_dtype(logprobs, ref_logprobs)
-    inputs = (rows_view(logprobs if logprobs.dtype == dtype else logprobs.to(dtype)),
-              rows_view(ref_logprobs if ref_logprobs.dtype == dtype else ref_logprobs.to(dtype)))
-    params = KlPenaltyParams(kind, lo, hi, out_lo, out_hi)
-    call = _forward.run if call_kernel_directly(logprobs, ref_logprobs) else _forward
-    return call(*inputs, params=params, backend=chosen).view(logprobs.shape)
+    if logprobs.dtype != ref_logprobs.dtype:
+        dtype = common_dtype(logprobs, ref_logprobs)
+        logprobs_, ref_ = logprobs.to(dtype), ref_logprobs.to(dtype)
+    else:
+        logprobs_, ref_ = logprobs, ref_logprobs
+    out = _forward(rows_view(logprobs_), rows_view(ref_), params=KlPenaltyParams(kind, lo, hi, out_lo, out_hi),
+                   backend=chosen)
+    return out if logprobs.dim() == 2 else out.view(logprobs.shape)

@@ -16,10 +16,10 @@ import torch
 
 from .. import _registry
 from .._params import LastTokenRewardsParams
-from .._validation import accumulate_dtype, check_head, check_hidden_and_mask, check_real_token_values
+from .._validation import accumulate_dtype, check_head, check_hidden_and_mask, check_real_token_values, host_data_checks
 from ..reference.last_token_rewards import last_token_index
 from ..reference.last_token_rewards import last_token_rewards as reference
-from ._kernel_op import KernelOp
+from ._kernel_op import KernelOp, traced
 from ._layout import pack_head
 
 _forward = KernelOp("last_token_rewards", op="last_token_rewards", kernel="last_token_rewards_fwd",
@@ -51,11 +51,15 @@ def _setup_context(ctx, args, params, backend, output):
 
 
 def _backward_formula(ctx, grad_rewards, _grad_index):
+    if grad_rewards is None:
+        return None, None, None, None, None
     hidden, index, weight = ctx.saved_tensors
     need_hidden = ctx.needs_input_grad[0]
     need_weight = ctx.needs_input_grad[3] or (ctx.has_bias and ctx.needs_input_grad[4])
-    grad_hidden, grad_weight, grad_bias = _backward(grad_rewards.to(weight.dtype).contiguous(), hidden, index, weight,
-                                                    need_hidden, need_weight, params=None, backend=ctx.backend)
+    if grad_rewards.dtype != weight.dtype or not grad_rewards.is_contiguous():
+        grad_rewards = grad_rewards.to(weight.dtype).contiguous()
+    grad_hidden, grad_weight, grad_bias = _backward(grad_rewards, hidden, index, weight, need_hidden, need_weight,
+                                                    params=None, backend=ctx.backend)
     return (grad_hidden if need_hidden else None, None, None, grad_weight if need_weight else None,
             grad_bias if need_weight and ctx.has_bias else None)
 
@@ -65,16 +69,20 @@ _forward.register_autograd(_backward_formula, setup_context=_setup_context)
 
 def sequence_rewards(hidden: torch.Tensor, mask: torch.Tensor, active: torch.Tensor, head_weight: torch.Tensor,
                      head_bias: torch.Tensor | None, mask_name: str, backend: str) -> torch.Tensor:
-    """(N,) rewards of the sequences of an (outer, inner, T, H) view, through the custom op (no checks)."""
+    """(N,) rewards of the sequences of an (outer, inner, T, H) view (arguments checked). An active sequence
+    without a real token is a ValueError where ``host_data_checks`` says so (the C++ kernels check as they
+    read; the Triton path checks the last-token indices after its kernel), NaN on a GPU."""
     weight, bias = pack_head(head_weight, head_bias, accumulate_dtype(hidden.dtype))
-    rewards, _ = _forward(hidden, mask, active, weight, bias, params=LastTokenRewardsParams(mask_name),
-                          backend=backend)
+    rewards, index = _forward(hidden, mask, active, weight, bias, params=LastTokenRewardsParams(mask_name),
+                              backend=backend)
+    if backend != "cpu" and host_data_checks(hidden.device):
+        check_real_token_values(mask_name, index, active, hidden.size(1))
     return rewards
 
 
 def check_real_tokens_reference(mask_name: str, mask: torch.Tensor, active: torch.Tensor | None = None) -> None:
-    """The reference path's check that every (active) sequence has a real token; skipped while compiling."""
-    if torch.compiler.is_compiling():
+    """The reference path's check that every (active) sequence has a real token; skipped while tracing."""
+    if traced() or mask.device.type == "meta":
         return
     index = last_token_index(mask).reshape(-1)
     check_real_token_values(mask_name, index, None if active is None else active.reshape(-1),
@@ -89,7 +97,8 @@ def last_token_rewards(hidden: torch.Tensor, mask: torch.Tensor, head_weight: to
         hidden: (B, T, H) or (B, K, T, H), fp32 / bf16 / fp16 (fp64 accepted), any strides.
         mask: hidden.shape[:-1], bool or integer, nonzero = real token. "Last" is the highest position whose
             mask is nonzero: right padding, left padding and masks with holes all work. A sequence without a
-            real token is a ValueError.
+            real token is a ValueError on CPU tensors (and in ``cai_kernels.debug()`` mode); on a GPU its
+            reward is NaN (checked on the device, no synchronization).
         head_weight: (H,) or (1, H); head_bias: a 0-d / 1-element tensor or None.
         backend: "reference" | "cpu" | "triton" | None (auto).
     Returns:

@@ -19,11 +19,12 @@ import torch
 
 from .. import _registry
 from .._params import LinearTokenLogprobsParams
-from .._validation import (accumulate_dtype, check_linear_operands, check_optional_int, check_positive_float,
-                           check_same_device, check_targets, check_targets_in_range)
+from .._validation import (accumulate_dtype, check_flag, check_linear_operands, check_optional_int,
+                           check_positive_float, check_same_device, check_targets, check_targets_in_range,
+                           host_data_checks)
 from ..reference.linear_token_logprobs import linear_token_logprobs as reference
-from ._kernel_op import KernelOp
-from ._layout import rows_view
+from ._kernel_op import KernelOp, traced
+from ._layout import flat, rows_view
 from .token_logprobs import upstream_grads
 
 # (vocab_block, token_chunk) per backend. CPU: each worker thread holds one [token_chunk, vocab_block]
@@ -88,6 +89,8 @@ def _setup_context(ctx, args, params, backend, output):
 
 
 def _backward_formula(ctx, grad_logp, grad_entropy, _grad_lse):
+    if grad_logp is None and grad_entropy is None:
+        return None, None, None, None
     hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
     need_bias = need_bias and bias is not None
@@ -111,7 +114,8 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     Args:
         hidden: (..., H) fp32 / bf16 / fp16 (fp64 accepted, computed in fp64), any strides.
         weight: (V, H) the LM head, hidden's dtype, any strides. bias: (V,) or None, hidden's dtype.
-        targets: (...) int64, ``hidden.shape[:-1]``, each in [0, V) or equal to ``ignore_index``.
+        targets: (...) int64, ``hidden.shape[:-1]``, each in [0, V) or equal to ``ignore_index``: else a
+            ValueError on CPU tensors (and in ``cai_kernels.debug()`` mode), NaN at that position on a GPU.
         temperature: > 0; the logits are divided by it before the softmax.
         ignore_index: positions whose target equals it return 0 (and entropy 0) and get zero gradient.
         return_entropy: also return the entropy of the softmax per position.
@@ -131,17 +135,22 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     """
     check_linear_operands(hidden, weight, bias)
     check_targets("targets", targets, lead_shape=hidden.shape[:-1], what="one per row of hidden: hidden.shape[:-1]")
-    check_same_device(hidden=hidden, weight=weight, bias=bias, targets=targets)
+    check_same_device(("hidden", "weight", "bias", "targets"), hidden, weight, bias, targets)
     temperature = check_positive_float("temperature", temperature)
     ignore_index = check_optional_int("ignore_index", ignore_index)
+    return_entropy = check_flag("return_entropy", return_entropy)
     chosen = _registry.select_backend("linear_token_logprobs", hidden.device, backend)
     if chosen == "reference":
-        if not torch.compiler.is_compiling():
+        if not traced() and hidden.device.type != "meta":  # it indexes with the targets
             check_targets_in_range("targets", targets, weight.size(0), ignore_index)
         return reference(hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index,
                          return_entropy=return_entropy)
+    if chosen != "cpu" and host_data_checks(hidden.device):  # the C++ kernels check as they read
+        check_targets_in_range("targets", targets, weight.size(0), ignore_index)
     params = LinearTokenLogprobsParams(temperature, ignore_index, return_entropy, *_blocking(chosen))
-    logp, entropy, _ = _forward(rows_view(hidden), weight, bias, targets.reshape(-1).contiguous(), params=params,
-                                backend=chosen)
-    logp = logp.view(targets.shape)
-    return (logp, entropy.view(targets.shape)) if return_entropy else logp
+    logp, entropy, _ = _forward(rows_view(hidden), weight, bias, flat(targets), params=params, backend=chosen)
+    if targets.dim() != 1:
+        logp = logp.view(targets.shape)
+        if return_entropy:
+            entropy = entropy.view(targets.shape)
+    return (logp, entropy) if return_entropy else logp

@@ -1,7 +1,8 @@
 """masked_whiten: whitening with batch-global statistics over response tokens (TRL / veRL).
 
 Not differentiable (the input is detached). The compiled backends run as the custom op
-``cai_kernels::masked_whiten`` (with a fake implementation); plain eager calls skip it.
+``cai_kernels::masked_whiten`` (with a fake implementation) while torch.compile traces; eager calls run the
+kernels directly (``_kernel_op.py``): two launches on a GPU (per-row moments; the merge and the whitening).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from .. import _registry
 from .._params import MaskedWhitenParams
 from .._validation import accumulate_dtype, check_flag, check_mask, check_number, check_rows, check_same_device
 from ..reference.masked_whiten import masked_whiten as reference
-from ._kernel_op import KernelOp, call_kernel_directly
+from ._kernel_op import KernelOp
 from ._layout import detached, kernel_mask, unit_stride_rows
 
 _forward = KernelOp("masked_whiten", op="masked_whiten", kernel="masked_whiten_fwd", args="Tensor x, Tensor mask",
@@ -41,13 +42,12 @@ def masked_whiten(x: torch.Tensor, response_mask: torch.Tensor, *, shift_mean: b
     """
     check_rows("x", x)
     check_mask("response_mask", response_mask, tuple(x.shape))
-    check_same_device(x=x, response_mask=response_mask)
+    check_same_device(("x", "response_mask"), x, response_mask)
     shift_mean, unbiased = check_flag("shift_mean", shift_mean), check_flag("unbiased", unbiased)
     eps = check_number("eps", eps, low=0.0, low_open=True)
     chosen = _registry.select_backend("masked_whiten", x.device, backend)
     x = detached(x)
     if chosen == "reference":
         return reference(x, response_mask, shift_mean=shift_mean, unbiased=unbiased, eps=eps)
-    call = _forward.run if call_kernel_directly() else _forward
-    return call(unit_stride_rows(x), kernel_mask(response_mask), params=MaskedWhitenParams(shift_mean, unbiased, eps),
-                backend=chosen)
+    return _forward(unit_stride_rows(x), kernel_mask(response_mask),
+                    params=MaskedWhitenParams(shift_mean, unbiased, eps), backend=chosen)

@@ -13,10 +13,10 @@ import torch
 from .. import _registry
 from .._params import REDUCTIONS, PairwiseLossParams, Reduction
 from .._validation import (accumulate_dtype, check_float_tensor, check_per_row_arg, check_probability_values,
-                           check_reduction, check_same_device, check_shape)
+                           check_reduction, check_same_device, check_shape, host_data_checks)
 from ..reference.pairwise_loss import pairwise_loss as reference
-from ._kernel_op import KernelOp
-from ._layout import pack_per_row
+from ._kernel_op import KernelOp, traced
+from ._layout import flat, pack_per_row
 
 _forward = KernelOp("pairwise_loss", op="pairwise_loss", kernel="pairwise_loss_fwd",
                     args="Tensor chosen, Tensor rejected, Tensor labels, Tensor margin", params=PairwiseLossParams,
@@ -43,8 +43,12 @@ def _setup_context(ctx, args, params, backend, output):
 
 
 def _backward_formula(ctx, grad):
+    if grad is None:
+        return None, None, None, None
     chosen, rejected, labels, margin = ctx.saved_tensors
-    grad = grad.to(accumulate_dtype(chosen.dtype)).contiguous()
+    acc = accumulate_dtype(chosen.dtype)
+    if grad.dtype != acc or not grad.is_contiguous():
+        grad = grad.to(acc).contiguous()
     grad_chosen, grad_rejected = _backward(grad, chosen, rejected, labels, margin, params=ctx.params,
                                            backend=ctx.backend)
     return grad_chosen, grad_rejected, None, None
@@ -55,12 +59,16 @@ _forward.register_autograd(_backward_formula, setup_context=_setup_context)
 
 def pair_losses(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, soft_labels, margin, shape: torch.Size,
                 reduction: Reduction, backend: str) -> torch.Tensor:
-    """The loss of (N,) contiguous rewards, flattened from ``shape``, through the custom op (arguments already
-    checked; labels and margins broadcastable to ``shape``)."""
+    """The loss of (N,) contiguous rewards, flattened from ``shape`` (arguments already checked; labels and margins
+    broadcastable to ``shape``). Soft labels are checked to lie in [0, 1] on the host where
+    ``host_data_checks`` says so (the C++ kernels check as they read); on a GPU a pair whose label is outside
+    gives a NaN loss (the Triton kernels check on the device)."""
     acc = accumulate_dtype(chosen_rewards.dtype)
     empty = chosen_rewards.new_empty(0, dtype=acc)  # "no per-pair tensor", for labels and margins alike
     labels, label_value = pack_per_row(soft_labels, 1.0, shape, acc, empty)
     margins, margin_value = pack_per_row(margin, 0.0, shape, acc, empty)
+    if backend != "cpu" and labels.numel() and host_data_checks(labels.device):
+        check_probability_values("soft_labels", labels)
     return _forward(chosen_rewards, rejected_rewards, labels, margins,
                     params=PairwiseLossParams(label_value, margin_value, reduction), backend=backend)
 
@@ -77,7 +85,9 @@ def pairwise_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, 
         chosen_rewards, rejected_rewards: (...) of one shape and dtype, fp32 / bf16 / fp16 (fp64 accepted,
             computed in fp64), any strides.
         soft_labels: P(chosen is preferred): a number or a float tensor broadcastable to the rewards' shape,
-            every value in [0, 1] (else ValueError); None means 1 (hard labels). No gradient flows into it.
+            every value in [0, 1]: else a ValueError (a number always; a tensor on CPU and in
+            ``cai_kernels.debug()`` mode; on a GPU, checked on the device: NaN for that pair's loss).
+            None means 1 (hard labels). No gradient flows into it.
         margin: a finite number or a float tensor broadcastable to the rewards' shape, subtracted from the
             reward difference (Llama-2's margin loss); None means 0. No gradient flows into it.
         reduction: "mean" (needs at least one pair) | "sum" | "none".
@@ -94,7 +104,7 @@ def pairwise_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, 
         raise TypeError(f"rejected_rewards must have the dtype of chosen_rewards ({chosen_rewards.dtype}); "
                         f"got {rejected_rewards.dtype}")
     check_shape("rejected_rewards", rejected_rewards, chosen_rewards.shape, "the shape of chosen_rewards")
-    check_same_device(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
+    check_same_device(("chosen_rewards", "rejected_rewards"), chosen_rewards, rejected_rewards)
     shape, device = chosen_rewards.shape, chosen_rewards.device
     soft_labels = check_per_row_arg("soft_labels", soft_labels, shape, device, probability=True)
     margin = check_per_row_arg("margin", margin, shape, device, probability=False)
@@ -104,10 +114,10 @@ def pairwise_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, 
                          f"{tuple(shape)} (use reduction='sum' or 'none' for empty batches)")
     selected = _registry.select_backend("pairwise_loss", device, backend)
     if selected == "reference":
-        if isinstance(soft_labels, torch.Tensor) and not torch.compiler.is_compiling():
+        if isinstance(soft_labels, torch.Tensor) and not traced() and device.type != "meta":
             check_probability_values("soft_labels", soft_labels.detach().expand(shape))
         return reference(chosen_rewards, rejected_rewards, soft_labels=soft_labels, margin=margin,
                          reduction=reduction)
-    loss = pair_losses(chosen_rewards.reshape(-1).contiguous(), rejected_rewards.reshape(-1).contiguous(),
-                       soft_labels, margin, shape, reduction_kind, selected)
-    return loss.view(shape) if reduction == "none" else loss
+    loss = pair_losses(flat(chosen_rewards), flat(rejected_rewards), soft_labels, margin, shape, reduction_kind,
+                       selected)
+    return loss.view(shape) if reduction == "none" and len(shape) != 1 else loss

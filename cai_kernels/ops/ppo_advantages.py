@@ -1,7 +1,9 @@
 """ppo_advantages: the post-rollout step of RLHF-PPO fused: KL, reward shaping, GAE, whitening.
 
 Not differentiable (inputs are detached). The compiled backends run as the custom op
-``cai_kernels::ppo_advantages`` (with a fake implementation); plain eager calls skip it.
+``cai_kernels::ppo_advantages`` (with a fake implementation) while torch.compile traces; eager calls run the
+kernels directly (``_kernel_op.py``): two launches on a GPU (KL, shaping, GAE and the rows' moments; the
+merge of the moments and the whitening), one without whitening.
 """
 
 from __future__ import annotations
@@ -9,11 +11,11 @@ from __future__ import annotations
 import torch
 
 from .. import _registry
-from .._params import ESTIMATORS, LOW_VAR_KL_CLAMP, LOW_VAR_KL_OUTPUT_CLAMP, PpoAdvantagesParams
-from .._validation import (accumulate_dtype, check_bounds, check_choice, check_discount, check_flag,
+from .._params import ESTIMATORS, LOW_VAR_KL_CLAMP, LOW_VAR_KL_OUTPUT_CLAMP, NO_BOUND, PpoAdvantagesParams
+from .._validation import (accumulate_dtype, check_choice, check_discount, check_flag,
                            check_float_tensor, check_mask, check_number, check_rows, check_same_device, describe)
 from ..reference.ppo_advantages import ppo_advantages as reference
-from ._kernel_op import KernelOp, call_kernel_directly
+from ._kernel_op import KernelOp
 from ._layout import as_rows, detached, kernel_mask
 
 _forward = KernelOp("ppo_advantages", op="ppo_advantages", kernel="ppo_advantages_fwd",
@@ -57,8 +59,8 @@ def ppo_advantages(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: t
     if tuple(scores.shape) != shape[:1]:
         raise ValueError(f"scores must have shape {shape[:1]} (one score per row of logprobs); "
                          f"got {describe(scores)}")
-    check_same_device(logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, response_mask=response_mask,
-                      scores=scores)
+    check_same_device(("logprobs", "ref_logprobs", "values", "response_mask", "scores"), logprobs, ref_logprobs, values,
+                      response_mask, scores)
     kl_coef = check_number("kl_coef", kl_coef, low=0.0)
     gamma, lam = check_discount(gamma, lam)
     kind = check_choice("estimator", estimator, ESTIMATORS)
@@ -68,12 +70,13 @@ def ppo_advantages(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: t
     if chosen == "reference":
         return reference(scores, logprobs, ref_logprobs, values, response_mask, kl_coef=kl_coef, gamma=gamma,
                          lam=lam, estimator=estimator, whiten=whiten)
-    lo, hi = check_bounds("clamp", None)
-    out_lo, out_hi = lo, hi
     if estimator == "low_var_kl":  # k3 (kind) with veRL's clamps
         (lo, hi), (out_lo, out_hi) = LOW_VAR_KL_CLAMP, LOW_VAR_KL_OUTPUT_CLAMP
+    else:
+        lo, hi = out_lo, out_hi = -NO_BOUND, NO_BOUND
     logprobs, ref_logprobs, values = as_rows(logprobs, ref_logprobs, values)
-    scores = scores.to(accumulate_dtype(logprobs.dtype)).contiguous()
+    acc = accumulate_dtype(logprobs.dtype)
+    if scores.dtype != acc or not scores.is_contiguous():
+        scores = scores.to(acc).contiguous()
     params = PpoAdvantagesParams(kl_coef, gamma, lam, kind, lo, hi, out_lo, out_hi, whiten)
-    call = _forward.run if call_kernel_directly() else _forward
-    return call(scores, logprobs, ref_logprobs, values, kernel_mask(response_mask), params=params, backend=chosen)
+    return _forward(scores, logprobs, ref_logprobs, values, kernel_mask(response_mask), params=params, backend=chosen)

@@ -64,5 +64,5 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
                          dual_clip=dual_clip, agg=agg)
     inputs = (*as_rows(logprobs, old_logprobs, advantages), kernel_mask(response_mask))
     params = PpoPolicyLossParams(clip_low, clip_high, dual_clip, agg_mode)
-    stats = loss_stats(_forward, logprobs, inputs, params, chosen)
-    return stats[0], {name: stats[i + 1].detach() for i, name in enumerate(POLICY_STATS)}
+    loss, stats = loss_stats(_forward, inputs, params, chosen)
+    return loss, dict(zip(POLICY_STATS, stats.unbind()))

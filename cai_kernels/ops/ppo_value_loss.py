@@ -45,5 +45,5 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
     if chosen == "reference":
         return reference(values, old_values, returns, response_mask, clip=clip, agg=agg)
     inputs = (*as_rows(values, old_values, returns), kernel_mask(response_mask))
-    stats = loss_stats(_forward, values, inputs, PpoValueLossParams(clip, agg_mode), chosen)
-    return stats[0], stats[1].detach()
+    loss, stats = loss_stats(_forward, inputs, PpoValueLossParams(clip, agg_mode), chosen)
+    return loss, stats.view(())

@@ -12,6 +12,7 @@ import torch
 from .. import _registry
 from .._params import Reduction
 from .._validation import check_head, check_hidden_and_mask, check_per_row_arg, check_probability_values
+from ._kernel_op import traced
 from ..reference.reward_pairwise_loss import reward_pairwise_loss as reference
 from .last_token_rewards import check_real_tokens_reference, sequence_rewards
 from .pairwise_loss import pair_losses
@@ -57,7 +58,7 @@ def reward_pairwise_loss(chosen_hidden: torch.Tensor, chosen_mask: torch.Tensor,
     if selected == "reference":
         check_real_tokens_reference("chosen_mask", chosen_mask)
         check_real_tokens_reference("rejected_mask", rejected_mask)
-        if isinstance(soft_labels, torch.Tensor) and not torch.compiler.is_compiling():
+        if isinstance(soft_labels, torch.Tensor) and not traced() and device.type != "meta":
             check_probability_values("soft_labels", soft_labels.detach().expand(shape))
         return reference(chosen_hidden, chosen_mask, rejected_hidden, rejected_mask, head_weight, head_bias,
                          soft_labels=soft_labels, margin=margin)

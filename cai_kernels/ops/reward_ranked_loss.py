@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 
 from .. import _registry
-from .._validation import check_head, check_hidden_and_mask, check_num_valid, check_num_valid_values
+from .._validation import check_head, check_hidden_and_mask, check_num_valid, check_num_valid_values, host_data_checks
 from ..reference.reward_ranked_loss import reward_ranked_loss as reference
 from .last_token_rewards import check_real_tokens_reference, sequence_rewards
-from .ranked_pairwise_loss import ranked_loss_rows, reduce_rows
+from .ranked_pairwise_loss import ranked_loss
 
 
 def reward_ranked_loss(hidden: torch.Tensor, mask: torch.Tensor, head_weight: torch.Tensor,
@@ -37,14 +37,14 @@ def reward_ranked_loss(hidden: torch.Tensor, mask: torch.Tensor, head_weight: to
     batch, K, device = hidden.size(0), hidden.size(1), hidden.device
     check_head(head_weight, head_bias, hidden.size(3), device)
     num_valid = check_num_valid(num_valid, batch, device)
-    if num_valid is not None and not torch.compiler.is_compiling():
+    selected = _registry.select_backend("reward_ranked_loss", device, backend)
+    if num_valid is not None and host_data_checks(device):
         check_num_valid_values(num_valid, K)  # before the masks: a bad count would blame the wrong argument
     active = None if num_valid is None else torch.arange(K, device=device) < num_valid[:, None]
-    selected = _registry.select_backend("reward_ranked_loss", device, backend)
     if selected == "reference":
         check_real_tokens_reference("mask", mask, active)
         return reference(hidden, mask, head_weight, head_bias, num_valid=num_valid)
     active = mask.new_empty(0, dtype=torch.bool) if active is None else active.reshape(-1)
     rewards = sequence_rewards(hidden, mask, active, head_weight, head_bias, "mask", selected).view(batch, K)
-    loss = reduce_rows(ranked_loss_rows(rewards, num_valid, selected), num_valid, K, "mean")
+    loss = ranked_loss(rewards, num_valid, "mean", selected)
     return loss, rewards

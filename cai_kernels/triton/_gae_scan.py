@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from . import interpreting
+from ._launch import next_pow2
 
 
 @triton.jit
@@ -87,7 +88,7 @@ def scan_blocks(T: int) -> tuple[int, int]:
     # The interpreter runs a scan element by element in Python: short tiles there keep the tests
     # fast and make even small T cross several tiles (the carries between tiles get exercised).
     block_t = 16 if interpreting() else SCAN_BLOCK_T
-    return SCAN_BLOCK_B, min(block_t, triton.next_power_of_2(max(T, 2)))
+    return SCAN_BLOCK_B, min(block_t, next_pow2(max(T, 2)))
 
 
 def halves(x: float) -> tuple[float, float]:

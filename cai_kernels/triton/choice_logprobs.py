@@ -3,10 +3,13 @@
 One program per question, its options on the lanes of one block (BLOCK_K >= max options):
     option_logprobs[q, k] = sum over option (first[q] + k)'s tokens of log p   (-inf for k >= n_q)
     probs[q, k]           = softmax_k(option_logprobs[q, :n_q]), clamped       (0 for k >= n_q)
-The tokens of each option are found through a CSR layout built on the host with torch ops
+The tokens of each option are found through a CSR layout built with torch ops on the device
 (tokens sorted by option id, stable, and each option's first position), so the sums need no atomics
 and come out the same on every run. Each program also writes, for each of its tokens, the flat slot
 q * K + k of its option (the backward gathers the options' gradients through it).
+
+K = max(num_options) sizes the outputs, so the launcher reads it on the host: one synchronization on a
+GPU, which also brings back the layout's checks (computed on the device first); nothing else waits.
 """
 
 from __future__ import annotations
@@ -17,6 +20,23 @@ import triton.language as tl
 
 from .._params import ChoiceLogprobsParams
 from .._validation import check_option_layout
+from ._launch import next_pow2
+
+
+def _layout(option_ids: torch.Tensor, num_options: torch.Tensor):
+    """The CSR layout on the device and, in ONE host read, (K, O, the most tokens of an option, whether the layout
+    is bad): num_options >= 1, ids in [0, O), every option with a token (the details: check_option_layout)."""
+    N = option_ids.numel()
+    num_opts = num_options.sum()
+    # tokens per option, O <= N for a valid layout (each option has a token): ids past N are bad anyway
+    counts = torch.zeros(N + 1, dtype=torch.int64, device=option_ids.device)
+    counts.index_add_(0, option_ids.clamp(0, N), torch.ones_like(option_ids))
+    slots = torch.arange(N + 1, device=option_ids.device)
+    empty = ((counts == 0) & (slots < num_opts)).any()
+    bad_ids = ((option_ids < 0) | (option_ids >= num_opts)).any() if N else num_opts.new_zeros((), dtype=torch.bool)
+    bad = (num_options < 1).any() | bad_ids | empty | (num_opts > N)
+    summary = torch.stack([num_options.max(), num_opts, counts.max(), bad.to(torch.int64)]).tolist()
+    return counts, summary
 
 
 @triton.jit
@@ -63,27 +83,29 @@ def option_scores(token_logprobs: torch.Tensor, option_ids: torch.Tensor, num_op
                   params: ChoiceLogprobsParams):
     """Same contract as the C++ kernel (csrc/cpu/choice_logprobs.cpp), checks included: every question has
     >= 1 option, every id lies in [0, O), every option has >= 1 token (else ValueError)."""
-    check_option_layout(option_ids, num_options)
     has_clamp = params.clamp_lo is not None
     clamp_lo, clamp_hi = (params.clamp_lo, params.clamp_hi) if has_clamp else (0.0, 1.0)
     device = token_logprobs.device
     num_questions = num_options.numel()
-    num_opts = int(num_options.sum()) if num_questions else 0
-    max_options = int(num_options.max()) if num_questions else 0
+    if num_questions == 0:
+        if option_ids.numel():
+            check_option_layout(option_ids, num_options)
+        empty = torch.empty(0, 0, dtype=token_logprobs.dtype, device=device)
+        return empty, torch.empty_like(empty), torch.empty_like(option_ids)
+    counts, (max_options, num_opts, max_tokens, bad) = _layout(option_ids, num_options)
+    if bad:
+        check_option_layout(option_ids, num_options)  # raises, naming the first problem
     option_logprobs = torch.empty(num_questions, max_options, dtype=token_logprobs.dtype, device=device)
     probs = torch.empty_like(option_logprobs)
     option_slot = torch.empty_like(option_ids)
-    if num_questions:
-        tokens_per_option = torch.bincount(option_ids, minlength=num_opts)
-        zero = torch.zeros(1, dtype=torch.int64, device=device)
-        option_token_start = torch.cat([zero, tokens_per_option.cumsum(0)])
-        question_start = torch.cat([zero, num_options.cumsum(0)])
-        token_order = torch.argsort(option_ids, stable=True)
-        option_scores_kernel[(num_questions,)](
-            token_logprobs, token_order, option_token_start, question_start, option_logprobs, probs, option_slot,
-            max_options, int(tokens_per_option.max()), clamp_lo, clamp_hi,
-            HAS_CLAMP=has_clamp, BLOCK_K=max(16, triton.next_power_of_2(max_options)),
-        )
+    option_token_start = torch.nn.functional.pad(torch.cumsum(counts[:num_opts], 0), (1, 0))  # [0, c0, c0 + c1, ...]
+    question_start = torch.nn.functional.pad(torch.cumsum(num_options, 0), (1, 0))
+    token_order = torch.argsort(option_ids, stable=True)
+    option_scores_kernel[(num_questions,)](
+        token_logprobs, token_order, option_token_start, question_start, option_logprobs, probs, option_slot,
+        max_options, max_tokens, clamp_lo, clamp_hi,
+        HAS_CLAMP=has_clamp, BLOCK_K=max(16, next_pow2(max_options)),
+    )
     return option_logprobs, probs, option_slot
 
 

@@ -15,7 +15,7 @@ from .._params import GaeParams
 from .._validation import accumulate_dtype
 from ._gae_scan import (SCAN_BLOCK_B, SCAN_BLOCK_T, SCAN_WARPS, gae_tile, halves, load_values_tile,
                         scan_blocks, scan_start)
-from ._launch import as_kernel_mask
+from ._launch import as_kernel_mask, cdiv
 
 
 @triton.jit
@@ -50,7 +50,7 @@ def gae_fwd(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, par
     ret = torch.empty(B, T, dtype=acc, device=rewards.device)
     if B and T:
         block_b, block_t = scan_blocks(T)
-        gae_kernel[(triton.cdiv(B, block_b),)](
+        gae_kernel[(cdiv(B, block_b),)](
             rewards, values, as_kernel_mask(mask), adv, ret, B, T, rewards.stride(0), values.stride(0),
             mask.stride(0), *halves(params.gamma), *halves(params.gamma * params.lam), BLOCK_B=block_b,
             BLOCK_T=block_t, num_warps=SCAN_WARPS)

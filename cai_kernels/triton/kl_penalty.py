@@ -13,7 +13,7 @@ import triton.language as tl
 from .._params import KlPenaltyParams
 from .._validation import accumulate_dtype
 from ._kl_math import K1, K2, K3, exp_minus_1_minus_x, kl_bounds, kl_forward, kl_value
-from ._launch import pow2_block
+from ._launch import cdiv, pow2_block
 
 
 @triton.jit
@@ -58,7 +58,7 @@ def _launch(logprobs, ref_logprobs, grad, out, params: KlPenaltyParams, backward
     rows, T = logprobs.size(0) * logprobs.size(1), logprobs.size(2)
     if rows and T:
         block = pow2_block(T, 1024)
-        col_blocks = triton.cdiv(T, block)
+        col_blocks = cdiv(T, block)
         kl_penalty_kernel[(rows * col_blocks,)](
             logprobs, ref_logprobs, grad, out, logprobs.size(1), logprobs.stride(0), logprobs.stride(1),
             ref_logprobs.stride(0), ref_logprobs.stride(1), T, col_blocks, *kl_bounds(params),

@@ -314,15 +314,16 @@ def linear_head_fwd_kernel(
 @triton.jit(do_not_specialize=["pieces"])
 def linear_head_merge_kernel(
     part_ptr, x_ptr, w_ptr, b_ptr, targets_ptr, logp_ptr, entropy_ptr, lse_ptr,
-    N, H, inner, stride_xo, stride_xn, stride_xh, stride_wv, stride_wh,
+    N, H, V, inner, stride_xo, stride_xn, stride_xh, stride_wv, stride_wh,
     pieces, scale_hi, scale_lo, ignore_index,
     HAS_BIAS: tl.constexpr, HAS_IGNORE: tl.constexpr, WITH_ENTROPY: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, SPLIT_ROWS: tl.constexpr,
 ):
     """Per row: merge the pieces' (m, s, w) in piece order, then log p = z_t - lse, entropy, lse.
 
-    z_t = (x . w_t + b_t) / T as an fp32 (fp64) dot; scale = log2(e) / T as in the forward kernel. targets (N,) int64, already range-checked;
-    ignored rows (target == ignore_index, HAS_IGNORE) read nothing and get 0 everywhere.
+    z_t = (x . w_t + b_t) / T as an fp32 (fp64) dot; scale = log2(e) / T as in the forward kernel. targets (N,) int64;
+    ignored rows (target == ignore_index, HAS_IGNORE) read nothing and get 0 everywhere; a target outside
+    [0, V) otherwise (bad data, checked here on the device) reads nothing and gets a NaN log-prob.
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     in_rows = rows < N
@@ -353,23 +354,26 @@ def linear_head_merge_kernel(
         m = m_new
         at += N  # the next piece's row (64-bit pointer steps: pieces * N may pass 2^31)
 
-    safe_target = tl.where(active, target, 0)
+    in_range = (target >= 0) & (target < V)
+    readable = active & in_range
+    safe_target = tl.where(readable, target, 0)
     x_rows = x_ptr + _x_rows(rows, N, inner, stride_xo, stride_xn, SPLIT_ROWS)
     w_rows = w_ptr + safe_target * stride_wv
     dot = tl.zeros((BLOCK_R, BLOCK_H), ACC)
     for k in range(0, H, BLOCK_H):
         ks = k + tl.arange(0, BLOCK_H)
-        mask = active[:, None] & (ks < H)[None, :]
+        mask = readable[:, None] & (ks < H)[None, :]
         xv = tl.load(x_rows[:, None] + ks[None, :] * stride_xh, mask=mask, other=0.0)
         wv = tl.load(w_rows[:, None] + ks[None, :] * stride_wh, mask=mask, other=0.0)
         dot += xv.to(ACC) * wv.to(ACC)
     target_logit = tl.sum(dot, axis=1)
     if HAS_BIAS:
-        target_logit += tl.load(b_ptr + safe_target, mask=active, other=0.0).to(ACC)
+        target_logit += tl.load(b_ptr + safe_target, mask=readable, other=0.0).to(ACC)
 
     log2_s = tl.log2(s)
     lse = (m + log2_s) * _LN2
-    tl.store(logp_ptr + rows, tl.where(active, target_logit * inv_temperature - lse, 0.0), mask=in_rows)
+    logp = tl.where(in_range, target_logit * inv_temperature - lse, float("nan"))
+    tl.store(logp_ptr + rows, tl.where(active, logp, 0.0), mask=in_rows)
     tl.store(lse_ptr + rows, tl.where(active, lse, 0.0), mask=in_rows)
     if WITH_ENTROPY:
         tl.store(entropy_ptr + rows, tl.where(active, (log2_s - w / s) * _LN2, 0.0), mask=in_rows)
@@ -626,7 +630,7 @@ def linear_token_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: 
     """Per-token log p(target) (and entropy) under softmax((hidden @ weight.T + bias) * inv_temperature).
 
     hidden (..., H) with N = hidden.numel() / H rows, weight (V, H), bias (V,) or None, one dtype;
-    targets (N,) int64, each in [0, V) or == ignore_index (checked by the caller). Returns
+    targets (N,) int64, each in [0, V) or == ignore_index (else NaN at that row: checked on the device). Returns
     (logp, entropy, lse), each (N,) fp32 (fp64 for fp64 inputs); entropy is empty unless with_entropy;
     ignored rows get 0 in all three. The contract of the C++ kernel torch.ops.cai_kernels_cpu.
     linear_token_logprobs_fwd, without its blocking arguments.
@@ -658,7 +662,7 @@ def linear_token_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: 
     rows_per_program = problem.config.merge_rows
     linear_head_merge_kernel[(triton.cdiv(N, rows_per_program),)](
         partials, x, weight, bias_arg, targets, logp, entropy if with_entropy else lse, lse,
-        N, H, *problem.x_layout, weight.stride(0), weight.stride(1),
+        N, H, V, *problem.x_layout, weight.stride(0), weight.stride(1),
         pieces, *scale, ignore_index,
         HAS_BIAS=bias is not None, HAS_IGNORE=has_ignore, WITH_ENTROPY=with_entropy, SPLIT_ROWS=problem.split_rows,
         BLOCK_R=rows_per_program, BLOCK_H=problem.config.merge_cols, num_warps=4,
@@ -853,7 +857,7 @@ def _aot_specs():
         specs.append(AotSpec(
             "linear_head_merge_kernel",
             {"part_ptr": "*fp32", "x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "targets_ptr": "*i64",
-             "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "lse_ptr": "*fp32", "N": "i32", "H": "i32",
+             "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "lse_ptr": "*fp32", "N": "i32", "H": "i32", "V": "i32",
              "inner": "i32", "stride_xo": "i32", "stride_xn": "i32", "stride_xh": "constexpr", "stride_wv": "i32",
              "stride_wh": "constexpr", "pieces": "i32", "scale_hi": "fp32", "scale_lo": "fp32", "ignore_index": "i32",
              "HAS_BIAS": "constexpr", "HAS_IGNORE": "constexpr", "WITH_ENTROPY": "constexpr", "BLOCK_R": "constexpr",

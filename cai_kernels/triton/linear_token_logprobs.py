@@ -61,7 +61,6 @@ import triton
 import triton.language as tl
 
 from .._params import LinearTokenLogprobsParams
-from .._validation import check_targets_in_range
 from . import linear_head
 from ._online_lse import block_v, grad_row_scalars, ignore_args, logits_grad, num_warps, online_lse_step
 
@@ -96,10 +95,9 @@ def linear_token_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: 
                               targets: torch.Tensor, params: LinearTokenLogprobsParams):
     """Same contract as the C++ kernel (csrc/cpu/linear_token_logprobs.cpp): hidden (outer, inner, H)
     with stride(2) == 1, weight (V, H) any strides, bias (V,) or None, targets (rows,) int64, each in
-    [0, V) or ignore_index (else ValueError). Returns (logp, entropy, lse), each (rows,) fp32 (fp64 for
+    [0, V) or ignore_index (else NaN at that row: checked on the device). Returns (logp, entropy, lse), each (rows,) fp32 (fp64 for
     fp64 inputs); entropy is empty without params.with_entropy. params.vocab_block / token_chunk block
     the hybrid only (linear_head has its own blocking)."""
-    check_targets_in_range("targets", targets, weight.size(0), params.ignore_index)
     if _engine_for(hidden) == LINEAR_HEAD:
         ignore_index, has_ignore = ignore_args(params.ignore_index)
         return linear_head.linear_token_logprobs_fwd(hidden, weight, bias, targets, 1.0 / params.temperature,
@@ -234,7 +232,8 @@ def _hybrid_fwd(hidden, weight, bias, targets, params: LinearTokenLogprobsParams
                 )
     active = targets != ignore_index if has_ignore else torch.ones_like(targets, dtype=torch.bool)
     lse = running_max + running_sum.log()
-    logp = torch.where(active, target_logit * inv_temperature - lse, 0.0)
+    in_range = (targets >= 0) & (targets < V)  # bad data: never read (the block kernel records in-block targets)
+    logp = torch.where(active, torch.where(in_range, target_logit * inv_temperature - lse, math.nan), 0.0)
     entropy = (torch.where(active, running_sum.log() - weighted / running_sum, 0.0) if with_entropy
                else lse.new_empty(0))
     return logp, entropy, torch.where(active, lse, 0.0)

@@ -1,5 +1,5 @@
-"""Triton kernels of masked_whiten: batch-global moments over response tokens, then one normalizing pass
-(``_whiten.py``). Same contract as csrc/cpu/masked_whiten.cpp.
+"""Triton kernels of masked_whiten: per-row moments over response tokens, then one pass that merges them and
+normalizes (``_whiten.py``): two launches. Same contract as csrc/cpu/masked_whiten.cpp.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from .._params import MaskedWhitenParams
 from .._validation import accumulate_dtype
 from ._gae_scan import SCAN_BLOCK_B, SCAN_BLOCK_T, SCAN_WARPS, scan_blocks
 from ._launch import as_kernel_mask
-from ._whiten import row_moments_kernel, whiten_into, whiten_kernel, whiten_map
+from ._whiten import MERGE_BLOCK, row_moments_kernel, whiten_kernel, whiten_rows
 
 
 def masked_whiten_fwd(x: torch.Tensor, mask: torch.Tensor, params: MaskedWhitenParams) -> torch.Tensor:
@@ -19,13 +19,13 @@ def masked_whiten_fwd(x: torch.Tensor, mask: torch.Tensor, params: MaskedWhitenP
     B, T = x.shape
     acc = accumulate_dtype(x.dtype)
     out = torch.empty(B, T, dtype=acc, device=x.device)
-    stats = torch.zeros(B, 3, dtype=torch.float64, device=x.device)
+    stats = torch.empty(B, 3, dtype=torch.float64, device=x.device)  # every row written by the moments kernel
     if B and T:
         block_b, block_t = scan_blocks(T)
-        row_moments_kernel[(triton.cdiv(B, block_b),)](x, as_kernel_mask(mask), stats, B, T, x.stride(0),
-                                                       mask.stride(0), BLOCK_B=block_b, BLOCK_T=block_t,
-                                                       num_warps=SCAN_WARPS)
-    whiten_into(x, mask, out, whiten_map(stats, params.shift_mean, params.unbiased, params.eps, acc))
+        row_moments_kernel[(-(-B // block_b),)](x, as_kernel_mask(mask), stats, B, T, x.stride(0),
+                                                mask.stride(0), BLOCK_B=block_b, BLOCK_T=block_t,
+                                                num_warps=SCAN_WARPS)
+    whiten_rows(x, mask, out, stats, shift_mean=params.shift_mean, unbiased=params.unbiased, eps=params.eps)
     return out
 
 
@@ -37,9 +37,10 @@ def _aot_specs():
                 {"BLOCK_B": SCAN_BLOCK_B, "BLOCK_T": SCAN_BLOCK_T},
                 aligned=("x_ptr", "mask_ptr", "stats_ptr", "T", "stride_x", "stride_m"), num_warps=SCAN_WARPS,
                 label="fp32"),
-        AotSpec("whiten_kernel", {"x_ptr": "*fp32", "mask_ptr": "*u8", "out_ptr": "*fp32", "map_ptr": "*fp32"},
-                {"BLOCK_T": 1024}, aligned=("x_ptr", "mask_ptr", "out_ptr", "map_ptr", "T", "stride_x", "stride_m"),
-                label="fp32"),
+        AotSpec("whiten_kernel", {"x_ptr": "*fp32", "mask_ptr": "*u8", "out_ptr": "*fp32", "stats_ptr": "*fp64",
+                                  "eps_hi": "fp32", "eps_lo": "fp32"},
+                {"SHIFT_MEAN": True, "UNBIASED": True, "BLOCK_T": 1024, "MERGE": MERGE_BLOCK},
+                aligned=("x_ptr", "mask_ptr", "out_ptr", "stats_ptr", "T", "stride_x", "stride_m"), label="fp32"),
     ]
 
 

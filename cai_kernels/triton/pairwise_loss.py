@@ -12,8 +12,10 @@ import triton
 import triton.language as tl
 
 from .._params import PairwiseLossParams, Reduction
-from .._validation import accumulate_dtype, check_probability_values
+from .._validation import accumulate_dtype
+from ._launch import cdiv
 from ._logistic import log1p, sigmoid
+from ._reduce import sum_partials
 
 PAIR_BLOCK = 1024
 
@@ -31,6 +33,8 @@ def _pair_inputs(chosen_ptr, rejected_ptr, labels_ptr, margin_ptr, rows, in_rang
         d -= margin_value
     if HAS_LABELS:
         p = tl.load(labels_ptr + rows, mask=in_range, other=1.0)
+        # a label outside [0, 1] (or NaN) is bad data, checked here on the device: NaN for that pair
+        p = tl.where((p >= 0.0) & (p <= 1.0), p, float("nan"))
     else:
         p = tl.zeros(d.shape, acc_dtype) + label_value
     return d, p
@@ -40,9 +44,12 @@ def _pair_inputs(chosen_ptr, rejected_ptr, labels_ptr, margin_ptr, rows, in_rang
 def pairwise_loss_fwd_kernel(
     chosen_ptr, rejected_ptr, labels_ptr, margin_ptr, loss_ptr, block_sums_ptr,
     N, label_value, margin_value,
-    HAS_LABELS: tl.constexpr, HAS_MARGIN: tl.constexpr, REDUCE: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_LABELS: tl.constexpr, HAS_MARGIN: tl.constexpr, REDUCE: tl.constexpr, ONE_PROGRAM: tl.constexpr,
+    MEAN: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Per-pair losses into loss_ptr, or (REDUCE) one float64 partial sum per program into block_sums_ptr."""
+    """Per-pair losses into loss_ptr; or (REDUCE) their sum: one float64 partial sum per program into
+    block_sums_ptr (finished by sum_partials_kernel), or with ONE_PROGRAM the sum (MEAN: / N) into loss_ptr[0]
+    directly (one launch in all)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_range = rows < N
     acc_dtype = loss_ptr.dtype.element_ty
@@ -50,7 +57,13 @@ def pairwise_loss_fwd_kernel(
                         margin_value, acc_dtype, HAS_LABELS, HAS_MARGIN)
     loss = log1p(tl.exp(-tl.abs(d))) + d * tl.where(d > 0, 1.0 - p, -p)
     if REDUCE:
-        tl.store(block_sums_ptr + tl.program_id(0), tl.sum(tl.where(in_range, loss, 0.0).to(tl.float64), axis=0))
+        total = tl.sum(tl.where(in_range, loss, 0.0).to(tl.float64), axis=0)
+        if ONE_PROGRAM:
+            if MEAN:
+                total = total / N
+            tl.store(loss_ptr, total.to(acc_dtype))
+        else:
+            tl.store(block_sums_ptr + tl.program_id(0), total)
     else:
         tl.store(loss_ptr + rows, loss, mask=in_range)
 
@@ -74,7 +87,7 @@ def pairwise_loss_bwd_kernel(
         g = tl.load(grad_ptr) * grad_scale
     sig = sigmoid(d)
     sig_neg = sigmoid(-d)
-    grad = ((1.0 - p) * sig - p * sig_neg) * g
+    grad = ((1.0 - p) * sig - p * sig_neg) * g  # NaN where the label is bad (see _pair_inputs)
     tl.store(grad_chosen_ptr + rows, grad.to(grad_chosen_ptr.dtype.element_ty), mask=in_range)
     tl.store(grad_rejected_ptr + rows, (-grad).to(grad_rejected_ptr.dtype.element_ty), mask=in_range)
 
@@ -90,32 +103,32 @@ def pairwise_loss_fwd(chosen: torch.Tensor, rejected: torch.Tensor, labels: torc
                       params: PairwiseLossParams) -> torch.Tensor:
     """Same contract as the C++ kernel (csrc/cpu/pairwise_loss.cpp): chosen, rejected (N,) contiguous; labels,
     margin (N,) in the accumulation dtype or empty (then params.label_value / margin_value for every pair),
-    labels in [0, 1] (else ValueError). Returns the (N,) losses, or their sum / mean as a 0-d tensor."""
-    if labels.numel():
-        check_probability_values("soft_labels", labels)
+    labels in [0, 1]: checked on the device, NaN for a pair whose label is not (the C++ kernel raises
+    ValueError; the ops layer checks CPU tensors). Returns the (N,) losses, or their sum / mean as a 0-d
+    tensor: one launch (two for more than PAIR_BLOCK pairs reduced: the partial sums are added in order)."""
     n = chosen.numel()
     label_value, margin_value, reduction = params.label_value, params.margin_value, params.reduction
     acc = accumulate_dtype(chosen.dtype)
     labels, margin = _per_row_if_fp64(labels, label_value, chosen), _per_row_if_fp64(margin, margin_value, chosen)
-    grid = (triton.cdiv(n, PAIR_BLOCK),)
-    if reduction == Reduction.NONE:
+    programs = -(-n // PAIR_BLOCK)
+    reduce, mean = reduction != Reduction.NONE, reduction == Reduction.MEAN
+    if not reduce:
         loss = torch.empty(n, dtype=acc, device=chosen.device)
         block_sums = loss
-    else:  # loss_ptr only carries the accumulation dtype here: one element, never written
-        loss = torch.empty(1, dtype=acc, device=chosen.device)
-        block_sums = torch.empty(grid[0], dtype=torch.float64, device=chosen.device)
+    else:
+        loss = torch.empty((), dtype=acc, device=chosen.device)
+        block_sums = loss if programs <= 1 else torch.empty(programs, dtype=torch.float64, device=chosen.device)
     if n:
-        pairwise_loss_fwd_kernel[grid](
+        pairwise_loss_fwd_kernel[(programs,)](
             chosen, rejected, labels if labels.numel() else chosen, margin if margin.numel() else chosen,
             loss, block_sums, n, label_value, margin_value,
             HAS_LABELS=labels.numel() > 0, HAS_MARGIN=margin.numel() > 0,
-            REDUCE=reduction != Reduction.NONE, BLOCK=PAIR_BLOCK, num_warps=4)
-    if reduction == Reduction.NONE:
-        return loss
-    total = block_sums.sum()
-    if reduction == Reduction.MEAN:
-        total = total / n
-    return total.to(acc)
+            REDUCE=reduce, ONE_PROGRAM=programs <= 1, MEAN=mean, BLOCK=PAIR_BLOCK, num_warps=4)
+        if reduce and programs > 1:
+            sum_partials(block_sums, loss, n if mean else 1)
+    elif reduce:
+        loss.zero_()  # the sum of no pairs (a mean needs a pair: the ops layer refuses an empty batch)
+    return loss
 
 
 def pairwise_loss_bwd(grad: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor, labels: torch.Tensor,
@@ -127,7 +140,7 @@ def pairwise_loss_bwd(grad: torch.Tensor, chosen: torch.Tensor, rejected: torch.
     grad_chosen, grad_rejected = torch.empty_like(chosen), torch.empty_like(rejected)
     if n:
         per_row = reduction == Reduction.NONE
-        pairwise_loss_bwd_kernel[(triton.cdiv(n, PAIR_BLOCK),)](
+        pairwise_loss_bwd_kernel[(cdiv(n, PAIR_BLOCK),)](
             grad, chosen, rejected, labels if labels.numel() else chosen, margin if margin.numel() else chosen,
             grad_chosen, grad_rejected, n, label_value, margin_value,
             1.0 / n if reduction == Reduction.MEAN else 1.0,
@@ -147,7 +160,8 @@ def _aot_specs():
             specs.append(AotSpec(
                 "pairwise_loss_fwd_kernel",
                 inputs | {"loss_ptr": "*fp32", "block_sums_ptr": "*fp64"} | pair_common,
-                {"HAS_LABELS": True, "HAS_MARGIN": True, "REDUCE": reduce, "BLOCK": PAIR_BLOCK},
+                {"HAS_LABELS": True, "HAS_MARGIN": True, "REDUCE": reduce, "ONE_PROGRAM": False, "MEAN": reduce,
+                 "BLOCK": PAIR_BLOCK},
                 aligned=("chosen_ptr", "rejected_ptr", "labels_ptr", "margin_ptr", "loss_ptr", "block_sums_ptr", "N"),
                 label=f"{dtype}{'+sum' if reduce else ''}"))
         for per_row in (False, True):

@@ -15,7 +15,7 @@ from ._gae_scan import (SCAN_BLOCK_B, SCAN_BLOCK_T, SCAN_WARPS, gae_tile, halves
                         scan_blocks, scan_start)
 from ._kl_math import kl_bounds, kl_forward
 from ._launch import as_kernel_mask
-from ._whiten import row_moments, whiten_into, whiten_map
+from ._whiten import row_moments, whiten_rows
 
 
 @triton.jit
@@ -64,17 +64,17 @@ def ppo_advantages_fwd(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprob
     B, T = logprobs.shape
     acc = accumulate_dtype(logprobs.dtype)
     adv, ret, rewards, kl = (torch.empty(B, T, dtype=acc, device=logprobs.device) for _ in range(4))
-    stats = torch.zeros(B, 3, dtype=torch.float64, device=logprobs.device)
+    stats = torch.empty(B, 3, dtype=torch.float64, device=logprobs.device)  # every row written with WHITEN
     if B and T:
         block_b, block_t = scan_blocks(T)
-        ppo_advantages_kernel[(triton.cdiv(B, block_b),)](
+        ppo_advantages_kernel[(-(-B // block_b),)](
             scores, logprobs, ref_logprobs, values, as_kernel_mask(mask), adv, ret, rewards, kl, stats,
             B, T, logprobs.stride(0), ref_logprobs.stride(0), values.stride(0), mask.stride(0),
             *halves(-params.kl_coef), *halves(params.gamma), *halves(params.gamma * params.lam), *kl_bounds(params),
             ESTIMATOR=int(params.estimator), WHITEN=params.whiten, BLOCK_B=block_b, BLOCK_T=block_t,
             num_warps=SCAN_WARPS)
     if params.whiten:
-        whiten_into(adv, mask, adv, whiten_map(stats, True, True, 1e-8, acc))
+        whiten_rows(adv, mask, adv, stats, shift_mean=True, unbiased=True, eps=1e-8)
     return adv, ret, rewards, kl
 
 

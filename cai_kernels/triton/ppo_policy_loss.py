@@ -10,7 +10,8 @@ import triton.language as tl
 
 from .._params import LOG_RATIO_LIMIT, PpoPolicyLossParams
 from ._clipped_loss import clipped_loss_aot_specs, clipped_loss_bwd, clipped_loss_fwd, max_grad
-from ._clipped_loss import clipped_loss_bwd_kernel, clipped_loss_fwd_kernel  # noqa: F401 - named by AOT_SPECS
+from ._clipped_loss import (  # noqa: F401 - named by AOT_SPECS
+    clipped_loss_bwd_kernel, clipped_loss_finish_kernel, clipped_loss_fwd_kernel)
 from ._kl_math import exp_minus_1_minus_x
 
 LIMIT = tl.constexpr(LOG_RATIO_LIMIT)
@@ -51,7 +52,7 @@ def _token_args(params: PpoPolicyLossParams) -> dict:
 
 def ppo_policy_loss_fwd(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                         mask: torch.Tensor, params: PpoPolicyLossParams):
-    """Same contract as the C++ kernel: (stats [loss, clipfrac, dual_clipfrac, approx_kl, approx_kl_k1],
+    """Same contract as the C++ kernel: (loss, stats [clipfrac, dual_clipfrac, approx_kl, approx_kl_k1],
     row weights)."""
     return clipped_loss_fwd(logprobs, old_logprobs, advantages, mask, agg=params.agg, n_stats=1 + STATS,
                             **_token_args(params))

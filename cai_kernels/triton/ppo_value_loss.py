@@ -10,7 +10,8 @@ import triton.language as tl
 
 from .._params import PpoValueLossParams
 from ._clipped_loss import clipped_loss_aot_specs, clipped_loss_bwd, clipped_loss_fwd, max_grad
-from ._clipped_loss import clipped_loss_bwd_kernel, clipped_loss_fwd_kernel  # noqa: F401 - named by AOT_SPECS
+from ._clipped_loss import (  # noqa: F401 - named by AOT_SPECS
+    clipped_loss_bwd_kernel, clipped_loss_finish_kernel, clipped_loss_fwd_kernel)
 
 
 @triton.jit
@@ -43,7 +44,7 @@ def _token_args(params: PpoValueLossParams) -> dict:
 
 def ppo_value_loss_fwd(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
                        params: PpoValueLossParams):
-    """Same contract as the C++ kernel: (stats [loss, clipfrac], row weights)."""
+    """Same contract as the C++ kernel: (loss, stats [clipfrac], row weights)."""
     return clipped_loss_fwd(values, old_values, returns, mask, agg=params.agg, n_stats=2, **_token_args(params))
 
 

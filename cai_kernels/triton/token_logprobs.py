@@ -38,9 +38,9 @@ and that run's own numbers put the loss elsewhere. Its bf16 V = 49152 times (0.3
 4096, 8192, 16384 rows) fit t = 0.23 ms + rows x 98 KB / 4.2 TB/s, torch.compile's (0.220, 0.381,
 0.709 ms) t = 0.05 ms + rows x 98 KB / 2.5 TB/s: per row ours is the faster, and what it loses is a
 fixed ~0.18 ms more per call (fp32: ours 0.13 ms + rows x 197 KB / 4.5 TB/s). A split adds a launch
-to that fixed part; what should remove it is the host path (the launcher's data-dependent sync:
-``check_targets_in_range`` reads the targets back before the launch, so the GPU idles through the
-host work that follows) and, for bf16, more bytes in flight per program (PREFETCH). A hypothesis
+to that fixed part; what should remove it is the host path (that run's launcher had a data-dependent
+sync, a host-side target-range check that read the targets back before the launch, so the GPU idled
+through the host work that followed; the check now runs on the device) and, for bf16, more bytes in flight per program (PREFETCH). A hypothesis
 until measured. The constants are leads (AOT register
 report: 40-56 registers x 256 threads, 4-6 programs per SM; KINDS.md's copy bandwidth);
 ``benchmarks/token_logprobs_gpu.py`` (``bash benchmarks/gpu.sh token-logprobs``) times the public op,
@@ -59,7 +59,7 @@ import triton
 import triton.language as tl
 
 from .._params import TokenLogprobsParams
-from .._validation import accumulate_dtype, check_targets_in_range
+from .._validation import accumulate_dtype
 from ._launch import pow2_block
 from ._online_lse import (grad_row_scalars, ignore_args, logits_grad, merge_lse_partials, num_warps,
                           online_lse_step)
@@ -101,9 +101,11 @@ def token_logprobs_fwd_kernel(
         begin = (((piece * blocks) // pieces) * BLOCK_V).to(tl.int32)  # columns stay 32-bit (V < 2^31)
         end = tl.minimum((((piece + 1) * blocks) // pieces) * BLOCK_V, V).to(tl.int32)
     target = tl.load(targets_ptr + row)
-    active = target >= 0  # the launcher has checked the range; negatives here are ignore_index
+    active = target == target  # every row, unless it is ignored
     if HAS_IGNORE:
         active = target != ignore_index
+    # a target outside [0, V) (and not ignore_index) is bad data checked here, on the device: NaN, no read
+    in_range = (target >= 0) & (target < V)
     read_end = tl.where(active, end, begin)  # an ignored row reads nothing
     row_ptr = logits_ptr + (row // inner) * stride_outer + (row % inner) * stride_inner
     acc_dtype = lse_ptr.dtype.element_ty  # fp32, or fp64 for fp64 logits
@@ -134,10 +136,12 @@ def token_logprobs_fwd_kernel(
         if WITH_ENTROPY:
             tl.store(out + 2 * plane, w)
     else:
-        safe_target = tl.where(active, target, 0)
-        z_target = tl.load(row_ptr + safe_target, mask=active, other=0.0).to(acc_dtype) * inv_temperature
+        readable = active & in_range
+        safe_target = tl.where(readable, target, 0)
+        z_target = tl.load(row_ptr + safe_target, mask=readable, other=0.0).to(acc_dtype) * inv_temperature
         lse = m + tl.log(s)
-        tl.store(logp_ptr + row, tl.where(active, z_target - lse, 0.0))
+        logp = tl.where(in_range, z_target - lse, float("nan"))
+        tl.store(logp_ptr + row, tl.where(active, logp, 0.0))
         tl.store(lse_ptr + row, tl.where(active, lse, 0.0))
         if WITH_ENTROPY:
             tl.store(entropy_ptr + row, tl.where(active, tl.log(s) - w / s, 0.0))
@@ -146,7 +150,7 @@ def token_logprobs_fwd_kernel(
 @triton.jit(do_not_specialize=["pieces"])
 def token_logprobs_merge_kernel(
     part_ptr, logits_ptr, targets_ptr, logp_ptr, entropy_ptr, lse_ptr,
-    n_rows, inner, stride_outer, stride_inner, pieces,
+    n_rows, inner, stride_outer, stride_inner, V, pieces,
     inv_temperature, ignore_index,
     HAS_IGNORE: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -155,9 +159,10 @@ def token_logprobs_merge_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     in_rows = rows < n_rows
     target = tl.load(targets_ptr + rows, mask=in_rows, other=0)
-    active = in_rows & (target >= 0)
+    active = in_rows
     if HAS_IGNORE:
         active = in_rows & (target != ignore_index)
+    in_range = (target >= 0) & (target < V)  # bad data: NaN, no read (as in the unsplit kernel)
     acc_dtype = lse_ptr.dtype.element_ty
 
     p = tl.arange(0, BLOCK_P)
@@ -171,12 +176,14 @@ def token_logprobs_merge_kernel(
         w_p = tl.load(at + 2 * plane, mask=mask, other=0.0)
     m, s, w = merge_lse_partials(m_p, s_p, w_p, WITH_ENTROPY)
 
-    safe_target = tl.where(active, target, 0)
+    readable = active & in_range
+    safe_target = tl.where(readable, target, 0)
     safe_rows = tl.where(in_rows, rows, 0)
     row_ptr = logits_ptr + (safe_rows // inner) * stride_outer + (safe_rows % inner) * stride_inner
-    z_target = tl.load(row_ptr + safe_target, mask=active, other=0.0).to(acc_dtype) * inv_temperature
+    z_target = tl.load(row_ptr + safe_target, mask=readable, other=0.0).to(acc_dtype) * inv_temperature
     lse = m + tl.log(s)
-    tl.store(logp_ptr + rows, tl.where(active, z_target - lse, 0.0), mask=in_rows)
+    logp = tl.where(in_range, z_target - lse, float("nan"))
+    tl.store(logp_ptr + rows, tl.where(active, logp, 0.0), mask=in_rows)
     tl.store(lse_ptr + rows, tl.where(active, lse, 0.0), mask=in_rows)
     if WITH_ENTROPY:
         tl.store(entropy_ptr + rows, tl.where(active, tl.log(s) - w / s, 0.0), mask=in_rows)
@@ -283,11 +290,11 @@ def merge_blocks(pieces: int) -> tuple[int, int, int]:
 
 def token_logprobs_fwd(logits: torch.Tensor, targets: torch.Tensor, params: TokenLogprobsParams):
     """Same contract as the C++ kernel (csrc/cpu/token_logprobs.cpp): logits (outer, inner, V) with
-    stride(2) == 1, targets (rows,) int64, each in [0, V) or ignore_index (else ValueError).
+    stride(2) == 1, targets (rows,) int64, each in [0, V) or ignore_index: checked on the device, a NaN
+    log-prob for a target outside (the C++ kernel raises ValueError; the ops layer checks CPU tensors).
     Returns (logp, entropy, lse), each (rows,) fp32 (fp64 for fp64 logits); entropy empty without
     params.with_entropy."""
     n_rows, V = targets.numel(), logits.size(2)
-    check_targets_in_range("targets", targets, V, params.ignore_index)
     acc = accumulate_dtype(logits.dtype)
     device = logits.device
     logp = torch.empty(n_rows, dtype=acc, device=device)
@@ -313,7 +320,7 @@ def token_logprobs_fwd(logits: torch.Tensor, targets: torch.Tensor, params: Toke
         block_p, block_r, warps = merge_blocks(pieces)
         token_logprobs_merge_kernel[(triton.cdiv(n_rows, block_r),)](
             partials, logits, targets, logp, entropy, lse,
-            n_rows, *layout, pieces,
+            n_rows, *layout, V, pieces,
             1.0 / params.temperature, ignore_index,
             HAS_IGNORE=has_ignore, WITH_ENTROPY=with_entropy, BLOCK_P=block_p, BLOCK_R=block_r, num_warps=warps,
         )

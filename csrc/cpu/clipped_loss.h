@@ -63,9 +63,10 @@ using ElemOf = std::remove_cv_t<std::remove_pointer_t<P>>;
 // Per-row sums: [0] loss, [1] response tokens, [2..5] the statistics.
 using RowSums = std::array<double, 6>;
 
-// Row weights and the weighted loss; stats[1..] = sums[2..] / N. Returns (stats, weights).
-inline std::tuple<at::Tensor, at::Tensor> finish_loss(const std::vector<RowSums>& sums, int64_t agg, int n_stats,
-                                                      const at::TensorOptions& options) {
+// Row weights and the weighted loss; stats = sums[2..] / N. Returns (loss 0-d, stats (n_stats - 1,), weights):
+// three tensors, so that autograd hands the loss's gradient to the backward as it is (no select).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_loss(const std::vector<RowSums>& sums, int64_t agg,
+                                                                  int n_stats, const at::TensorOptions& options) {
   const int64_t B = static_cast<int64_t>(sums.size());
   double tokens = 0.0, rows = 0.0;
   for (const RowSums& s : sums) {
@@ -85,19 +86,26 @@ inline std::tuple<at::Tensor, at::Tensor> finish_loss(const std::vector<RowSums>
     totals[0] += w[b] * sums[b][0];
     for (int i = 1; i < n_stats; ++i) totals[i] += sums[b][i + 1];
   }
-  at::Tensor stats = at::empty({n_stats}, options.dtype(at::kDouble));
-  double* st = stats.data_ptr<double>();
-  st[0] = totals[0];
-  for (int i = 1; i < n_stats; ++i) st[i] = tokens > 0.0 ? totals[i] / tokens : 0.0;
   const at::ScalarType dtype = options.dtype().toScalarType();
-  return {stats.to(dtype), weights.to(dtype)};
+  at::Tensor loss = at::empty({}, options.dtype(dtype));
+  at::Tensor stats = at::empty({n_stats - 1}, options.dtype(dtype));
+  if (dtype == at::kDouble) {
+    loss.data_ptr<double>()[0] = totals[0];
+    for (int i = 1; i < n_stats; ++i) stats.data_ptr<double>()[i - 1] = tokens > 0.0 ? totals[i] / tokens : 0.0;
+  } else {
+    loss.data_ptr<float>()[0] = static_cast<float>(totals[0]);
+    for (int i = 1; i < n_stats; ++i) {
+      stats.data_ptr<float>()[i - 1] = static_cast<float>(tokens > 0.0 ? totals[i] / tokens : 0.0);
+    }
+  }
+  return {loss, stats, weights.to(dtype)};
 }
 
-// Returns (stats, row_weights): stats = [loss, the first n_stats - 1 statistics], fp32 (fp64 for fp64 inputs).
+// Returns (loss, stats, row_weights): the 0-d loss, the n_stats - 1 statistics, fp32 (fp64 for fp64 inputs).
 template <typename TokenFn>
-std::tuple<at::Tensor, at::Tensor> clipped_loss_forward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& z,
-                                                        const at::Tensor& mask, const TokenFn& token, int64_t agg,
-                                                        int n_stats) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> clipped_loss_forward(const at::Tensor& x, const at::Tensor& y,
+                                                                    const at::Tensor& z, const at::Tensor& mask,
+                                                                    const TokenFn& token, int64_t agg, int n_stats) {
   check_loss_inputs(x, y, z, mask);
   TORCH_CHECK(agg == kTokenMean || agg == kSeqMeanTokenMean || agg == kSeqMeanTokenSum, "agg must be 0, 1 or 2");
   const int64_t B = x.size(0), T = x.size(1);

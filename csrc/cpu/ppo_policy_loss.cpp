@@ -46,12 +46,11 @@ auto policy_formula(double clip_low, double clip_high, std::optional<double> dua
   return [p](const auto& lp, const auto& old, const auto& adv) { return policy_token(lp, old, adv, p); };
 }
 
-// Returns (stats, row_weights): stats = [loss, clipfrac, dual_clipfrac, approx_kl, approx_kl_k1], fp32
+// Returns (loss, stats, row_weights): stats = [clipfrac, dual_clipfrac, approx_kl, approx_kl_k1], fp32
 // (fp64 for fp64 inputs).
-std::tuple<at::Tensor, at::Tensor> ppo_policy_loss_fwd(const at::Tensor& logprobs, const at::Tensor& old_logprobs,
-                                                       const at::Tensor& advantages, const at::Tensor& mask,
-                                                       double clip_low, double clip_high,
-                                                       std::optional<double> dual_clip, int64_t agg) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_fwd(
+    const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& advantages, const at::Tensor& mask,
+    double clip_low, double clip_high, std::optional<double> dual_clip, int64_t agg) {
   return clipped_loss_forward(logprobs, old_logprobs, advantages, mask, policy_formula(clip_low, clip_high, dual_clip),
                               agg, 5);
 }
@@ -69,7 +68,7 @@ at::Tensor ppo_policy_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& lo
 
 TORCH_LIBRARY_FRAGMENT(cai_kernels_cpu, m) {
   m.def("ppo_policy_loss_fwd(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, float clip_low, "
-        "float clip_high, float? dual_clip, int agg) -> (Tensor, Tensor)");
+        "float clip_high, float? dual_clip, int agg) -> (Tensor, Tensor, Tensor)");
   m.def("ppo_policy_loss_bwd(Tensor grad_loss, Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, "
         "Tensor row_weights, float clip_low, float clip_high, float? dual_clip, int agg) -> Tensor");
 }

@@ -26,10 +26,10 @@ auto value_formula(std::optional<double> clip) {
   return [clip](const auto& v, const auto& old, const auto& ret) { return value_token(v, old, ret, clip); };
 }
 
-// Returns (stats, row_weights): stats = [loss, clipfrac], fp32 (fp64 for fp64 inputs).
-std::tuple<at::Tensor, at::Tensor> ppo_value_loss_fwd(const at::Tensor& values, const at::Tensor& old_values,
-                                                      const at::Tensor& returns, const at::Tensor& mask,
-                                                      std::optional<double> clip, int64_t agg) {
+// Returns (loss, stats, row_weights): stats = [clipfrac], fp32 (fp64 for fp64 inputs).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_value_loss_fwd(
+    const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns, const at::Tensor& mask,
+    std::optional<double> clip, int64_t agg) {
   return clipped_loss_forward(values, old_values, returns, mask, value_formula(clip), agg, 2);
 }
 
@@ -45,7 +45,7 @@ at::Tensor ppo_value_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& val
 
 TORCH_LIBRARY_FRAGMENT(cai_kernels_cpu, m) {
   m.def("ppo_value_loss_fwd(Tensor values, Tensor old_values, Tensor returns, Tensor mask, float? clip, int agg) "
-        "-> (Tensor, Tensor)");
+        "-> (Tensor, Tensor, Tensor)");
   m.def("ppo_value_loss_bwd(Tensor grad_loss, Tensor values, Tensor old_values, Tensor returns, Tensor mask, "
         "Tensor row_weights, float? clip, int agg) -> Tensor");
 }
