@@ -57,7 +57,12 @@ class _Recorder:
     def __init__(self, name: str, kernel, counter: LaunchCounter):
         self.name, self.kernel, self.counter = name, kernel, counter
 
+    def _skip(self, *args, **kwargs):
+        self.counter.triton.append(self.name)
+
     def __getitem__(self, grid):
+        if not self.counter.run and self.name not in ZERO_WHEN_SKIPPED:
+            return self._skip  # the cheapest stand-in: the host time measured is the op's, not the stub's
         launch = self.kernel[grid] if self.counter.run else None
 
         def call(*args, **kwargs):
