@@ -75,6 +75,40 @@ def test_out_of_range_targets_raise_on_cpu_and_in_debug_mode():
         assert torch.isnan(ck.token_logprobs(logits, targets, backend="triton")[1])
 
 
+@pytest.mark.parametrize("pieces", [2, 3])
+def test_out_of_range_targets_give_nan_when_rows_are_split(monkeypatch, pieces):
+    """The split path (several programs per row, then the merge kernel) checks the range as the unsplit one."""
+    from cai_kernels.triton import token_logprobs as triton_kernels
+
+    monkeypatch.setattr(triton_kernels, "FORCE_PIECES", pieces)
+    monkeypatch.setattr(triton_kernels, "MAX_BLOCK_V", 16)
+    logits = torch.randn(5, 101, device=DEVICE)
+    targets = torch.tensor([0, 101, -3, 100, 2**40], device=DEVICE)
+    good = torch.tensor([0, 0, 0, 100, 0], device=DEVICE)
+    bad = torch.tensor([False, True, True, False, True])
+    with gpu_data_check_policy():
+        logp, entropy = ck.token_logprobs(logits, targets, return_entropy=True, backend="triton")
+        ignored = ck.token_logprobs(logits, targets, ignore_index=-3, backend="triton")
+    expected = ck.token_logprobs(logits, good, backend="reference")
+    assert torch.isnan(logp[bad]).all() and torch.isfinite(entropy).all()
+    assert_close(logp[~bad], expected[~bad], rtol=1e-5, atol=1e-5)
+    assert ignored[2] == 0 and torch.isnan(ignored[[1, 4]]).all()
+
+
+def test_out_of_range_targets_give_nan_on_the_tensor_core_lm_head():
+    """bf16 hidden states take linear_head (tensor-core tiles, then the merge kernel that reads the target's row)."""
+    hidden = torch.randn(5, 32, device=DEVICE).bfloat16()
+    weight = torch.randn(48, 32, device=DEVICE).bfloat16()
+    targets = torch.tensor([0, 48, -3, 47, 2**40], device=DEVICE)
+    good = torch.tensor([0, 0, 0, 47, 0], device=DEVICE)
+    bad = torch.tensor([False, True, True, False, True])
+    with gpu_data_check_policy():
+        logp = ck.linear_token_logprobs(hidden, weight, targets, backend="triton")
+    expected = ck.linear_token_logprobs(hidden, weight, good, backend="reference")
+    assert torch.isnan(logp[bad]).all()
+    assert_close(logp[~bad].float(), expected[~bad].float(), rtol=2e-2, atol=2e-2)
+
+
 def test_bad_soft_labels_give_nan_pairs_on_the_device_path():
     chosen, rejected = torch.randn(4, device=DEVICE), torch.randn(4, device=DEVICE)
     labels = torch.tensor([0.5, 1.5, -0.1, 1.0], device=DEVICE)
