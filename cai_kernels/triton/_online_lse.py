@@ -60,6 +60,19 @@ def logits_grad(z, is_target, g, h, lse, mu, inv_temperature, WITH_ENTROPY: tl.c
 
 
 @triton.jit
+def targets_of_rows(targets_ptr, rows, n_rows, V, ignore_index, HAS_IGNORE: tl.constexpr):
+    """(in_rows, target, active, in_range) of a block of rows: active = in the tensor and not ignored;
+    in_range = 0 <= target < V (an active row outside it is bad data: NaN, nothing read at the target)."""
+    in_rows = rows < n_rows
+    target = tl.load(targets_ptr + rows, mask=in_rows, other=0)
+    active = in_rows
+    if HAS_IGNORE:
+        active = in_rows & (target != ignore_index)
+    in_range = (target >= 0) & (target < V)
+    return in_rows, target, active, in_range
+
+
+@triton.jit
 def grad_row_scalars(row, targets_ptr, grad_logp_ptr, grad_entropy_ptr, lse_ptr, entropy_ptr, ignore_index,
                      HAS_IGNORE: tl.constexpr, WITH_ENTROPY: tl.constexpr):
     """The per-row scalars of the backward: (target, active, g, h, lse, mu); an ignored row has

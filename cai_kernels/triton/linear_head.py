@@ -95,6 +95,7 @@ import triton
 import triton.language as tl
 
 from .._validation import accumulate_dtype
+from ._online_lse import targets_of_rows
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -326,11 +327,7 @@ def linear_head_merge_kernel(
     [0, V) otherwise (bad data, checked here on the device) reads nothing and gets a NaN log-prob.
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    in_rows = rows < N
-    target = tl.load(targets_ptr + rows, mask=in_rows, other=0)
-    active = in_rows
-    if HAS_IGNORE:
-        active = in_rows & (target != ignore_index)
+    in_rows, target, active, in_range = targets_of_rows(targets_ptr, rows, N, V, ignore_index, HAS_IGNORE)
     ACC = part_ptr.dtype.element_ty
     inv_temperature = _scalar(scale_hi, scale_lo, ACC) * _LN2
 
@@ -354,7 +351,6 @@ def linear_head_merge_kernel(
         m = m_new
         at += N  # the next piece's row (64-bit pointer steps: pieces * N may pass 2^31)
 
-    in_range = (target >= 0) & (target < V)
     readable = active & in_range
     safe_target = tl.where(readable, target, 0)
     x_rows = x_ptr + _x_rows(rows, N, inner, stride_xo, stride_xn, SPLIT_ROWS)

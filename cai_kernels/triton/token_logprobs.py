@@ -62,7 +62,7 @@ from .._params import TokenLogprobsParams
 from .._validation import accumulate_dtype
 from ._launch import pow2_block
 from ._online_lse import (grad_row_scalars, ignore_args, logits_grad, merge_lse_partials, num_warps,
-                          online_lse_step)
+                          online_lse_step, targets_of_rows)
 
 MAX_BLOCK_V = 4096            # vocabulary entries per loop step (tests lower it to split small rows)
 PREFETCH = True               # two blocks in flight per program (False: one, the kernel of 2026-11-25)
@@ -78,6 +78,48 @@ FORCE_PIECES: int | None = None  # tests / benchmarks: split every row into this
 CPU_SMS = 1                   # the SM count assumed for CPU tensors (Triton's interpreter)
 
 
+@triton.jit
+def row_piece(V, pieces, SPLIT: tl.constexpr, BLOCK_V: tl.constexpr):
+    """(row, piece, begin, end) of this program (program id = row * pieces + piece): the piece's columns are
+    blocks [piece B // pieces, (piece + 1) B // pieces) of the row's B blocks, so that every piece starts on
+    a block boundary (aligned loads); without SPLIT the whole row [0, V)."""
+    row = tl.program_id(0).to(tl.int64)  # 64-bit: rows * V may exceed 2^31
+    piece = row * 0
+    begin = 0
+    end = V
+    if SPLIT:
+        piece = row % pieces  # 64-bit: piece * blocks is computed before the division
+        row = row // pieces
+        blocks = (V + BLOCK_V - 1) // BLOCK_V
+        begin = (((piece * blocks) // pieces) * BLOCK_V).to(tl.int32)  # columns stay 32-bit (V < 2^31)
+        end = tl.minimum((((piece + 1) * blocks) // pieces) * BLOCK_V, V).to(tl.int32)
+    return row, piece, begin, end
+
+
+@triton.jit
+def first_block(row_ptr, begin, read_end, PREFETCH: tl.constexpr, BLOCK_V: tl.constexpr):
+    """With PREFETCH the load of the piece's first block, issued before the loop; else a placeholder."""
+    cols = begin + tl.arange(0, BLOCK_V)
+    if PREFETCH:
+        ahead = tl.load(row_ptr + cols, mask=cols < read_end, other=float("-inf"))
+    else:
+        ahead = tl.full([BLOCK_V], float("-inf"), row_ptr.dtype.element_ty)
+    return ahead
+
+
+@triton.jit
+def next_block(row_ptr, cols, read_end, ahead, PREFETCH: tl.constexpr, BLOCK_V: tl.constexpr):
+    """(the block at ``cols``, what is in flight next). With PREFETCH the next block's load goes out before
+    this block's reductions (masked off past the end): two blocks in flight per program."""
+    if PREFETCH:
+        x = ahead
+        following = cols + BLOCK_V
+        ahead = tl.load(row_ptr + following, mask=following < read_end, other=float("-inf"))
+    else:
+        x = tl.load(row_ptr + cols, mask=cols < read_end, other=float("-inf"))
+    return x, ahead
+
+
 @triton.jit(do_not_specialize=["pieces"])
 def token_logprobs_fwd_kernel(
     logits_ptr, targets_ptr, logp_ptr, entropy_ptr, lse_ptr, part_ptr,
@@ -88,18 +130,7 @@ def token_logprobs_fwd_kernel(
 ):
     """One (row, piece): program id = row * pieces + piece. Without SPLIT (pieces == 1) the row's
     logp, entropy and lse; with SPLIT the piece's partial (m, s, w) into part (3, pieces, n_rows)."""
-    row = tl.program_id(0).to(tl.int64)  # 64-bit: rows * V may exceed 2^31
-    begin = 0
-    end = V
-    if SPLIT:
-        # the piece's columns: blocks [piece B // pieces, (piece + 1) B // pieces) of the row's B blocks,
-        # so that every piece starts on a block boundary (aligned loads). (Written out, not a helper: each
-        # nested @triton.jit call costs Triton's interpreter milliseconds.)
-        piece = row % pieces  # 64-bit: piece * blocks is computed before the division
-        row = row // pieces
-        blocks = (V + BLOCK_V - 1) // BLOCK_V
-        begin = (((piece * blocks) // pieces) * BLOCK_V).to(tl.int32)  # columns stay 32-bit (V < 2^31)
-        end = tl.minimum((((piece + 1) * blocks) // pieces) * BLOCK_V, V).to(tl.int32)
+    row, piece, begin, end = row_piece(V, pieces, SPLIT, BLOCK_V)
     target = tl.load(targets_ptr + row)
     active = target == target  # every row, unless it is ignored
     if HAS_IGNORE:
@@ -114,18 +145,10 @@ def token_logprobs_fwd_kernel(
     s = tl.zeros((), acc_dtype)                 # sum exp(z - m)
     w = tl.zeros((), acc_dtype)                 # sum exp(z - m) * (z - m)
     offsets = tl.arange(0, BLOCK_V)
-    if PREFETCH:
-        first = begin + offsets
-        ahead = tl.load(row_ptr + first, mask=first < read_end, other=float("-inf"))
+    ahead = first_block(row_ptr, begin, read_end, PREFETCH, BLOCK_V)
     for start in range(begin, end, BLOCK_V):
         cols = start + offsets
-        if PREFETCH:
-            x = ahead
-            # the next block's load goes out before this block's reductions (masked off past the end)
-            following = cols + BLOCK_V
-            ahead = tl.load(row_ptr + following, mask=following < read_end, other=float("-inf"))
-        else:
-            x = tl.load(row_ptr + cols, mask=cols < read_end, other=float("-inf"))
+        x, ahead = next_block(row_ptr, cols, read_end, ahead, PREFETCH, BLOCK_V)
         m, s, w = online_lse_step(m, s, w, x.to(acc_dtype) * inv_temperature, WITH_ENTROPY)
 
     if SPLIT:
@@ -157,12 +180,7 @@ def token_logprobs_merge_kernel(
     """BLOCK_R rows: merge their pieces' partials (part (3, pieces, n_rows), pieces <= BLOCK_P) and
     write logp, entropy, lse as the unsplit kernel does (0 on ignored rows)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    in_rows = rows < n_rows
-    target = tl.load(targets_ptr + rows, mask=in_rows, other=0)
-    active = in_rows
-    if HAS_IGNORE:
-        active = in_rows & (target != ignore_index)
-    in_range = (target >= 0) & (target < V)  # bad data: NaN, no read (as in the unsplit kernel)
+    in_rows, target, active, in_range = targets_of_rows(targets_ptr, rows, n_rows, V, ignore_index, HAS_IGNORE)
     acc_dtype = lse_ptr.dtype.element_ty
 
     p = tl.arange(0, BLOCK_P)
@@ -199,32 +217,17 @@ def token_logprobs_bwd_kernel(
 ):
     """One (row, piece), program id = row * pieces + piece (SPLIT; else one row, pieces == 1): the
     gradient of the piece's columns (elementwise given the row's saved lse and entropy: no merge)."""
-    row = tl.program_id(0).to(tl.int64)
-    begin = 0
-    end = V
-    if SPLIT:  # the piece's columns, as in the forward kernel
-        piece = row % pieces
-        row = row // pieces
-        blocks = (V + BLOCK_V - 1) // BLOCK_V
-        begin = (((piece * blocks) // pieces) * BLOCK_V).to(tl.int32)
-        end = tl.minimum((((piece + 1) * blocks) // pieces) * BLOCK_V, V).to(tl.int32)
+    row, _, begin, end = row_piece(V, pieces, SPLIT, BLOCK_V)
     target, active, g, h, lse, mu = grad_row_scalars(row, targets_ptr, grad_logp_ptr, grad_entropy_ptr, lse_ptr,
                                                      entropy_ptr, ignore_index, HAS_IGNORE, WITH_ENTROPY)
     read_end = tl.where(active, end, begin)  # an ignored row reads nothing and writes zeros
     row_ptr = logits_ptr + (row // inner) * stride_outer + (row % inner) * stride_inner
     grad_row_ptr = grad_ptr + row * V
     offsets = tl.arange(0, BLOCK_V)
-    if PREFETCH:
-        first = begin + offsets
-        ahead = tl.load(row_ptr + first, mask=first < read_end, other=float("-inf"))
+    ahead = first_block(row_ptr, begin, read_end, PREFETCH, BLOCK_V)
     for start in range(begin, end, BLOCK_V):
         cols = start + offsets
-        if PREFETCH:
-            x = ahead
-            following = cols + BLOCK_V
-            ahead = tl.load(row_ptr + following, mask=following < read_end, other=float("-inf"))
-        else:
-            x = tl.load(row_ptr + cols, mask=cols < read_end, other=float("-inf"))
+        x, ahead = next_block(row_ptr, cols, read_end, ahead, PREFETCH, BLOCK_V)
         grad = logits_grad(x.to(lse.dtype) * inv_temperature, cols == target, g, h, lse, mu, inv_temperature,
                            WITH_ENTROPY)
         tl.store(grad_row_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=cols < end)
