@@ -167,6 +167,12 @@ def linear_token_logprobs_bwd(grad_logp: torch.Tensor, grad_entropy: torch.Tenso
     """Same contract as the C++ kernel: (grad_hidden (outer, inner, H), grad_weight (V, H), grad_bias (V,)) in
     the inputs' dtypes, an empty tensor for each one not asked for; the entropy term only with
     params.with_entropy."""
+    # Ignored rows are never read: their dL/dlogits is 0, but 0 * NaN (or inf) held there -- in the hidden row
+    # for grad_weight, in the weight for that row's grad_hidden -- would still be NaN (as the C++ kernel).
+    ignored_rows = None
+    if params.ignore_index is not None:
+        ignored_rows = (targets == params.ignore_index).view(hidden.shape[:-1] + (1,))
+        hidden = hidden.masked_fill(ignored_rows, 0.0)
     ops = _Operands(hidden, weight, bias)
     rows, H, V, acc = ops.rows, ops.hidden_size, weight.size(0), ops.acc
     need_bias = need_bias and bias is not None
@@ -211,6 +217,8 @@ def linear_token_logprobs_bwd(grad_logp: torch.Tensor, grad_entropy: torch.Tenso
             if need_bias and grad_bias.dtype != acc:
                 grad_bias[v0:v0 + width] = bias_grad
     grad_hidden = hidden_acc.to(hidden.dtype).view(hidden.shape) if need_hidden else None
+    if grad_hidden is not None and ignored_rows is not None:
+        grad_hidden.masked_fill_(ignored_rows, 0.0)
     # a gradient not asked for is a fresh empty tensor (outputs of a custom op must not alias each other)
     return tuple(hidden.new_empty(0) if g is None else g for g in (grad_hidden, grad_weight, grad_bias))
 
