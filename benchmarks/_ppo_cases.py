@@ -37,6 +37,11 @@ LOOP_COMPILE = ("torch.compile unrolls the reference's T-step Python loop: compi
 COMPOSITION = "composition of cai_kernels ops"
 PYTHON_GAE = "python GAE loop (openrlhf/verl)"
 
+# the response-mask dtypes the stacks pass (bool: TRL, OpenRLHF; int64: attention masks; float32: veRL);
+# the ops whose kernels read the mask in its own dtype are timed with each at the headline size
+MASK_DTYPES = (torch.bool, torch.int64, torch.float32)
+MASK_DTYPE_OPS = ("masked_whiten", "ppo_advantages")
+
 # op -> modes
 OPS = {"kl_penalty": ("fwd", "fwd+bwd"), "gae": ("fwd",), "masked_whiten": ("fwd",), "ppo_advantages": ("fwd",),
        "ppo_policy_loss": ("fwd+bwd",), "ppo_value_loss": ("fwd+bwd",)}
@@ -44,13 +49,18 @@ OPS = {"kl_penalty": ("fwd", "fwd+bwd"), "gae": ("fwd",), "masked_whiten": ("fwd
 
 
 def cases(op: str) -> list[dict]:
-    """Every size for the ops that loop over T (and kl_penalty's forward), the headline size for the rest."""
-    return [dict(op=op, batch=b, length=t, mode=m) for m in OPS[op] for b, t in SIZES
-            if (b, t) == HEADLINE or op in LOOP_OPS or (op == "kl_penalty" and m == "fwd")]
+    """Every size for the ops that loop over T (and kl_penalty's forward), the headline size for the rest
+    (bool masks); the other mask dtypes at the headline size for MASK_DTYPE_OPS."""
+    found = [dict(op=op, batch=b, length=t, mode=m) for m in OPS[op] for b, t in SIZES
+             if (b, t) == HEADLINE or op in LOOP_OPS or (op == "kl_penalty" and m == "fwd")]
+    if op in MASK_DTYPE_OPS:
+        found += [dict(op=op, batch=HEADLINE[0], length=HEADLINE[1], mode=OPS[op][0], mask=dtype)
+                  for dtype in MASK_DTYPES if dtype != torch.bool]
+    return found
 
 
 def memory_cases(op: str) -> list[dict]:
-    return [c for c in cases(op) if (c["batch"], c["length"]) == HEADLINE]
+    return [c for c in cases(op) if (c["batch"], c["length"]) == HEADLINE and "mask" not in c]
 
 
 def _quick(case: dict) -> bool:
@@ -90,9 +100,9 @@ def composed_ppo_advantages(scores, logprobs, ref_logprobs, values, response_mas
     return cai_kernels.masked_whiten(advantages, response_mask), returns, token_rewards, kl
 
 
-def build_step(variant: str, *, op: str, batch: int, length: int, mode: str) -> Step:
+def build_step(variant: str, *, op: str, batch: int, length: int, mode: str, mask: torch.dtype = torch.bool) -> Step:
     x = _inputs(batch, length)
-    mask = x["mask"]
+    mask = x["mask"].to(mask)
     if variant.startswith("cai_kernels["):
         backend = backend_of(variant)
         impl = lambda *a, **k: getattr(cai_kernels, op)(*a, backend=backend, **k)  # noqa: E731
@@ -133,8 +143,13 @@ def build_step(variant: str, *, op: str, batch: int, length: int, mode: str) -> 
 def bench_params(op: str) -> list:
     """(case, variant) pytest params of ``op``, the headline case of its first mode marked quick."""
     return [pytest.param(case, variant, marks=[pytest.mark.quick] if _quick(case) else [],
-                         id=f"{case['mode']}-{case['batch']}x{case['length']}-{variant.name}")
-            for case in cases(op) for variant in variants(op, case["length"])]
+                         id=f"{case['mode']}-{case['batch']}x{case['length']}{_mask_id(case)}-{variant.name}")
+            for case in cases(op) for variant in variants(op, case["length"])
+            if "mask" not in case or variant.kind == "ours"]
+
+
+def _mask_id(case: dict) -> str:
+    return f"-mask_{str(case['mask']).removeprefix('torch.')}" if "mask" in case else ""
 
 
 def run(benchmark, request, module: str, case: dict, variant: Variant) -> None:
@@ -144,4 +159,4 @@ def run(benchmark, request, module: str, case: dict, variant: Variant) -> None:
         require_op("kl_penalty", "gae", "masked_whiten")
     measure(benchmark, request, module=module, op=case["op"], variant=variant, case=case, mode=case["mode"],
             x_name="B*T", x_value=case["batch"] * case["length"],
-            group=f"{case['op']} {case['mode']} [{case['batch']}, {case['length']}]")
+            group=f"{case['op']} {case['mode']} [{case['batch']}, {case['length']}]{_mask_id(case)}")

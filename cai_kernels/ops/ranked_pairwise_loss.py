@@ -95,11 +95,13 @@ def reduce_rows(row_loss: torch.Tensor, num_valid: torch.Tensor | None, K: int, 
     """"mean" over the rows with at least one pair (0 if there is none), "sum", or "none"."""
     if reduction == "none":
         return row_loss
+    # summed in float64, rounded once: row losses near the fp32 range (rewards of 1e38) overflow an fp32 sum
+    total = row_loss.sum(dtype=torch.float64)
     if reduction == "sum":
-        return row_loss.sum()
+        return total.to(row_loss.dtype)
     rows_with_pairs = (num_valid >= 2).sum().clamp_min(1) if num_valid is not None else max(
         row_loss.numel() if K >= 2 else 0, 1)
-    return row_loss.sum() / rows_with_pairs
+    return (total / rows_with_pairs).to(row_loss.dtype)
 
 
 def ranked_loss_rows(rewards: torch.Tensor, num_valid: torch.Tensor | None, backend: str) -> torch.Tensor:

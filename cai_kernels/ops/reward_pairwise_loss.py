@@ -11,7 +11,8 @@ import torch
 
 from .. import _registry
 from .._params import Reduction
-from .._validation import check_head, check_hidden_and_mask, check_per_row_arg, check_probability_values
+from .._validation import (accumulate_dtype, check_head, check_hidden_and_mask, check_per_row_arg,
+                           check_probability_values)
 from ._kernel_op import traced
 from ..reference.reward_pairwise_loss import reward_pairwise_loss as reference
 from .last_token_rewards import check_real_tokens_reference, sequence_rewards
@@ -63,6 +64,9 @@ def reward_pairwise_loss(chosen_hidden: torch.Tensor, chosen_mask: torch.Tensor,
         return reference(chosen_hidden, chosen_mask, rejected_hidden, rejected_mask, head_weight, head_bias,
                          soft_labels=soft_labels, margin=margin)
     all_active = chosen_mask.new_empty(0, dtype=torch.bool)
+    # the head cast to fp32 once: its gradients from both sides add in fp32 and round once to its dtype
+    acc = accumulate_dtype(chosen_hidden.dtype)
+    head_weight, head_bias = head_weight.to(acc), None if head_bias is None else head_bias.to(acc)
     chosen_rewards = sequence_rewards(chosen_hidden.unsqueeze(1), chosen_mask.unsqueeze(1), all_active, head_weight,
                                       head_bias, "chosen_mask", selected)
     rejected_rewards = sequence_rewards(rejected_hidden.unsqueeze(1), rejected_mask.unsqueeze(1), all_active,

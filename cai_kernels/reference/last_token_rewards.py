@@ -25,9 +25,19 @@ def last_token_rewards(hidden: torch.Tensor, mask: torch.Tensor, head_weight: to
     Returns:
         (...) rewards, fp32 (fp64 for fp64 hidden).
     """
-    acc = accumulate_dtype(hidden.dtype)
+    return apply_head(last_token_hidden(hidden, mask), head_weight, head_bias)
+
+
+def last_token_hidden(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(..., T, H) hidden, (..., T) mask -> (..., H): the hidden state at each sequence's last real token
+    (position 0 for a sequence without one)."""
     index = last_token_index(mask).clamp_min(0)
-    last_hidden = torch.take_along_dim(hidden, index[..., None, None], dim=-2).squeeze(-2)
+    return torch.take_along_dim(hidden, index[..., None, None], dim=-2).squeeze(-2)
+
+
+def apply_head(last_hidden: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.Tensor | None) -> torch.Tensor:
+    """(..., H) -> (...) rewards: the scalar head, in fp32 (fp64 for fp64 hidden)."""
+    acc = accumulate_dtype(last_hidden.dtype)
     rewards = last_hidden.to(acc) @ head_weight.reshape(-1).to(acc)
     if head_bias is not None:
         rewards = rewards + head_bias.reshape(()).to(acc)

@@ -21,6 +21,10 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     Memory: materializes the (..., V) logits in fp32 (the fused kernels never do).
     """
     acc = accumulate_dtype(hidden.dtype)
-    logits = torch.nn.functional.linear(hidden.to(acc), weight.to(acc), None if bias is None else bias.to(acc))
+    hidden = hidden.to(acc)
+    if ignore_index is not None:
+        # ignored rows are never read: NaN there must not reach grad_weight through 0 * NaN in the GEMM
+        hidden = torch.where((targets == ignore_index).unsqueeze(-1), 0.0, hidden)
+    logits = torch.nn.functional.linear(hidden, weight.to(acc), None if bias is None else bias.to(acc))
     return token_logprobs(logits, targets, temperature=temperature, ignore_index=ignore_index,
                           return_entropy=return_entropy)

@@ -30,10 +30,15 @@ def masked_whiten(x: torch.Tensor, response_mask: torch.Tensor, *, shift_mean: b
     As TRL's and veRL's ``masked_whiten``: batch-global statistics, unbiased variance by default,
     ``shift_mean=False`` adds the mean back. Masked positions are 0 in the output (TRL leaves
     whitened padding garbage there). (B, T) in, (B, T) fp32 (fp64 for fp64) out.
+
+    Computed in float64 whatever the input dtype, rounded once at the end: in fp32 the squares of inputs
+    near 1e20 overflow (every output 0), and a mean near 1e8 rounded to fp32 is off by up to 4, a shift
+    of every whitened value by 4 / std.
     """
-    x = x.to(compute_dtype(x))
-    _, mean, var = masked_moments(x, response_mask, unbiased=unbiased)
-    whitened = (x - mean) * torch.rsqrt(var + eps)
+    mask = response_mask != 0
+    x64 = torch.where(mask, x.to(torch.float64), 0.0)  # masked positions (NaN, inf) are never read
+    _, mean, var = masked_moments(x64, mask, unbiased=unbiased)
+    whitened = (x64 - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
-    return torch.where(response_mask != 0, whitened, 0.0)
+    return torch.where(mask, whitened, 0.0).to(compute_dtype(x))

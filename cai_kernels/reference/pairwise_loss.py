@@ -29,12 +29,13 @@ def pairwise_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, 
     Returns:
         fp32 (fp64 for fp64 rewards): a scalar, or (...) with reduction="none".
     """
-    acc = accumulate_dtype(chosen_rewards.dtype)
-    d = chosen_rewards.to(acc) - rejected_rewards.to(acc)
+    # float64 whatever the input dtype (rounded once at the end): chosen - rejected of two finite fp32
+    # rewards (3e38 and -3e38) overflows fp32, never float64
+    d = chosen_rewards.to(torch.float64) - rejected_rewards.to(torch.float64)
     if margin is not None:
-        d = d - (margin.detach().to(acc) if isinstance(margin, torch.Tensor) else margin)
-    p = 1.0 if soft_labels is None else soft_labels
-    if isinstance(p, torch.Tensor):
-        p = p.detach().to(acc)
-    loss = -(p * F.logsigmoid(d) + (1 - p) * F.logsigmoid(-d))
-    return reduce_loss(loss, reduction)
+        d = d - (margin.detach().to(torch.float64) if isinstance(margin, torch.Tensor) else margin)
+    p = torch.as_tensor(1.0 if soft_labels is None else soft_labels, dtype=torch.float64, device=d.device).detach()
+    # a term whose weight is 0 contributes 0, also where its logsigmoid is -inf (d = +-inf): the
+    # cross-entropy convention 0 log 0 = 0; with p = 1 the loss is exactly -logsigmoid(d)
+    loss = -(torch.where(p != 0, p * F.logsigmoid(d), 0.0) + torch.where(p != 1, (1 - p) * F.logsigmoid(-d), 0.0))
+    return reduce_loss(loss, reduction).to(accumulate_dtype(chosen_rewards.dtype))

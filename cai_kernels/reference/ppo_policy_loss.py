@@ -25,8 +25,12 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
     approx_kl_k1 = mean(-log_ratio) (veRL's ppo_kl).
     """
     dtype = compute_dtype(logprobs, old_logprobs, advantages)
-    advantages = advantages.to(dtype)
-    log_ratio = (logprobs.to(dtype) - old_logprobs.to(dtype)).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    # masked positions are never read: zeroed first, so that NaN / inf there cannot reach the gradient
+    # through 0 * NaN (the where inside agg_loss alone would not keep it out)
+    mask = response_mask != 0
+    logprobs, old_logprobs, advantages = (torch.where(mask, x.to(dtype), 0.0)
+                                          for x in (logprobs, old_logprobs, advantages))
+    log_ratio = (logprobs - old_logprobs).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)

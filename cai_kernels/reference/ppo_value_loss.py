@@ -18,7 +18,10 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
     clipfrac the fraction of response tokens where the clipped term is the larger.
     """
     dtype = compute_dtype(values, old_values, returns)
-    values, old_values, returns = values.to(dtype), old_values.to(dtype), returns.to(dtype)
+    # masked positions are never read: zeroed first, so that NaN / inf there cannot reach the gradient
+    # through 0 * NaN (the where inside agg_loss alone would not keep it out)
+    mask = response_mask != 0
+    values, old_values, returns = (torch.where(mask, x.to(dtype), 0.0) for x in (values, old_values, returns))
     unclipped = (values - returns).square()
     if clip is None:
         return 0.5 * agg_loss(unclipped, response_mask, agg), torch.zeros((), dtype=dtype, device=values.device)

@@ -25,17 +25,24 @@ def ranked_pairwise_loss(rewards: torch.Tensor, *, num_valid: torch.Tensor | Non
             "sum" -> its sum; "mean" -> its mean over the rows that have at least one pair (each prompt
             weighs the same, however many responses it has, as in InstructGPT), 0 if no row has one.
     """
-    acc = accumulate_dtype(rewards.dtype)
-    r = rewards.to(acc)
-    B, K = r.shape
-    n = torch.full((B,), K, device=r.device) if num_valid is None else num_valid
-    positions = torch.arange(K, device=r.device)
+    B, K = rewards.shape
+    n = torch.full((B,), K, device=rewards.device) if num_valid is None else num_valid
+    positions = torch.arange(K, device=rewards.device)
+    valid = positions[None, :] < n[:, None]
+    # float64 whatever the input dtype (rounded once at the end): r_i - r_j of finite fp32 rewards can
+    # overflow fp32. Padding (k >= n_b) is never read: zeroed before any arithmetic, so that NaN there
+    # cannot reach a gradient through 0 * NaN.
+    r = torch.where(valid, rewards.to(torch.float64), 0.0)
     # pair[b, i, j]: i is ranked above j and both are valid responses of row b
-    pair = (positions[:, None] < positions[None, :]) & (positions[None, None, :] < n[:, None, None])
-    difference = r[:, :, None] - r[:, None, :]
+    pair = (positions[:, None] < positions[None, :]) & valid[:, None, :]
+    # only real pairs are differenced: r_k - r_k of an infinite reward is NaN, which logsigmoid's backward
+    # would multiply into the gradient even where the pair is masked out
+    difference = torch.where(pair, r[:, :, None] - r[:, None, :], 0.0)
     pair_loss = torch.where(pair, -F.logsigmoid(difference), 0.0)
     pairs = pair.sum((1, 2))
     row_loss = pair_loss.sum((1, 2)) / pairs.clamp_min(1)
     if reduction == "mean":
-        return row_loss.sum() / (pairs > 0).sum().clamp_min(1)
-    return reduce_loss(row_loss, reduction)
+        loss = row_loss.sum() / (pairs > 0).sum().clamp_min(1)
+    else:
+        loss = reduce_loss(row_loss, reduction)
+    return loss.to(accumulate_dtype(rewards.dtype))

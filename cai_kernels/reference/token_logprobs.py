@@ -24,9 +24,12 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: 
         logprobs (...) fp32 (fp64 for fp64 logits); with ``return_entropy`` also the entropy (...)
         of softmax(logits / temperature) at each position, same dtype.
     """
-    scaled = logits.to(accumulate_dtype(logits.dtype)) / temperature
-    log_probs = scaled.log_softmax(dim=-1)
     ignored = (targets == ignore_index) if ignore_index is not None else torch.zeros_like(targets, dtype=torch.bool)
+    scaled = logits.to(accumulate_dtype(logits.dtype)) / temperature
+    # an ignored row is never read: whatever it holds (NaN, inf) must not reach its gradient through
+    # log_softmax's backward (which mixes the whole row even where the upstream gradient is 0)
+    scaled = torch.where(ignored.unsqueeze(-1), 0.0, scaled)
+    log_probs = scaled.log_softmax(dim=-1)
     safe_targets = targets.masked_fill(ignored, 0)
     target_logprobs = log_probs.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)
     target_logprobs = target_logprobs.masked_fill(ignored, 0.0)

@@ -24,8 +24,9 @@ from ._launch import as_kernel_mask, pow2_block
 
 @triton.jit
 def max_grad(a, b, da, db):
-    """d max(a, b) as torch.maximum: the larger branch's, or their mean on a tie."""
-    return tl.where(a > b, da, tl.where(b > a, db, 0.5 * (da + db)))
+    """d max(a, b) as torch.maximum: the larger branch's, their mean on a tie, their sum when either is NaN
+    (neither is smaller: autograd passes the gradient to both)."""
+    return tl.where(a > b, da, tl.where(b > a, db, tl.where(a == b, 0.5 * (da + db), da + db)))
 
 
 @triton.jit

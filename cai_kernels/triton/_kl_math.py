@@ -18,7 +18,8 @@ K1, K2, K3 = tl.constexpr(int(KlEstimator.K1)), tl.constexpr(int(KlEstimator.K2)
 
 @triton.jit
 def exp_minus_1_minus_x(x):
-    """e^x - 1 - x without cancellation: its Taylor series for |x| <= 1, the direct form beyond."""
+    """e^x - 1 - x without cancellation: its Taylor series for |x| <= 1, the direct form beyond (+inf at
+    x = +inf, where the direct form would be inf - inf)."""
     p = x * (1.0 / 6227020800.0) + (1.0 / 479001600.0)
     p = p * x + (1.0 / 39916800.0)
     p = p * x + (1.0 / 3628800.0)
@@ -30,7 +31,7 @@ def exp_minus_1_minus_x(x):
     p = p * x + (1.0 / 24.0)
     p = p * x + (1.0 / 6.0)
     p = p * x + 0.5
-    return tl.where(tl.abs(x) <= 1.0, x * x * p, tl.exp(x) - 1.0 - x)
+    return tl.where(tl.abs(x) <= 1.0, x * x * p, tl.where(x == float("inf"), x, tl.exp(x) - 1.0 - x))
 
 
 @triton.jit
@@ -49,8 +50,14 @@ def kl_value(r, ESTIMATOR: tl.constexpr):
 
 @triton.jit
 def kl_forward(raw, lo, hi, out_lo, out_hi, ESTIMATOR: tl.constexpr):
-    r = tl.minimum(tl.maximum(raw, lo), hi)
-    return tl.minimum(tl.maximum(kl_value(r, ESTIMATOR), out_lo), out_hi)
+    r = clamp_nan(raw, lo, hi)
+    return clamp_nan(kl_value(r, ESTIMATOR), out_lo, out_hi)
+
+
+@triton.jit
+def clamp_nan(x, lo, hi):
+    """x clamped to [lo, hi] as torch.clamp: NaN stays NaN (Triton's default minimum / maximum drop it)."""
+    return tl.minimum(tl.maximum(x, lo, propagate_nan=tl.PropagateNan.ALL), hi, propagate_nan=tl.PropagateNan.ALL)
 
 
 def bound(value: float) -> float:

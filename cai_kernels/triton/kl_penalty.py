@@ -12,7 +12,7 @@ import triton.language as tl
 
 from .._params import KlPenaltyParams
 from .._validation import accumulate_dtype
-from ._kl_math import K1, K2, K3, exp_minus_1_minus_x, kl_bounds, kl_forward, kl_value
+from ._kl_math import K1, K2, K3, clamp_nan, exp_minus_1_minus_x, kl_bounds, kl_forward, kl_value
 from ._launch import cdiv, pow2_block
 
 
@@ -36,7 +36,7 @@ def kl_penalty_kernel(
         ref_row + cols, mask=in_row, other=0.0).to(acc_dtype)
     if BACKWARD:
         g = tl.load(grad_ptr + row * T + cols, mask=in_row, other=0.0)
-        r = tl.minimum(tl.maximum(raw, lo), hi)
+        r = clamp_nan(raw, lo, hi)
         kl = kl_value(r, ESTIMATOR)
         if ESTIMATOR == K1:
             d = tl.full(r.shape, 1.0, acc_dtype)

@@ -113,15 +113,25 @@ def linear_token_logprobs_bwd(grad_logp: torch.Tensor, grad_entropy: torch.Tenso
     """Same contract as the C++ kernel: (grad_hidden (outer, inner, H), grad_weight (V, H), grad_bias (V,)) in
     the inputs' dtypes, an empty tensor for each one not asked for; the entropy term only with
     params.with_entropy (grad_entropy is then (rows,), else empty)."""
+    # Ignored rows are never read: their dL/dlogits is 0, but 0 * NaN (or inf) held there -- in the hidden row
+    # for grad_weight, in the weight for that row's grad_hidden -- would still be NaN (as the C++ kernel).
+    ignored_rows = None
+    if params.ignore_index is not None:
+        ignored_rows = (targets == params.ignore_index).view(hidden.shape[:-1] + (1,))
+        hidden = hidden.masked_fill(ignored_rows, 0.0)
     if _engine_for(hidden) == LINEAR_HEAD:
         ignore_index, has_ignore = ignore_args(params.ignore_index)
         if not params.with_entropy:
             grad_entropy = grad_logp.new_empty(0)
-        return linear_head.linear_token_logprobs_bwd(grad_logp, grad_entropy, hidden, weight, bias, targets, lse,
-                                                     entropy, 1.0 / params.temperature, ignore_index, has_ignore,
-                                                     need_hidden, need_weight, need_bias, config=LINEAR_HEAD_CONFIG)
-    return _hybrid_bwd(grad_logp, grad_entropy, hidden, weight, bias, targets, lse, entropy, need_hidden,
-                       need_weight, need_bias, params)
+        grads = linear_head.linear_token_logprobs_bwd(grad_logp, grad_entropy, hidden, weight, bias, targets, lse,
+                                                      entropy, 1.0 / params.temperature, ignore_index, has_ignore,
+                                                      need_hidden, need_weight, need_bias, config=LINEAR_HEAD_CONFIG)
+    else:
+        grads = _hybrid_bwd(grad_logp, grad_entropy, hidden, weight, bias, targets, lse, entropy, need_hidden,
+                            need_weight, need_bias, params)
+    if need_hidden and ignored_rows is not None:
+        grads[0].masked_fill_(ignored_rows, 0.0)
+    return grads
 
 
 # -- the hybrid: exact fp32 / fp64 -------------------------------------------------------------------

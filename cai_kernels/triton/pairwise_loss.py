@@ -3,6 +3,8 @@
 The launchers have the same contracts as the C++ kernels (``csrc/cpu/pairwise_loss.cpp``); the math is
 in its header comment and in ``cai_kernels/reference/pairwise_loss.py``. With e = exp(-|d|):
     pair loss = log1p(e^-|d|) + d * (d > 0 ? 1 - p : -p),   dloss/dd = (1 - p) sigmoid(d) - p sigmoid(-d)
+computed from h = d / 2 = chosen / 2 - rejected / 2 - margin / 2, which never overflows for finite rewards
+(d * coef = 2 (h * coef)); a term whose weight is 0 contributes 0, also at d = +-inf.
 """
 
 from __future__ import annotations
@@ -23,21 +25,21 @@ PAIR_BLOCK = 1024
 @triton.jit
 def _pair_inputs(chosen_ptr, rejected_ptr, labels_ptr, margin_ptr, rows, in_range, label_value, margin_value,
                  acc_dtype: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_MARGIN: tl.constexpr):
-    """d = chosen - rejected - margin and p for a block of rows, in the accumulation dtype."""
+    """h = d / 2 = chosen / 2 - rejected / 2 - margin / 2 and p for a block of rows, in the accumulation dtype."""
     chosen = tl.load(chosen_ptr + rows, mask=in_range, other=0.0).to(acc_dtype)
     rejected = tl.load(rejected_ptr + rows, mask=in_range, other=0.0).to(acc_dtype)
-    d = chosen - rejected
+    h = chosen * 0.5 - rejected * 0.5
     if HAS_MARGIN:
-        d -= tl.load(margin_ptr + rows, mask=in_range, other=0.0)
+        h -= tl.load(margin_ptr + rows, mask=in_range, other=0.0) * 0.5
     else:
-        d -= margin_value
+        h -= margin_value * 0.5
     if HAS_LABELS:
         p = tl.load(labels_ptr + rows, mask=in_range, other=1.0)
         # a label outside [0, 1] (or NaN) is bad data, checked here on the device: NaN for that pair
         p = tl.where((p >= 0.0) & (p <= 1.0), p, float("nan"))
     else:
-        p = tl.zeros(d.shape, acc_dtype) + label_value
-    return d, p
+        p = tl.zeros(h.shape, acc_dtype) + label_value
+    return h, p
 
 
 @triton.jit
@@ -53,11 +55,14 @@ def pairwise_loss_fwd_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_range = rows < N
     acc_dtype = loss_ptr.dtype.element_ty
-    d, p = _pair_inputs(chosen_ptr, rejected_ptr, labels_ptr, margin_ptr, rows, in_range, label_value,
+    h, p = _pair_inputs(chosen_ptr, rejected_ptr, labels_ptr, margin_ptr, rows, in_range, label_value,
                         margin_value, acc_dtype, HAS_LABELS, HAS_MARGIN)
-    loss = log1p(tl.exp(-tl.abs(d))) + d * tl.where(d > 0, 1.0 - p, -p)
-    if REDUCE:
-        total = tl.sum(tl.where(in_range, loss, 0.0).to(tl.float64), axis=0)
+    coef = tl.where(h > 0, 1.0 - p, -p)
+    bounded = log1p(tl.exp(-2.0 * tl.abs(h)))
+    half_linear = tl.where(coef == 0, 0.0, h * coef)
+    if REDUCE:  # summed in float64: each linear part may be up to FLT_MAX, their mean still finite
+        loss64 = bounded.to(tl.float64) + 2.0 * half_linear.to(tl.float64)
+        total = tl.sum(tl.where(in_range, loss64, 0.0), axis=0)
         if ONE_PROGRAM:
             if MEAN:
                 total = total / N
@@ -65,7 +70,7 @@ def pairwise_loss_fwd_kernel(
         else:
             tl.store(block_sums_ptr + tl.program_id(0), total)
     else:
-        tl.store(loss_ptr + rows, loss, mask=in_range)
+        tl.store(loss_ptr + rows, bounded + 2.0 * half_linear, mask=in_range)
 
 
 @triton.jit
@@ -79,8 +84,9 @@ def pairwise_loss_bwd_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_range = rows < N
     acc_dtype = grad_ptr.dtype.element_ty
-    d, p = _pair_inputs(chosen_ptr, rejected_ptr, labels_ptr, margin_ptr, rows, in_range, label_value,
+    h, p = _pair_inputs(chosen_ptr, rejected_ptr, labels_ptr, margin_ptr, rows, in_range, label_value,
                         margin_value, acc_dtype, HAS_LABELS, HAS_MARGIN)
+    d = 2.0 * h  # inf where the rewards' difference is beyond the range: sigmoid is exact there
     if GRAD_PER_ROW:
         g = tl.load(grad_ptr + rows, mask=in_range, other=0.0)
     else:

@@ -15,6 +15,7 @@ from ._clipped_loss import (  # noqa: F401 - named by AOT_SPECS
 from ._kl_math import exp_minus_1_minus_x
 
 LIMIT = tl.constexpr(LOG_RATIO_LIMIT)
+NAN = tl.constexpr(tl.PropagateNan.ALL)
 STATS = 4  # clipfrac, dual_clipfrac, approx_kl (k3), approx_kl_k1
 
 
@@ -24,11 +25,12 @@ def policy_token(logprobs, old_logprobs, advantages, ratio_low, ratio_high, dual
     with HAS_DUAL), r = exp(log_ratio), log_ratio = logprobs - old_logprobs clamped to +-LIMIT; whether the
     clipped term is the larger, whether the dual bound is taken, k3 and k1 of KL(old || new), d loss / d logprobs."""
     raw = logprobs - old_logprobs
-    log_ratio = tl.minimum(tl.maximum(raw, -LIMIT), LIMIT)
+    # NaN propagates through every clamp and max, as in torch (Triton's default would drop it)
+    log_ratio = tl.minimum(tl.maximum(raw, -LIMIT, propagate_nan=NAN), LIMIT, propagate_nan=NAN)
     ratio = tl.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * tl.minimum(tl.maximum(ratio, ratio_low), ratio_high)
-    loss = tl.maximum(unclipped, clipped)
+    clipped = -advantages * tl.minimum(tl.maximum(ratio, ratio_low, propagate_nan=NAN), ratio_high, propagate_nan=NAN)
+    loss = tl.maximum(unclipped, clipped, propagate_nan=NAN)
     grad = max_grad(unclipped, clipped, unclipped,
                     tl.where((ratio >= ratio_low) & (ratio <= ratio_high), unclipped, 0.0))
     zero = tl.zeros_like(loss)
@@ -37,8 +39,9 @@ def policy_token(logprobs, old_logprobs, advantages, ratio_low, ratio_high, dual
         bound = -advantages * dual_clip
         negative = advantages < 0
         dual_hit = negative & (loss > bound)
-        grad = tl.where(negative, tl.where(loss < bound, grad, tl.where(loss == bound, 0.5 * grad, 0.0)), grad)
-        loss = tl.where(negative, tl.minimum(loss, bound), loss)
+        # min(loss, bound) as torch.minimum (a NaN loss keeps its gradient)
+        grad = tl.where(negative, tl.where(loss > bound, 0.0, tl.where(loss == bound, 0.5 * grad, grad)), grad)
+        loss = tl.where(negative, tl.minimum(loss, bound, propagate_nan=NAN), loss)
     grad = tl.where((raw >= -LIMIT) & (raw <= LIMIT), grad, 0.0)
     return (loss, tl.where(clipped > unclipped, zero + 1.0, zero), tl.where(dual_hit, zero + 1.0, zero),
             exp_minus_1_minus_x(log_ratio), -log_ratio, grad)

@@ -13,6 +13,8 @@ from ._clipped_loss import clipped_loss_aot_specs, clipped_loss_bwd, clipped_los
 from ._clipped_loss import (  # noqa: F401 - named by AOT_SPECS
     clipped_loss_bwd_kernel, clipped_loss_finish_kernel, clipped_loss_fwd_kernel)
 
+NAN = tl.constexpr(tl.PropagateNan.ALL)
+
 
 @triton.jit
 def value_token(values, old_values, returns, clip, unused_arg1, unused_arg2, HAS_CLIP: tl.constexpr):
@@ -25,9 +27,10 @@ def value_token(values, old_values, returns, clip, unused_arg1, unused_arg2, HAS
     if HAS_CLIP:
         lo = old_values - clip
         hi = old_values + clip
-        clipped_err = tl.minimum(tl.maximum(values, lo), hi) - returns
+        # NaN propagates through the clamp and the max, as in torch (Triton's default would drop it)
+        clipped_err = tl.minimum(tl.maximum(values, lo, propagate_nan=NAN), hi, propagate_nan=NAN) - returns
         clipped = clipped_err * clipped_err
-        loss = 0.5 * tl.maximum(unclipped, clipped)
+        loss = 0.5 * tl.maximum(unclipped, clipped, propagate_nan=NAN)
         is_clipped = clipped > unclipped
         grad = max_grad(unclipped, clipped, err, tl.where((values >= lo) & (values <= hi), clipped_err, 0.0))
     else:

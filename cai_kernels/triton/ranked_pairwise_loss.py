@@ -30,17 +30,19 @@ def ranked_pairwise_loss_fwd_kernel(rewards_ptr, num_valid_ptr, row_loss_ptr, K,
         n = tl.load(num_valid_ptr + row)
         bad = (n < 0) | (n > K)
         n = tl.where(bad, 0, n)
-    acc_dtype = row_loss_ptr.dtype.element_ty
+    # pairs in float64 whatever the input dtype (as the C++ kernel): r_j - r_i of two finite fp32 rewards
+    # (3e38, -3e38) and the sums of such pair losses overflow fp32; the row's mean is rounded once
     r_row = rewards_ptr + row * K
-    acc = tl.zeros((BLOCK_K,), acc_dtype)
+    acc = tl.zeros((BLOCK_K,), tl.float64)
     for i in range(0, n - 1):
-        r_i = tl.load(r_row + i).to(acc_dtype)
+        r_i = tl.load(r_row + i).to(tl.float64)
         for start in range(i + 1, n, BLOCK_K):
             j = start + tl.arange(0, BLOCK_K)
-            r_j = tl.load(r_row + j, mask=j < n, other=0.0).to(acc_dtype)
+            r_j = tl.load(r_row + j, mask=j < n, other=0.0).to(tl.float64)
             acc += tl.where(j < n, softplus(r_j - r_i), 0.0)
     pairs = tl.maximum(n * (n - 1) // 2, 1)
-    tl.store(row_loss_ptr + row, tl.where(bad, float("nan"), tl.sum(acc, axis=0) / pairs.to(acc_dtype)))
+    mean = tl.sum(acc, axis=0) / pairs.to(tl.float64)
+    tl.store(row_loss_ptr + row, tl.where(bad, float("nan"), mean).to(row_loss_ptr.dtype.element_ty))
 
 
 @triton.jit

@@ -10,7 +10,8 @@
 //   token-mean: 1 / N    seq-mean-token-mean: 1 / (n_b R)    seq-mean-token-sum: 1 / R
 // (N response tokens, n_b in row b, R rows with n_b > 0; rows without response tokens weigh 0).
 //
-// Ties follow torch.maximum / torch.minimum: the gradient is split evenly between equal branches.
+// Ties follow torch.maximum / torch.minimum: the gradient is split evenly between equal branches (and goes
+// whole to both where one is NaN).
 #pragma once
 
 #include <array>
@@ -29,10 +30,11 @@ struct Token {
   V grad;
 };
 
-// d max(a, b) as torch.maximum: the larger branch's derivative, their mean on a tie.
+// d max(a, b) as torch.maximum: the larger branch's derivative, their mean on a tie, their sum when either
+// is NaN (neither is smaller: autograd passes the gradient to both).
 template <typename V>
 inline V max_grad(const V& a, const V& b, const V& da, const V& db) {
-  return select(a > b, da, select(b > a, db, V(0.5) * (da + db)));
+  return select(a > b, da, select(b > a, db, select(a == b, V(0.5) * (da + db), da + db)));
 }
 
 inline void check_loss_inputs(const at::Tensor& x, const at::Tensor& y, const at::Tensor& z, const at::Tensor& mask) {

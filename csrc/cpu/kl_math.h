@@ -27,11 +27,15 @@ inline Vec exp_series_tail(const Vec& x) {  // sum_{k>=0} x^k / (k+2)!, |x| <= 1
   return p;
 }
 
+// +inf at x = +inf (k3 at r = -inf: a token the policy can never sample), where the direct form is inf - inf.
 inline Vec exp_minus_1_minus_x(const Vec& x) {
   const Vec small = x.abs() <= Vec(1.f);
-  return select(small, x * x * exp_series_tail(x), exp_fast(x) - Vec(1.f) - x);
+  const Vec direct = select(x == Vec(-kNegInf), x, exp_fast(x) - Vec(1.f) - x);
+  return select(small, x * x * exp_series_tail(x), direct);
 }
-inline double exp_minus_1_minus_x(double x) { return std::expm1(x) - x; }  // fp64 has digits to spare
+inline double exp_minus_1_minus_x(double x) {  // fp64 has digits to spare
+  return x == std::numeric_limits<double>::infinity() ? x : std::expm1(x) - x;
+}
 
 inline Vec exp_minus_1(const Vec& x) {
   const Vec small = x.abs() <= Vec(1.f);

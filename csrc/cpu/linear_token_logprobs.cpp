@@ -239,7 +239,7 @@ void forward_impl(const LinearOperands<T>& ops, const Blocking& blocking, const 
       continue;
     }
     lse_out[r] = stats[r].lse();
-    logp_out[r] = target_logit[r] * inv_t - lse_out[r];
+    logp_out[r] = scaled(target_logit[r], inv_t) - lse_out[r];
     if (kEntropy) entropy_out[r] = stats[r].entropy();
   }
 }
@@ -421,9 +421,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd(
       if (g->defined()) g->zero_();
     }
   } else if (need_hidden || need_weight || need_bias) {
+    // Ignored rows are never read: their dL/dlogits is 0, but 0 * NaN (or inf) held there -- in the hidden
+    // row for grad_weight, in the weight for that row's grad_hidden -- would still be NaN. Such rows of
+    // hidden are zeroed (a copy, only when a row is ignored) and their grad_hidden cleared.
+    at::Tensor ignored_rows;
+    if (ignore_index.has_value()) {
+      ignored_rows = targets.reshape({hidden.size(0), hidden.size(1), 1}).eq(*ignore_index);
+      if (!ignored_rows.any().item<bool>()) ignored_rows = at::Tensor();
+    }
+    const at::Tensor read_hidden = ignored_rows.defined() ? hidden.masked_fill(ignored_rows, 0).contiguous() : hidden;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "linear_token_logprobs_bwd", [&] {
       using acc_t = typename Accumulate<scalar_t>::type;
-      const LinearOperands<scalar_t> ops(hidden, weight, bias);
+      const LinearOperands<scalar_t> ops(read_hidden, weight, bias);
       auto run = [&](auto entropy_tag) {
         backward_impl<decltype(entropy_tag)::value>(ops, Blocking{vocab_block, token_chunk},
                                                     targets.const_data_ptr<int64_t>(),
@@ -432,6 +441,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd(
       };
       with_entropy ? run(std::true_type{}) : run(std::false_type{});
     });
+    if (ignored_rows.defined() && out.grad_hidden.defined()) out.grad_hidden.masked_fill_(ignored_rows, 0);
   }
   // a gradient not asked for is a fresh empty tensor (outputs of a custom op must not alias each other)
   auto or_empty = [&](const at::Tensor& g) { return g.defined() ? g : hidden.new_empty({0}); };

@@ -145,9 +145,9 @@ inline bool both(bool a, bool b) { return a && b; }
 inline Vec indicator(const Vec& cond) { return Vec(1.f) & cond; }
 inline double indicator(bool cond) { return cond ? 1.0 : 0.0; }
 inline Vec maximum(const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }
-inline double maximum(double a, double b) { return std::max(a, b); }
+inline double maximum(double a, double b) { return a != a || b != b ? a + b : std::max(a, b); }  // NaN in, NaN out
 inline Vec minimum(const Vec& a, const Vec& b) { return at::vec::minimum(a, b); }
-inline double minimum(double a, double b) { return std::min(a, b); }
+inline double minimum(double a, double b) { return a != a || b != b ? a + b : std::min(a, b); }
 inline Vec clamp(const Vec& x, const Vec& lo, const Vec& hi) { return at::vec::clamp(x, lo, hi); }
 inline double clamp(double x, double lo, double hi) { return std::min(std::max(x, lo), hi); }
 inline Vec exp_of(const Vec& x) { return exp_fast(x); }

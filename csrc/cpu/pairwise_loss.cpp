@@ -4,6 +4,10 @@
 //   loss  = -(p logsigmoid(d) + (1 - p) logsigmoid(-d)) = p softplus(-d) + (1 - p) softplus(d)
 //         = log1p(e^-|d|) + d * (d > 0 ? 1 - p : -p)        (both terms >= 0: no cancellation)
 //   dloss/dd = sigmoid(d) - p = (1 - p) sigmoid(d) - p sigmoid(-d)
+// d is carried as h = d / 2 = chosen / 2 - rejected / 2 - margin / 2 (the same rounding as d, halved):
+// chosen - rejected of two finite rewards (3e38, -3e38) overflows fp32, h never does, and d * coef =
+// 2 (h * coef) is inf only when the loss itself is. A term whose weight is 0 contributes 0, also at
+// d = +-inf (0 log 0 = 0, as the reference).
 // Rows are read one SIMD vector at a time in the accumulation type; threads take blocks of kBlock rows.
 // Sums go through per-block partials in double, added in block order, so the result does not depend on
 // the thread count.
@@ -56,11 +60,12 @@ struct PairInputs {
   const Acc* margin;  // nullptr: every row has margin_value
   Acc margin_value;
 
-  // d and p of rows [row, row + count), count <= V::size(); lanes past count hold d = -margin, p = 0 or the
-  // label value (callers mask them out).
-  void load(int64_t row, int64_t count, V& d, V& p) const {
-    d = load_as<Acc>(chosen + row, count) - load_as<Acc>(rejected + row, count);
-    d = d - (margin ? V::loadu(margin + row, count) : V(margin_value));
+  // h = d / 2 and p of rows [row, row + count), count <= V::size(); lanes past count hold h = -margin / 2,
+  // p = 0 or the label value (callers mask them out).
+  void load(int64_t row, int64_t count, V& h, V& p) const {
+    const V half(Acc(0.5));
+    h = load_as<Acc>(chosen + row, count) * half - load_as<Acc>(rejected + row, count) * half;
+    h = h - (margin ? V::loadu(margin + row, count) : V(margin_value)) * half;
     p = labels ? V::loadu(labels + row, count) : V(label_value);
   }
 
@@ -75,16 +80,19 @@ struct PairInputs {
   }
 };
 
+// The loss from h = d / 2, as its two parts: log1p(e^-|d|) in [0, log 2] and half the linear part,
+// h * coef (the loss is bounded + 2 * half_linear).
 template <typename V>
-inline V pair_loss(const V& d, const V& p) {
-  const V coef = V::blendv(V(0) - p, V(1) - p, d > V(0));
-  return log1p_exp_neg_abs(d) + d * coef;
+inline void pair_loss_parts(const V& h, const V& p, V& bounded, V& half_linear) {
+  const V coef = V::blendv(V(0) - p, V(1) - p, h > V(0));
+  half_linear = V::blendv(h * coef, V(0), coef == V(0));
+  bounded = log1p_exp_neg_abs(h * V(2));
 }
 
 template <typename V>
-inline V pair_loss_grad(const V& d, const V& p) {
+inline V pair_loss_grad(const V& h, const V& p) {
   V sig, sig_neg;
-  sigmoid_pair(d, sig, sig_neg);
+  sigmoid_pair(h * V(2), sig, sig_neg);
   return (V(1) - p) * sig - p * sig_neg;
 }
 
@@ -136,29 +144,37 @@ at::Tensor pairwise_loss_fwd(const at::Tensor& chosen, const at::Tensor& rejecte
     at::parallel_for(0, n_blocks, kGrainBlocks, [&](int64_t first, int64_t last) {
       for (int64_t block = first; block < last; ++block) {
         const int64_t begin = block * kBlock, end = std::min(begin + kBlock, s.n_rows);
+        // a few additions per lane in the working precision, the running total in double; the linear
+        // parts (each up to FLT_MAX) are summed scaled by 2^-kLinearShift so that 8 per lane, and then
+        // the lanes, never overflow where their double total would not
+        constexpr int kLinearShift = 8;
+        const V linear_scale(std::ldexp(acc_t(1), -kLinearShift));
         double total = 0.0;
-        V partial(0);
+        V bounded_sum(0), linear_sum(0);
+        auto flush = [&] {
+          total += vec_sum<acc_t>(bounded_sum) + std::ldexp(static_cast<double>(vec_sum<acc_t>(linear_sum)), kLinearShift + 1);
+          bounded_sum = linear_sum = V(0);
+        };
         for (int64_t row = begin; row < end; row += V::size()) {
           const int64_t count = std::min<int64_t>(V::size(), end - row);
-          V d, p;
-          in.load(row, count, d, p);
+          V h, p;
+          in.load(row, count, h, p);
           if (s.has_labels) {
             const int64_t bad = in.bad_label(row, count, p);
             if (bad >= 0) bad_label.record(bad);
           }
-          const V loss = pair_loss(d, p);
+          V bounded, half_linear;
+          pair_loss_parts(h, p, bounded, half_linear);
           if (rows_out) {
-            loss.store(rows_out + row, count);
+            (bounded + half_linear * V(2)).store(rows_out + row, count);
           } else {
-            partial = partial + V::set(V(0), loss, count);
-            // a few additions per lane in the working precision, the running total in double
-            if (((row - begin) / V::size()) % 8 == 7) {
-              total += vec_sum<acc_t>(partial);
-              partial = V(0);
-            }
+            bounded_sum = bounded_sum + V::set(V(0), bounded, count);
+            linear_sum = linear_sum + V::set(V(0), half_linear * linear_scale, count);
+            if (((row - begin) / V::size()) % 8 == 7) flush();
           }
         }
-        block_sums[block] = total + vec_sum<acc_t>(partial);
+        flush();
+        block_sums[block] = total;
       }
     });
   });
@@ -168,7 +184,8 @@ at::Tensor pairwise_loss_fwd(const at::Tensor& chosen, const at::Tensor& rejecte
   if (reduction != kNone) {
     double total = 0.0;
     for (double b : block_sums) total += b;
-    out.fill_(reduction == kMean ? total / static_cast<double>(s.n_rows) : total);
+    // through a double tensor: a sum beyond the fp32 range rounds to inf (fill_ would refuse it)
+    out.copy_(at::scalar_tensor(reduction == kMean ? total / static_cast<double>(s.n_rows) : total, at::kDouble));
   }
   return out;
 }
@@ -198,10 +215,10 @@ std::tuple<at::Tensor, at::Tensor> pairwise_loss_bwd(const at::Tensor& grad, con
     at::parallel_for(0, n_blocks, kGrainBlocks, [&](int64_t first, int64_t last) {
       for (int64_t row = first * kBlock, end = std::min(last * kBlock, s.n_rows); row < end; row += V::size()) {
         const int64_t count = std::min<int64_t>(V::size(), end - row);
-        V d, p;
-        in.load(row, count, d, p);
+        V h, p;
+        in.load(row, count, h, p);
         const V g = grad_rows ? V::loadu(grad_rows + row, count) : scale;
-        const V grad = pair_loss_grad(d, p) * g;
+        const V grad = pair_loss_grad(h, p) * g;
         store_as(out_chosen + row, grad, count);
         store_as(out_rejected + row, V(0) - grad, count);
       }

@@ -32,8 +32,8 @@ inline Token<V> policy_token(const V& lp, const V& old, const V& adv, const Poli
     const V bound = neg_adv * V(*p.dual_clip);
     const auto negative = adv < V(0);
     dual_hit = indicator(both(negative, loss > bound));
-    // min(loss, bound) as torch.minimum, on the A < 0 tokens only
-    grad = select(negative, select(loss < bound, grad, keep(loss == bound, V(0.5) * grad)), grad);
+    // min(loss, bound) as torch.minimum, on the A < 0 tokens only (a NaN loss keeps its gradient)
+    grad = select(negative, select(loss > bound, V(0), select(loss == bound, V(0.5) * grad, grad)), grad);
     loss = select(negative, minimum(loss, bound), loss);
   }
   grad = keep(both(raw >= V(0) - limit, raw <= limit), grad);

@@ -16,7 +16,8 @@ inline Token<V> value_token(const V& v, const V& old, const V& ret, const std::o
   const V err = v - ret, unclipped = err * err;
   if (!clip.has_value()) return {V(0.5) * unclipped, {V(0), V(0), V(0), V(0)}, err};
   const V lo = old - V(*clip), hi = old + V(*clip);
-  const V clipped_err = clamp(v, lo, hi) - ret, clipped = clipped_err * clipped_err;
+  // as torch.clamp with tensor bounds: a NaN bound (NaN old_values) gives NaN (the vector clamp would drop it)
+  const V clipped_err = minimum(maximum(v, lo), hi) - ret, clipped = clipped_err * clipped_err;
   return {V(0.5) * maximum(unclipped, clipped), {indicator(clipped > unclipped), V(0), V(0), V(0)},
           max_grad(unclipped, clipped, err, keep(both(v >= lo, v <= hi), clipped_err))};
 }

@@ -38,11 +38,13 @@ at::Tensor ranked_pairwise_loss_fwd(const at::Tensor& rewards, const at::Tensor&
   FirstBadRow bad_row;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, rewards.scalar_type(), "ranked_pairwise_loss_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    using V = VecOf<acc_t>;
+    // pairs in double whatever the input dtype: r_j - r_i of two finite fp32 rewards (3e38, -3e38) and the
+    // sums of such pair losses overflow fp32, never double (the row's mean is rounded once at the end)
+    using V = VecOf<double>;
     const scalar_t* base = rewards.const_data_ptr<scalar_t>();
     acc_t* out = row_loss.data_ptr<acc_t>();
     at::parallel_for(0, B, ranked_row_grain(K), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> r(K);
+      std::vector<double> r(K);
       for (int64_t b = begin; b < end; ++b) {
         const int64_t n = valid ? valid[b] : K;
         if (n < 0 || n > K) {
@@ -50,7 +52,7 @@ at::Tensor ranked_pairwise_loss_fwd(const at::Tensor& rewards, const at::Tensor&
           out[b] = acc_t(0);
           continue;
         }
-        for (int64_t k = 0; k < n; ++k) r[k] = static_cast<acc_t>(base[b * K + k]);
+        for (int64_t k = 0; k < n; ++k) r[k] = static_cast<double>(base[b * K + k]);
         double total = 0.0;
         for (int64_t i = 0; i + 1 < n; ++i) {
           const V r_i(r[i]);
@@ -59,9 +61,13 @@ at::Tensor ranked_pairwise_loss_fwd(const at::Tensor& rewards, const at::Tensor&
             const int64_t count = std::min<int64_t>(V::size(), n - j);
             partial = partial + V::set(V(0), softplus(V::loadu(r.data() + j, count) - r_i), count);
           }
-          total += vec_sum<acc_t>(partial);
+          total += vec_sum<double>(partial);
         }
-        out[b] = n < 2 ? acc_t(0) : static_cast<acc_t>(total / static_cast<double>(num_pairs(n)));
+        const double mean = n < 2 ? 0.0 : total / static_cast<double>(num_pairs(n));
+        // beyond the fp32 range: inf, as the rounding of the mean (a plain cast would be undefined)
+        out[b] = std::abs(mean) > static_cast<double>(std::numeric_limits<acc_t>::max())
+                     ? static_cast<acc_t>(std::copysign(std::numeric_limits<double>::infinity(), mean))
+                     : static_cast<acc_t>(mean);
       }
     });
   });

@@ -15,6 +15,38 @@
 
 namespace cai {
 
+// z = x / T (x times the reciprocal) rounded to the accumulation type on its own, as the reference's
+// logits / T is. GCC contracts `x * inv_t - c` into one fma by default (-ffp-contract=fast), which subtracts
+// c from the *exact* product: with |z| near 1e10 that differs from the rounded z (the row max the
+// statistics are taken against, the target's z) by up to half an ulp, hundreds of nats (exp(0) became
+// inf). The empty asm hides the product from the contraction; it costs no instruction.
+inline Vec scaled(const Vec& x, const Vec& inv_t) {
+#if defined(CPU_CAPABILITY_AVX512)
+  __m512 z = x * inv_t;
+  asm("" : "+v"(z));
+  return Vec(z);
+#elif defined(CPU_CAPABILITY_AVX2)
+  __m256 z = x * inv_t;
+  asm("" : "+x"(z));
+  return Vec(z);
+#else
+  return x * inv_t;
+#endif
+}
+template <typename Acc>
+inline Acc scaled(Acc x, Acc inv_t) {
+  Acc z = x * inv_t;
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  asm("" : "+x"(z));
+#endif
+  return z;
+}
+
+// Up to this |ref| (the row max or log-sum-exp z is compared against) the SIMD loops fold log2 e into one
+// fma, x (log2 e / T) - ref log2 e: its two roundings put an error of about |ref| 2^-23 in the exponent,
+// below 2e-5 here. Beyond it they round z = x / T first and subtract (exact at any |z|; one multiply more).
+constexpr float kFusedRange = 128.f;
+
 // Streaming log-sum-exp over a row fed chunk by chunk, one read of each element and one exp.
 // Exponentials are taken against the running maximum known *before* the chunk (a stale reference);
 // the chunk's own maximum is tracked alongside and folded in afterwards. That is exact algebra:
@@ -49,8 +81,26 @@ struct OnlineSoftmax {
   // Sums of exp(z - ref) and exp(z - ref) * (z - ref) over a chunk, and its max of x.
   template <bool kEntropy, typename T>
   static void chunk_sums(const T* x, int64_t n, float inv_t, float ref, float& sum, float& wsum, float& max_x) {
-    // base 2: exp(z - ref) = 2^((x / T - ref) * log2 e), one fma per element
-    const Vec v_scale(inv_t * kLog2e), v_neg_ref(-ref * kLog2e), v_floor(-125.f);
+    if (std::abs(ref) <= kFusedRange) {
+      chunk_sums<kEntropy, false>(x, n, inv_t, ref, sum, wsum, max_x);
+    } else {
+      chunk_sums<kEntropy, true>(x, n, inv_t, ref, sum, wsum, max_x);
+    }
+  }
+
+  template <bool kEntropy, bool kExact, typename T>
+  static void chunk_sums(const T* x, int64_t n, float inv_t, float ref, float& sum, float& wsum, float& max_x) {
+    // base 2: exp(z - ref) = 2^((z - ref) log2 e); kExact: with z = x / T rounded to fp32 first, as the tail
+    // below, the chunk max (ref) and the target's z are (see kFusedRange)
+    const Vec v_inv_t(inv_t), v_ref(ref), v_log2e(kLog2e), v_floor(-125.f);
+    const Vec v_scale(inv_t * kLog2e), v_neg_ref(-ref * kLog2e);
+    auto exponent = [&](const Vec& v) {
+      if constexpr (kExact) {
+        return (scaled(v, v_inv_t) - v_ref) * v_log2e;
+      } else {
+        return at::vec::fmadd(v, v_scale, v_neg_ref);
+      }
+    };
     Vec s0(0.f), s1(0.f), w0(0.f), w1(0.f), m0(kNegInf), m1(kNegInf);
     int64_t i = 0;
     for (; i + kPair <= n; i += kPair) {
@@ -58,8 +108,7 @@ struct OnlineSoftmax {
       load_pair(x + i, a, b);
       m0 = at::vec::clamp_min(m0, a);
       m1 = at::vec::clamp_min(m1, b);
-      const Vec za = at::vec::fmadd(a, v_scale, v_neg_ref);
-      const Vec zb = at::vec::fmadd(b, v_scale, v_neg_ref);
+      const Vec za = exponent(a), zb = exponent(b);
       const Vec ea = exp2_approx(za), eb = exp2_approx(zb);
       s0 = s0 + ea;
       s1 = s1 + eb;
@@ -73,7 +122,7 @@ struct OnlineSoftmax {
     max_x = hmax(at::vec::clamp_min(m0, m1));
     for (; i < n; ++i) {
       const float xi = static_cast<float>(x[i]);
-      const float z = xi * inv_t - ref, e = std::exp(z);
+      const float z = scaled(xi, inv_t) - ref, e = std::exp(z);
       max_x = std::max(max_x, xi);
       sum += e;
       if (kEntropy && e > 0.f) wsum += e * z;
@@ -83,7 +132,7 @@ struct OnlineSoftmax {
   template <bool kEntropy, typename T>
   void update(const T* x, int64_t n, float inv_t) {
     if (max_z == kNegInf) {
-      max_z = chunk_max(x, n) * inv_t;  // x -> x / T is monotone, so max commutes with it
+      max_z = scaled(chunk_max(x, n), inv_t);  // x -> x / T is monotone, so max commutes with it
       if (max_z == kNegInf) {           // only -inf (or NaN) so far: nothing to add but the NaN
         if (std::any_of(x, x + n, [](T v) { return v != v; })) sum_exp = NAN;
         return;
@@ -91,7 +140,7 @@ struct OnlineSoftmax {
     }
     float sum, wsum, max_x;
     chunk_sums<kEntropy>(x, n, inv_t, max_z, sum, wsum, max_x);
-    const float chunk_max_z = max_x * inv_t;
+    const float chunk_max_z = scaled(max_x, inv_t);
     if (chunk_max_z > max_z + kMaxExcess) {  // exps against the stale reference may have overflowed
       rebase(chunk_max_z);
       chunk_sums<kEntropy>(x, n, inv_t, max_z, sum, wsum, max_x);
@@ -132,30 +181,53 @@ struct OnlineSoftmax {
 // Writes dL/dx_k for k in [0, n) of one row chunk (the target correction g / T is the caller's:
 // it must be added in fp32 before the single rounding to the output dtype). `x` and `grad` may
 // alias (in-place on an fp32 block). Entropy terms only when kEntropy.
-template <bool kEntropy, typename TIn, typename TOut>
-inline void softmax_grad_chunk(const TIn* x, TOut* grad, int64_t n, float inv_t, float lse, float mu,
-                               float g, float h) {
-  const Vec v_inv_t(inv_t), v_scale(inv_t * kLog2e), v_neg_lse(-lse * kLog2e), v_mu(mu), v_g(g), v_h(h);
-  const Vec v_neg_g_inv_t(-g * inv_t), v_lowest(kLowest);
+template <bool kEntropy, bool kExact, typename TIn, typename TOut>
+inline void softmax_grad_chunk_impl(const TIn* x, TOut* grad, int64_t n, float inv_t, float lse, float mu,
+                                    float g, float h) {
+  // p = exp(z - lse); kExact: with z = x / T rounded first (see kFusedRange)
+  const Vec v_inv_t(inv_t), v_log2e(kLog2e), v_lse(lse), v_mu(mu), v_g(g), v_h(h);
+  const Vec v_scale(inv_t * kLog2e), v_neg_lse(-lse * kLog2e);
+  // z - mu floored where p = 0 (z = -inf: a token that can never be produced): p > 0 needs z - lse > -87, so
+  // z - mu = (z - lse) + H > -87 there; a floor of -1e4 (not the lowest float) keeps h (z - mu) finite, which
+  // p * coef = 0 * inf would turn into NaN
+  const Vec v_neg_g_inv_t(-g * inv_t), v_lowest(-1e4f);
   int64_t i = 0;
   for (; i + kPair <= n; i += kPair) {
     Vec a, b;
     load_pair(x + i, a, b);
-    const Vec pa = exp2_approx_exact_zero(at::vec::fmadd(a, v_scale, v_neg_lse));  // p = exp(z - lse)
-    const Vec pb = exp2_approx_exact_zero(at::vec::fmadd(b, v_scale, v_neg_lse));
+    Vec za, zb, pa, pb;
+    if constexpr (kExact) {
+      za = scaled(a, v_inv_t), zb = scaled(b, v_inv_t);
+      pa = exp2_approx_exact_zero((za - v_lse) * v_log2e);  // p = exp(z - lse)
+      pb = exp2_approx_exact_zero((zb - v_lse) * v_log2e);
+    } else {
+      za = a * v_inv_t, zb = b * v_inv_t;
+      pa = exp2_approx_exact_zero(at::vec::fmadd(a, v_scale, v_neg_lse));
+      pb = exp2_approx_exact_zero(at::vec::fmadd(b, v_scale, v_neg_lse));
+    }
     if (kEntropy) {
-      const Vec coef_a = at::vec::fmadd(v_h, vmax(a * v_inv_t - v_mu, v_lowest), v_g);
-      const Vec coef_b = at::vec::fmadd(v_h, vmax(b * v_inv_t - v_mu, v_lowest), v_g);
+      const Vec coef_a = at::vec::fmadd(v_h, vmax(za - v_mu, v_lowest), v_g);
+      const Vec coef_b = at::vec::fmadd(v_h, vmax(zb - v_mu, v_lowest), v_g);
       store_pair(grad + i, Vec(0.f) - pa * coef_a * v_inv_t, Vec(0.f) - pb * coef_b * v_inv_t);
     } else {
       store_pair(grad + i, pa * v_neg_g_inv_t, pb * v_neg_g_inv_t);
     }
   }
   for (; i < n; ++i) {
-    const float z = static_cast<float>(x[i]) * inv_t;
+    const float z = scaled(static_cast<float>(x[i]), inv_t);
     const float p = std::exp(z - lse);
     const float coef = kEntropy && p > 0.f ? g + h * (z - mu) : g;
     grad[i] = static_cast<TOut>(-p * coef * inv_t);
+  }
+}
+
+template <bool kEntropy, typename TIn, typename TOut>
+inline void softmax_grad_chunk(const TIn* x, TOut* grad, int64_t n, float inv_t, float lse, float mu,
+                               float g, float h) {
+  if (std::abs(lse) <= kFusedRange) {
+    softmax_grad_chunk_impl<kEntropy, false>(x, grad, n, inv_t, lse, mu, g, h);
+  } else {
+    softmax_grad_chunk_impl<kEntropy, true>(x, grad, n, inv_t, lse, mu, g, h);
   }
 }
 
@@ -235,7 +307,7 @@ struct Accumulate<double> {
 // whole value before rounding keeps `p - 1` exact in bf16 (adding g/T to a rounded -p/T would not).
 template <typename Acc>
 inline Acc softmax_grad_at_target(Acc x_t, Acc inv_t, Acc lse, Acc mu, Acc g, Acc h) {
-  const Acc z = x_t * inv_t;
+  const Acc z = scaled(x_t, inv_t);
   const Acc p = std::exp(z - lse);
   const Acc entropy_term = (h != Acc(0) && p > Acc(0)) ? h * p * (z - mu) : Acc(0);
   return (g * (Acc(1) - p) - entropy_term) * inv_t;

@@ -30,7 +30,7 @@ void forward_rows(const T* base, const RowLayout& layout, int64_t n_rows, int64_
       for (int64_t c = 0; c < V; c += kChunk) stats.template update<kEntropy>(x + c, std::min(kChunk, V - c), inv_t);
       const Acc row_lse = stats.lse();
       lse[r] = row_lse;
-      logp[r] = static_cast<Acc>(x[t]) * inv_t - row_lse;
+      logp[r] = scaled(static_cast<Acc>(x[t]), inv_t) - row_lse;
       if (kEntropy) entropy[r] = stats.entropy();
     }
   });

@@ -19,33 +19,42 @@ Moments row_moments(const T* x, const M* mask, int64_t n) {
   const float shift = static_cast<float>(x[first]);
   const Vec s(shift);
   LaneSum sum, count;
+  Vec spread(0.f);  // max |x - shift|: sizes the scaling of the squares below
   int64_t t = 0;
   for (; t + kLanes <= n; t += kLanes) {
     const Vec m = mask_vec(mask + t);
-    sum.add((load_floats(x + t) - s) & m);
+    const Vec d = (load_floats(x + t) - s) & m;
+    sum.add(d);
+    spread = at::vec::maximum(spread, d.abs());
     count.add(ones_where(m));
   }
   if (t < n) {
     const Vec m = mask_vec(mask + t, n - t);
-    sum.add((load_floats(x + t, n - t) - s) & m);
+    const Vec d = (load_floats(x + t, n - t) - s) & m;
+    sum.add(d);
+    spread = at::vec::maximum(spread, d.abs());
     count.add(ones_where(m));
   }
   out.count = count.value();
   out.mean = shift + sum.value() / out.count;
-  // sum (x - c)^2 about the float-rounded mean c, corrected to M2 = sum (x - mean)^2 exactly
+  // sum (x - c)^2 about the float-rounded mean c, corrected to M2 = sum (x - mean)^2 exactly. The squares
+  // of deviations beyond 2^57 (inputs near 1e20) overflow fp32: they are taken of d 2^-k instead, k chosen
+  // so that |d| 2^-k < 2^58 (|x - c| <= 2 max |x - shift|) and a lane's kFlush squares stay finite.
+  const float widest = hmax(spread);
+  const int k = std::isfinite(widest) && widest > 0x1p56f ? std::ilogb(widest) - 56 : 0;
   const float center = static_cast<float>(out.mean);
-  const Vec c(center);
+  const Vec c(center), down(std::ldexp(1.f, -k));
   LaneSum squares;
   for (t = 0; t + kLanes <= n; t += kLanes) {
-    const Vec d = (load_floats(x + t) - c) & mask_vec(mask + t);
+    const Vec d = ((load_floats(x + t) - c) & mask_vec(mask + t)) * down;
     squares.add(d * d);
   }
   if (t < n) {
-    const Vec d = (load_floats(x + t, n - t) - c) & mask_vec(mask + t, n - t);
+    const Vec d = ((load_floats(x + t, n - t) - c) & mask_vec(mask + t, n - t)) * down;
     squares.add(d * d);
   }
   const double offset = out.mean - center;
-  out.m2 = std::max(0.0, squares.value() - out.count * offset * offset);
+  out.m2 = std::max(0.0, std::ldexp(squares.value(), 2 * k) - out.count * offset * offset);
   return out;
 }
 
