@@ -110,9 +110,10 @@ def test_gpu_script_acceptance_dry_run(tmp_path):
                          text=True, env={**os.environ, "OUT": str(out_dir), "PYTHON": sys.executable})
     assert run.returncode == 0, run.stderr
     out = run.stdout
-    for expected in ("CAI_KERNELS_CAPABILITIES=avx512 ", "timeout -s INT -k 10 150", "tests/test_launches.py",
+    for expected in ("CAI_KERNELS_CAPABILITIES=avx512 ", "timeout -s INT -k 10 110", "tests/test_launches.py",
                      "tests/test_cuda_graphs.py", "tests/test_func_transforms.py", "-m quick --benchmark-only",
                      "--benchmark-json=benchmarks/results/DEVICE-DATE-acceptance.json",
-                     "-m benchmarks.report benchmarks/results/DEVICE-DATE-acceptance.json"):
+                     "-m benchmarks.report benchmarks/results/DEVICE-DATE-acceptance.json",
+                     "-m benchmarks.linear_head_gpu", "-m benchmarks.token_logprobs_gpu", "--rows 4096 8192"):
         assert expected in out, (expected, out)
     assert not any(out_dir.rglob("*")), list(out_dir.rglob("*"))
