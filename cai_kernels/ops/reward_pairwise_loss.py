@@ -15,6 +15,7 @@ from .._validation import check_head, check_hidden_and_mask, check_per_row_arg, 
 from ._kernel_op import traced
 from ..reference.reward_pairwise_loss import reward_pairwise_loss as reference
 from .last_token_rewards import check_real_tokens_reference, sequence_rewards
+from ._layout import no_tensor
 from .pairwise_loss import pair_losses
 
 
@@ -62,7 +63,7 @@ def reward_pairwise_loss(chosen_hidden: torch.Tensor, chosen_mask: torch.Tensor,
             check_probability_values("soft_labels", soft_labels.detach().expand(shape))
         return reference(chosen_hidden, chosen_mask, rejected_hidden, rejected_mask, head_weight, head_bias,
                          soft_labels=soft_labels, margin=margin)
-    all_active = chosen_mask.new_empty(0, dtype=torch.bool)
+    all_active = no_tensor(chosen_mask, torch.bool)
     chosen_rewards = sequence_rewards(chosen_hidden.unsqueeze(1), chosen_mask.unsqueeze(1), all_active, head_weight,
                                       head_bias, "chosen_mask", selected)
     rejected_rewards = sequence_rewards(rejected_hidden.unsqueeze(1), rejected_mask.unsqueeze(1), all_active,
