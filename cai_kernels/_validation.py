@@ -210,6 +210,9 @@ def check_positive_float(name: str, value) -> float:
 def check_number(name: str, value, *, low: float | None = None, high: float | None = None,
                  low_open: bool = False) -> float:
     """A finite real number in [low, high] (``low_open``: (low, high])."""
+    if type(value) is float and -math.inf < value < math.inf and (
+            low is None or (value > low if low_open else value >= low)) and (high is None or value <= high):
+        return value  # the passing case for a plain float in a few comparisons
     _check_real(name, value)
     if not isinstance(value, (float, torch.SymFloat)):
         value = float(value)

@@ -92,7 +92,7 @@ KERNEL_MASK_DTYPES = (torch.bool, torch.uint8, torch.int32, torch.int64, torch.f
 
 def unit_stride_rows(x: torch.Tensor) -> torch.Tensor:
     """``x`` (B, T) with stride 1 along T: itself when it has it (any row stride), else a copy."""
-    if x.size(1) > 1 and x.stride(1) != 1:
+    if x.stride(1) != 1 and x.size(1) > 1:  # the stride first: one call when it is 1
         return x.contiguous()
     return x
 
