@@ -140,6 +140,21 @@ def test_non_contiguous_and_other_shapes(backend, view):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layouts", ["contiguous_and_permuted", "permuted_and_contiguous", "row_and_column_major"])
+def test_inputs_of_different_layouts(backend, layouts):
+    """Each input collapses to its own (outer, inner, T) view: a contiguous (2, 3, T) tensor to (1, 6, T), a
+    permuted one (its leading strides do not merge) to (2, 3, T); the kernels index both with one row layout."""
+    contiguous = logprobs(6, 40).reshape(2, 3, 40)
+    permuted = logprobs(6, 40).reshape(3, 2, 40).transpose(0, 1)
+    if layouts == "contiguous_and_permuted":
+        check(contiguous, permuted, backend, "k3")
+    elif layouts == "permuted_and_contiguous":
+        check(permuted, contiguous, backend, "k3")
+    else:
+        check(logprobs(5, 41), logprobs(41, 5).t(), backend, "k3")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("T", [1, 2, 7, 8, 9, 15, 16, 17, 1025])
 def test_odd_lengths(backend, T):
     check(logprobs(3, T), logprobs(3, T), backend, "k2")

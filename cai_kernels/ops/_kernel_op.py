@@ -39,6 +39,7 @@ from .. import _registry
 from .._params import schema
 
 _functorch = torch._C._functorch
+_unwrap_if_dead = _functorch.unwrap_if_dead
 
 
 def traced() -> bool:
@@ -113,7 +114,10 @@ class KernelOp:
         if self._autograd is not None and torch.is_grad_enabled():
             for arg in args:
                 if arg is not None and arg.requires_grad:
-                    return self._autograd.apply(*args, params, backend)
+                    # Function.apply without its Python prologue (~3 us): with no functorch transform active and
+                    # no setup_context staticmethod it unwraps dead functorch wrappers and calls the C++ apply
+                    args = tuple(_unwrap_if_dead(a) if isinstance(a, torch.Tensor) else a for a in args)
+                    return self._autograd_apply(*args, params, backend)
         return self.run(*args, params=params, backend=backend)
 
     # ---- registration ------------------------------------------------------------------------------
@@ -141,6 +145,7 @@ class KernelOp:
 
         self.custom_op.register_autograd(flat_backward, setup_context=flat_setup_context)
         self._autograd = _autograd_function(self, backward, setup_context)
+        self._autograd_apply = super(torch.autograd.Function, self._autograd).apply  # torch._C._FunctionBase's
         self._transformable = _transformable_function(self, backward, setup_context)
 
 
@@ -179,7 +184,13 @@ def _autograd_function(kernel_op: KernelOp, backward, setup_context) -> type:
         return output
 
     @once_differentiable
+    def backward_once(ctx, *grads):
+        return (*backward(ctx, *grads), None, None)
+
     def backward_(ctx, *grads):
+        if torch.is_grad_enabled():  # create_graph=True: once_differentiable's guard against a double backward
+            return backward_once(ctx, *grads)
+        # what once_differentiable does with grad mode off (a plain backward), without its no_grad context
         return (*backward(ctx, *grads), None, None)
 
     return type(f"{kernel_op.name}_autograd", (torch.autograd.Function,),

@@ -40,6 +40,15 @@ def rows_view(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def kernel_rows(x: torch.Tensor, backend: str) -> torch.Tensor:
+    """``rows_view(x)``, or ``x`` itself where the Triton launchers take it as it is: a non-empty (rows, V) tensor
+    with a unit stride along V (``triton/_launch.py:row_layout`` reads it as (1, rows, V)). No view on the host,
+    and none in the autograd graph (a view node costs ~5 us forward + backward); the C++ kernels take 3-D views."""
+    if backend == "triton" and x.dim() == 2 and (x.stride(1) == 1 or x.size(1) <= 1) and x.numel():
+        return x
+    return rows_view(x)
+
+
 def flat(x: torch.Tensor) -> torch.Tensor:
     """``x`` as a contiguous 1-D tensor (itself when it already is one: no dispatcher call)."""
     if x.dim() == 1 and x.is_contiguous():
@@ -83,7 +92,7 @@ KERNEL_MASK_DTYPES = (torch.bool, torch.uint8, torch.int32, torch.int64, torch.f
 
 def unit_stride_rows(x: torch.Tensor) -> torch.Tensor:
     """``x`` (B, T) with stride 1 along T: itself when it has it (any row stride), else a copy."""
-    if x.size(1) > 1 and x.stride(1) != 1:
+    if x.stride(1) != 1 and x.size(1) > 1:  # the stride first: one call when it is 1
         return x.contiguous()
     return x
 
@@ -100,6 +109,25 @@ def as_rows(*tensors: torch.Tensor) -> list[torch.Tensor]:
     dtype = common_dtype(*tensors)
     # `.to` is skipped when it would be a no-op: each call is a dispatcher round trip (~5 us)
     return [unit_stride_rows(t if t.dtype == dtype else t.to(dtype)) for t in tensors]
+
+
+_NO_TENSOR: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def no_tensor(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An empty (0,) tensor of ``dtype`` on ``like``'s device: the kernels' "no such tensor" argument (no bias,
+    no per-pair labels). One per (device, dtype), as it holds no data and nothing writes it (an allocation's
+    ~1.5 us a call saved); a fresh one while tracing, under a dispatch mode or a torch.func transform (those
+    tensors belong to the trace / transform) and in inference mode (an inference tensor cannot be saved for a
+    later backward)."""
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or torch._C._are_functorch_transforms_active() or torch.is_inference_mode_enabled()):
+        return like.new_empty(0, dtype=dtype)
+    key = (like.device, dtype)
+    found = _NO_TENSOR.get(key)
+    if found is None:
+        found = _NO_TENSOR[key] = like.new_empty(0, dtype=dtype)
+    return found
 
 
 def detached(x: torch.Tensor) -> torch.Tensor:
@@ -123,6 +151,14 @@ def pack_per_row(value, default: float, shape: torch.Size, acc: torch.dtype, emp
 def pack_head(head_weight: torch.Tensor, head_bias: torch.Tensor | None, acc: torch.dtype):
     """(weight (H,), bias (1,) or empty), contiguous in ``acc``; differentiable (the casts' backward maps the
     fp32 gradients back to the parameters' dtypes)."""
-    weight = head_weight.reshape(-1).to(acc).contiguous()
-    bias = head_weight.new_empty(0, dtype=acc) if head_bias is None else head_bias.reshape(1).to(acc)
-    return weight, bias
+    # each step only where it changes something: a reshape of a (H,) weight is a view (~1.5 us, and a view
+    # node in the autograd graph), `.to` / `.contiguous` no-ops still cost a call
+    weight = head_weight if head_weight.dim() == 1 else head_weight.reshape(-1)
+    if weight.dtype != acc:
+        weight = weight.to(acc)
+    if not weight.is_contiguous():
+        weight = weight.contiguous()
+    if head_bias is None:
+        return weight, no_tensor(head_weight, acc)
+    bias = head_bias if head_bias.dim() == 1 else head_bias.reshape(1)
+    return weight, bias if bias.dtype == acc else bias.to(acc)

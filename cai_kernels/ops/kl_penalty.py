@@ -15,7 +15,7 @@ from .._validation import accumulate_dtype, check_bounds, check_choice, check_fl
     common_dtype
 from ..reference.kl_penalty import kl_penalty as reference
 from ._kernel_op import KernelOp
-from ._layout import rows_view, vmap_rows
+from ._layout import kernel_rows, rows_view, vmap_rows
 
 
 def _vmap(in_dims, logprobs, ref_logprobs, *, params, backend):
@@ -34,15 +34,19 @@ _backward = KernelOp("kl_penalty_backward", op="kl_penalty", kernel="kl_penalty_
                      args="Tensor grad, Tensor logprobs, Tensor ref_logprobs", params=KlPenaltyParams, returns="Tensor")
 
 
+def _rows(x: torch.Tensor):
+    """Rows of an (outer, inner, T) view or of a (rows, T) tensor (what ``kernel_rows`` passes the Triton backend)."""
+    return x.size(0) if x.dim() == 2 else x.size(0) * x.size(1)
+
+
 @_forward.register_fake
 def _(logprobs, ref_logprobs, params):
-    return logprobs.new_empty(logprobs.size(0) * logprobs.size(1), logprobs.size(2),
-                              dtype=accumulate_dtype(logprobs.dtype))
+    return logprobs.new_empty(_rows(logprobs), logprobs.size(-1), dtype=accumulate_dtype(logprobs.dtype))
 
 
 @_backward.register_fake
 def _(grad, logprobs, ref_logprobs, params):
-    return logprobs.new_empty(logprobs.size(0) * logprobs.size(1), logprobs.size(2))
+    return logprobs.new_empty(_rows(logprobs), logprobs.size(-1))
 
 
 def _setup_context(ctx, args, params, backend, output):
@@ -55,7 +59,8 @@ def _backward_formula(ctx, grad):
     if grad is None:
         return None, None
     grad_log_ratio = _backward(grad.contiguous(), logprobs, ref_logprobs, params=ctx.params, backend=ctx.backend)
-    grad_log_ratio = grad_log_ratio.view(logprobs.shape)
+    if logprobs.dim() != 2:  # (rows, T) from the kernel; a (rows, T) input needs no view
+        grad_log_ratio = grad_log_ratio.view(logprobs.shape)
     grad_ref = -grad_log_ratio if ctx.needs_input_grad[1] else None
     return grad_log_ratio, grad_ref
 
@@ -110,6 +115,13 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
         logprobs_, ref_ = logprobs.to(dtype), ref_logprobs.to(dtype)
     else:
         logprobs_, ref_ = logprobs, ref_logprobs
-    out = _forward(rows_view(logprobs_), rows_view(ref_), params=KlPenaltyParams(kind, lo, hi, out_lo, out_hi),
-                   backend=chosen)
+    lp_rows, ref_rows = kernel_rows(logprobs_, chosen), kernel_rows(ref_, chosen)
+    if lp_rows.shape != ref_rows.shape:
+        # differently strided inputs took different forms: a (rows, T) tensor as it is and a copied one as
+        # (1, rows, T); a contiguous (B, K, T) collapsed to (1, B*K, T) and a permuted one kept as (B, K, T).
+        # The kernels index both with one row layout, and both gradients take one shape: one form for both
+        lp_rows, ref_rows = rows_view(logprobs_), rows_view(ref_)
+        if lp_rows.shape != ref_rows.shape:
+            lp_rows, ref_rows = rows_view(logprobs_.contiguous()), rows_view(ref_.contiguous())
+    out = _forward(lp_rows, ref_rows, params=KlPenaltyParams(kind, lo, hi, out_lo, out_hi), backend=chosen)
     return out if logprobs.dim() == 2 else out.view(logprobs.shape)

@@ -20,7 +20,7 @@ from .._validation import accumulate_dtype, check_head, check_hidden_and_mask, c
 from ..reference.last_token_rewards import last_token_index
 from ..reference.last_token_rewards import last_token_rewards as reference
 from ._kernel_op import KernelOp, traced
-from ._layout import pack_head
+from ._layout import no_tensor, pack_head
 
 _forward = KernelOp("last_token_rewards", op="last_token_rewards", kernel="last_token_rewards_fwd",
                     args="Tensor hidden, Tensor mask, Tensor active, Tensor weight, Tensor bias",
@@ -114,6 +114,7 @@ def last_token_rewards(hidden: torch.Tensor, mask: torch.Tensor, head_weight: to
         check_real_tokens_reference("mask", mask)
         return reference(hidden, mask, head_weight, head_bias)
     hidden4d, mask3d = (hidden, mask) if hidden.dim() == 4 else (hidden.unsqueeze(1), mask.unsqueeze(1))
-    rewards = sequence_rewards(hidden4d, mask3d, mask.new_empty(0, dtype=torch.bool), head_weight, head_bias,
+    rewards = sequence_rewards(hidden4d, mask3d, no_tensor(mask, torch.bool), head_weight, head_bias,
                                "mask", selected)
-    return rewards.view(hidden.shape[:-2])
+    # (B*K,) -> (B, K); (B,) stays as it is (a view of the same shape would only add an autograd node)
+    return rewards if hidden.dim() == 3 else rewards.view(hidden.shape[:-2])

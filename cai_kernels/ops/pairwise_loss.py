@@ -16,7 +16,7 @@ from .._validation import (accumulate_dtype, check_float_tensor, check_per_row_a
                            check_reduction, check_same_device, check_shape, host_data_checks)
 from ..reference.pairwise_loss import pairwise_loss as reference
 from ._kernel_op import KernelOp, traced
-from ._layout import flat, pack_per_row
+from ._layout import flat, no_tensor, pack_per_row
 
 _forward = KernelOp("pairwise_loss", op="pairwise_loss", kernel="pairwise_loss_fwd",
                     args="Tensor chosen, Tensor rejected, Tensor labels, Tensor margin", params=PairwiseLossParams,
@@ -64,7 +64,7 @@ def pair_losses(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, so
     ``host_data_checks`` says so (the C++ kernels check as they read); on a GPU a pair whose label is outside
     gives a NaN loss (the Triton kernels check on the device)."""
     acc = accumulate_dtype(chosen_rewards.dtype)
-    empty = chosen_rewards.new_empty(0, dtype=acc)  # "no per-pair tensor", for labels and margins alike
+    empty = no_tensor(chosen_rewards, acc)  # "no per-pair tensor", for labels and margins alike
     labels, label_value = pack_per_row(soft_labels, 1.0, shape, acc, empty)
     margins, margin_value = pack_per_row(margin, 0.0, shape, acc, empty)
     if backend != "cpu" and labels.numel() and host_data_checks(labels.device):

@@ -17,6 +17,7 @@ from .._validation import (accumulate_dtype, check_float_tensor, check_num_valid
                            check_reduction, host_data_checks)
 from ..reference.ranked_pairwise_loss import ranked_pairwise_loss as reference
 from ._kernel_op import KernelOp, traced
+from ._layout import no_tensor
 
 # no parameter bundle: the op's only non-tensor argument, the reduction over rows, is plain PyTorch here
 _forward = KernelOp("ranked_pairwise_loss", op="ranked_pairwise_loss", kernel="ranked_pairwise_loss_fwd",
@@ -111,7 +112,7 @@ def ranked_loss_rows(rewards: torch.Tensor, num_valid: torch.Tensor | None, back
 
 def _counts(rewards: torch.Tensor, num_valid: torch.Tensor | None) -> torch.Tensor:
     if num_valid is None:
-        return rewards.new_empty(0, dtype=torch.int64)
+        return no_tensor(rewards, torch.int64)
     return num_valid if num_valid.dtype == torch.int64 and num_valid.is_contiguous() else \
         num_valid.to(torch.int64).contiguous()
 

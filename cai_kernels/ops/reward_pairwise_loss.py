@@ -16,6 +16,7 @@ from .._validation import (accumulate_dtype, check_head, check_hidden_and_mask, 
 from ._kernel_op import traced
 from ..reference.reward_pairwise_loss import reward_pairwise_loss as reference
 from .last_token_rewards import check_real_tokens_reference, sequence_rewards
+from ._layout import no_tensor
 from .pairwise_loss import pair_losses
 
 
@@ -63,7 +64,7 @@ def reward_pairwise_loss(chosen_hidden: torch.Tensor, chosen_mask: torch.Tensor,
             check_probability_values("soft_labels", soft_labels.detach().expand(shape))
         return reference(chosen_hidden, chosen_mask, rejected_hidden, rejected_mask, head_weight, head_bias,
                          soft_labels=soft_labels, margin=margin)
-    all_active = chosen_mask.new_empty(0, dtype=torch.bool)
+    all_active = no_tensor(chosen_mask, torch.bool)
     # the head cast to fp32 once: its gradients from both sides add in fp32 and round once to its dtype
     acc = accumulate_dtype(chosen_hidden.dtype)
     head_weight, head_bias = head_weight.to(acc), None if head_bias is None else head_bias.to(acc)

@@ -12,6 +12,7 @@ from .. import _registry
 from .._validation import check_head, check_hidden_and_mask, check_num_valid, check_num_valid_values, host_data_checks
 from ..reference.reward_ranked_loss import reward_ranked_loss as reference
 from .last_token_rewards import check_real_tokens_reference, sequence_rewards
+from ._layout import no_tensor
 from .ranked_pairwise_loss import ranked_loss
 
 
@@ -44,7 +45,7 @@ def reward_ranked_loss(hidden: torch.Tensor, mask: torch.Tensor, head_weight: to
     if selected == "reference":
         check_real_tokens_reference("mask", mask, active)
         return reference(hidden, mask, head_weight, head_bias, num_valid=num_valid)
-    active = mask.new_empty(0, dtype=torch.bool) if active is None else active.reshape(-1)
+    active = no_tensor(mask, torch.bool) if active is None else active.reshape(-1)
     rewards = sequence_rewards(hidden, mask, active, head_weight, head_bias, "mask", selected).view(batch, K)
     loss = ranked_loss(rewards, num_valid, "mean", selected)
     return loss, rewards

@@ -16,7 +16,7 @@ from .._validation import (accumulate_dtype, check_flag, check_float_tensor, che
                            check_same_device, check_targets, check_targets_in_range, host_data_checks)
 from ..reference.token_logprobs import token_logprobs as reference
 from ._kernel_op import KernelOp, traced
-from ._layout import flat, rows_view, vmap_rows
+from ._layout import flat, kernel_rows, rows_view, vmap_rows
 
 
 def _vmap(in_dims, logits, targets, *, params, backend):
@@ -116,7 +116,7 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: 
     if chosen != "cpu" and host_data_checks(logits.device):  # the C++ kernels check as they read
         check_targets_in_range("targets", targets, logits.size(-1), ignore_index)
     params = TokenLogprobsParams(temperature, ignore_index, return_entropy)
-    logp, entropy, _ = _forward(rows_view(logits), flat(targets), params=params, backend=chosen)
+    logp, entropy, _ = _forward(kernel_rows(logits, chosen), flat(targets), params=params, backend=chosen)
     if targets.dim() != 1:
         logp = logp.view(targets.shape)
         if return_entropy:

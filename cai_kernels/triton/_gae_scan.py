@@ -11,6 +11,8 @@ nv_t is the scan of the elements shifted by one step (loaded at t + 1), so both 
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 import triton
 import triton.language as tl
@@ -91,7 +93,16 @@ def scan_blocks(T: int) -> tuple[int, int]:
     return SCAN_BLOCK_B, min(block_t, next_pow2(max(T, 2)))
 
 
+_FP32 = struct.Struct("f")
+
+
 def halves(x: float) -> tuple[float, float]:
-    """x as fp32 hi + fp32 lo (see ``scalar``)."""
-    hi = float(np.float32(x))
-    return hi, float(np.float32(x - hi))
+    """x as fp32 hi + fp32 lo (see ``scalar``). The round trip through struct's "f" rounds as the C cast does,
+    as np.float32 (~0.5 us a call less); it refuses only what rounds to inf: numpy then gives the inf."""
+    pack, unpack = _FP32.pack, _FP32.unpack
+    try:
+        hi = unpack(pack(x))[0]
+        return hi, unpack(pack(x - hi))[0]
+    except OverflowError:
+        hi = float(np.float32(x))
+        return hi, float(np.float32(x - hi))

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ._gae_scan import halves, scalar
-from ._launch import as_kernel_mask, pow2_block
+from ._launch import as_kernel_mask, split_blocks
 
 MERGE_BLOCK = 256         # rows' moments per step of the merge
 PROGRAMS_PER_SM = 4
@@ -123,8 +123,7 @@ def whiten_rows(x: torch.Tensor, mask: torch.Tensor, out: torch.Tensor, stats: t
     may be x): one launch."""
     B, T = x.shape
     if B and T:
-        block = pow2_block(T, 1024)
-        col_blocks = -(-T // block)
+        block, col_blocks = split_blocks(T, 1024)
         programs = min(B * col_blocks, _programs_cap(x.device))
         whiten_kernel[(programs,)](x, as_kernel_mask(mask), out, stats, B, T, x.stride(0), mask.stride(0), col_blocks,
                                    *halves(eps), SHIFT_MEAN=shift_mean, UNBIASED=unbiased, BLOCK_T=block,

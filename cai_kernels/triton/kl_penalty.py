@@ -13,7 +13,7 @@ import triton.language as tl
 from .._params import KlPenaltyParams
 from .._validation import accumulate_dtype
 from ._kl_math import K1, K2, K3, clamp_nan, exp_minus_1_minus_x, kl_bounds, kl_forward, kl_value
-from ._launch import cdiv, pow2_block
+from ._launch import row_layout, split_blocks
 
 
 @triton.jit
@@ -55,20 +55,24 @@ def kl_penalty_kernel(
 
 
 def _launch(logprobs, ref_logprobs, grad, out, params: KlPenaltyParams, backward: bool):
-    rows, T = logprobs.size(0) * logprobs.size(1), logprobs.size(2)
+    rows, inner, lp_outer, lp_inner, T = row_layout(logprobs)
     if rows and T:
-        block = pow2_block(T, 1024)
-        col_blocks = cdiv(T, block)
+        _, _, ref_outer, ref_inner, _ = row_layout(ref_logprobs)
+        block, col_blocks = split_blocks(T, 1024)
         kl_penalty_kernel[(rows * col_blocks,)](
-            logprobs, ref_logprobs, grad, out, logprobs.size(1), logprobs.stride(0), logprobs.stride(1),
-            ref_logprobs.stride(0), ref_logprobs.stride(1), T, col_blocks, *kl_bounds(params),
-            ESTIMATOR=int(params.estimator), BACKWARD=backward, BLOCK_T=block)
+            logprobs, ref_logprobs, grad, out, inner, lp_outer, lp_inner, ref_outer, ref_inner, T, col_blocks,
+            *kl_bounds(params), ESTIMATOR=int(params.estimator), BACKWARD=backward, BLOCK_T=block)
     return out
 
 
+def _rows(x: torch.Tensor) -> int:
+    return x.size(0) if x.dim() == 2 else x.size(0) * x.size(1)
+
+
 def kl_penalty_fwd(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, params: KlPenaltyParams) -> torch.Tensor:
-    """Same contract as the C++ kernel: (outer, inner, T) views in, the (rows, T) estimate out, fp32 (fp64)."""
-    out = torch.empty(logprobs.size(0) * logprobs.size(1), logprobs.size(2), dtype=accumulate_dtype(logprobs.dtype),
+    """Same contract as the C++ kernel: (outer, inner, T) views in (here also (rows, T) tensors with a unit
+    stride along T: ``row_layout``), the (rows, T) estimate out, fp32 (fp64)."""
+    out = torch.empty(_rows(logprobs), logprobs.size(-1), dtype=accumulate_dtype(logprobs.dtype),
                       device=logprobs.device)
     return _launch(logprobs, ref_logprobs, out, out, params, False)
 
@@ -76,8 +80,7 @@ def kl_penalty_fwd(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, params: K
 def kl_penalty_bwd(grad: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
                    params: KlPenaltyParams) -> torch.Tensor:
     """Same contract as the C++ kernel: d loss / d r, (rows, T) in the inputs' dtype."""
-    out = torch.empty(logprobs.size(0) * logprobs.size(1), logprobs.size(2), dtype=logprobs.dtype,
-                      device=logprobs.device)
+    out = torch.empty(_rows(logprobs), logprobs.size(-1), dtype=logprobs.dtype, device=logprobs.device)
     return _launch(logprobs, ref_logprobs, grad, out, params, True)
 
 

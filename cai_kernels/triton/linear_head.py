@@ -95,6 +95,7 @@ import triton
 import triton.language as tl
 
 from .._validation import accumulate_dtype
+from ._launch import cdiv  # not triton.cdiv on the host: its constexpr wrapper costs ~2 us a call
 from ._online_lse import targets_of_rows
 
 LOG2E = 1.4426950408889634
@@ -612,10 +613,10 @@ def _split(value: float) -> tuple[float, float]:
 def _pieces(problem: _Problem) -> int:
     """Vocabulary pieces per token tile: about WAVES programs per SM, at most one per vocabulary tile."""
     blocks = problem.config.fwd
-    vocab_tiles = triton.cdiv(problem.vocab, blocks.block_n)
+    vocab_tiles = cdiv(problem.vocab, blocks.block_n)
     if problem.config.pieces is not None:
         return max(1, min(problem.config.pieces, vocab_tiles))
-    token_tiles = triton.cdiv(problem.rows, blocks.block_m)
+    token_tiles = cdiv(problem.rows, blocks.block_m)
     sms = _num_sms(problem.x.device.index or 0) if problem.x.is_cuda else 1
     return max(1, min(vocab_tiles, (WAVES * sms) // token_tiles))
 
@@ -644,7 +645,7 @@ def linear_token_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: 
     scale = _split(inv_temperature * LOG2E)
     partials = torch.empty((3 if with_entropy else 2, pieces, N), dtype=acc, device=device)
     bias_arg = weight if bias is None else bias  # any pointer: not read without HAS_BIAS
-    grid = (triton.cdiv(N, fwd.block_m) * pieces,)
+    grid = (cdiv(N, fwd.block_m) * pieces,)
     linear_head_fwd_kernel[grid](
         x, weight, bias_arg, partials,
         N, V, H, *problem.x_layout, weight.stride(0), weight.stride(1),
@@ -656,7 +657,7 @@ def linear_token_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: 
         num_warps=fwd.num_warps, num_stages=fwd.num_stages,
     )
     rows_per_program = problem.config.merge_rows
-    linear_head_merge_kernel[(triton.cdiv(N, rows_per_program),)](
+    linear_head_merge_kernel[(cdiv(N, rows_per_program),)](
         partials, x, weight, bias_arg, targets, logp, entropy if with_entropy else lse, lse,
         N, H, V, *problem.x_layout, weight.stride(0), weight.stride(1),
         pieces, *scale, ignore_index,
@@ -681,7 +682,7 @@ def vocab_chunk(problem_rows: int, hidden_size: int, vocab: int, dtype: torch.dt
     budget = config.memory_fraction * problem_rows * vocab * 2 - lo_bytes - copy_bytes
     columns = int(budget // max(1, problem_rows * element))
     columns = max(columns // step * step, 8 * step)
-    return min(columns, triton.cdiv(vocab, step) * step)
+    return min(columns, cdiv(vocab, step) * step)
 
 
 def linear_token_logprobs_bwd(grad_logp: torch.Tensor, grad_entropy: torch.Tensor, hidden: torch.Tensor,
@@ -715,16 +716,16 @@ def linear_token_logprobs_bwd(grad_logp: torch.Tensor, grad_entropy: torch.Tenso
     scale = _split(inv_temperature * LOG2E)
     dl, gr = cfg.dlogits, cfg.grad
     # whole grad tiles of columns: the grad-W programs read a tile's padding instead of clamping indices
-    scratch = torch.empty((N, triton.cdiv(chunk, gr.block_m) * gr.block_m), dtype=dtype, device=device)
-    token_tiles = triton.cdiv(N, dl.block_m)
+    scratch = torch.empty((N, cdiv(chunk, gr.block_m) * gr.block_m), dtype=dtype, device=device)
+    token_tiles = cdiv(N, dl.block_m)
     bias_part = torch.empty((token_tiles, chunk) if need_bias else (0,), dtype=acc, device=device)
     has_lo = need_hidden and dtype in (torch.bfloat16, torch.float16)
     grad_hidden_lo = torch.empty((N, H), dtype=dtype, device=device) if has_lo else None
-    h_tiles = triton.cdiv(H, gr.block_n)
+    h_tiles = cdiv(H, gr.block_n)
     bias_arg = weight if bias is None else bias
     for chunk_index, vocab_start in enumerate(range(0, V, chunk)):
         width = min(chunk, V - vocab_start)
-        linear_head_dlogits_kernel[(token_tiles * triton.cdiv(width, dl.block_n),)](
+        linear_head_dlogits_kernel[(token_tiles * cdiv(width, dl.block_n),)](
             x, weight, bias_arg, targets, grad_logp, grad_entropy if with_entropy else grad_logp, lse,
             entropy if with_entropy else lse, scratch, bias_part if need_bias else scratch,
             N, V, H, vocab_start, width, *problem.x_layout, weight.stride(0), weight.stride(1),
@@ -737,8 +738,8 @@ def linear_token_logprobs_bwd(grad_logp: torch.Tensor, grad_entropy: torch.Tenso
         )
         if need_bias:
             torch.sum(bias_part[:, :width], dim=0, out=grad_bias[vocab_start:vocab_start + width])
-        weight_tiles = triton.cdiv(width, gr.block_m) * h_tiles if need_weight else 0
-        hidden_tiles = triton.cdiv(N, gr.block_m) * h_tiles if need_hidden else 0
+        weight_tiles = cdiv(width, gr.block_m) * h_tiles if need_weight else 0
+        hidden_tiles = cdiv(N, gr.block_m) * h_tiles if need_hidden else 0
         if weight_tiles + hidden_tiles == 0:
             continue
         gx = grad_hidden if need_hidden else scratch

@@ -60,7 +60,7 @@ import triton.language as tl
 
 from .._params import TokenLogprobsParams
 from .._validation import accumulate_dtype
-from ._launch import pow2_block
+from ._launch import cdiv, pow2_block, row_layout
 from ._online_lse import (grad_row_scalars, ignore_args, logits_grad, merge_lse_partials, num_warps,
                           online_lse_step, targets_of_rows)
 
@@ -270,7 +270,7 @@ def split_pieces(rows: int, V: int, block: int, element_size: int, sms: int, *, 
     blocks / MIN_BLOCKS_PER_PIECE) with the least modeled time, the fewest on a tie, and 1 unless that
     saves at least MIN_SPLIT_GAIN of the unsplit time. FORCE_PIECES (tests, benchmarks) when set,
     capped at the row's block count and MAX_PIECES."""
-    blocks = triton.cdiv(V, block)
+    blocks = cdiv(V, block)  # not triton.cdiv: its constexpr wrapper costs ~2 us on the host
     if FORCE_PIECES is not None:
         return max(1, min(FORCE_PIECES, blocks, MAX_PIECES))
     most = min(blocks // MIN_BLOCKS_PER_PIECE, MAX_PIECES)
@@ -293,11 +293,12 @@ def merge_blocks(pieces: int) -> tuple[int, int, int]:
 
 def token_logprobs_fwd(logits: torch.Tensor, targets: torch.Tensor, params: TokenLogprobsParams):
     """Same contract as the C++ kernel (csrc/cpu/token_logprobs.cpp): logits (outer, inner, V) with
-    stride(2) == 1, targets (rows,) int64, each in [0, V) or ignore_index: checked on the device, a NaN
+    stride(2) == 1 (here also (rows, V) with a unit stride along V: ``row_layout``), targets (rows,) int64, each in [0, V) or ignore_index: checked on the device, a NaN
     log-prob for a target outside (the C++ kernel raises ValueError; the ops layer checks CPU tensors).
     Returns (logp, entropy, lse), each (rows,) fp32 (fp64 for fp64 logits); entropy empty without
     params.with_entropy."""
-    n_rows, V = targets.numel(), logits.size(2)
+    n_rows = targets.numel()
+    _, inner, stride_outer, stride_inner, V = row_layout(logits)
     acc = accumulate_dtype(logits.dtype)
     device = logits.device
     logp = torch.empty(n_rows, dtype=acc, device=device)
@@ -309,7 +310,7 @@ def token_logprobs_fwd(logits: torch.Tensor, targets: torch.Tensor, params: Toke
     pieces = split_pieces(n_rows, V, block, logits.element_size(), sm_count(device))
     ignore_index, has_ignore = ignore_args(params.ignore_index)
     with_entropy = params.with_entropy
-    layout = (logits.size(1), logits.stride(0), logits.stride(1))
+    layout = (inner, stride_outer, stride_inner)
     # (m, s[, w]) per (piece, row); unsplit: any pointer (not read)
     partials = torch.empty((3 if with_entropy else 2, pieces, n_rows), dtype=acc, device=device) if pieces > 1 else lse
     token_logprobs_fwd_kernel[(n_rows * pieces,)](
@@ -321,7 +322,7 @@ def token_logprobs_fwd(logits: torch.Tensor, targets: torch.Tensor, params: Toke
     )
     if pieces > 1:
         block_p, block_r, warps = merge_blocks(pieces)
-        token_logprobs_merge_kernel[(triton.cdiv(n_rows, block_r),)](
+        token_logprobs_merge_kernel[(cdiv(n_rows, block_r),)](
             partials, logits, targets, logp, entropy, lse,
             n_rows, *layout, V, pieces,
             1.0 / params.temperature, ignore_index,
@@ -335,8 +336,9 @@ def token_logprobs_bwd(grad_logp: torch.Tensor, grad_entropy: torch.Tensor, logi
                        params: TokenLogprobsParams) -> torch.Tensor:
     """Same contract as the C++ kernel: the (outer, inner, V) gradient, in the logits' dtype; the entropy
     term only with params.with_entropy."""
-    n_rows, V = targets.numel(), logits.size(2)
-    grad = torch.empty((logits.size(0), logits.size(1), V), dtype=logits.dtype, device=logits.device)
+    n_rows = targets.numel()
+    _, inner, stride_outer, stride_inner, V = row_layout(logits)
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     with_entropy = params.with_entropy
     if n_rows:
         block = block_v(V)
@@ -345,7 +347,7 @@ def token_logprobs_bwd(grad_logp: torch.Tensor, grad_entropy: torch.Tensor, logi
         token_logprobs_bwd_kernel[(n_rows * pieces,)](
             grad_logp, grad_entropy if with_entropy else grad_logp, logits, targets, lse,
             entropy if with_entropy else lse, grad,
-            logits.size(1), logits.stride(0), logits.stride(1), V, pieces,
+            inner, stride_outer, stride_inner, V, pieces,
             1.0 / params.temperature, ignore_index,
             HAS_IGNORE=has_ignore, WITH_ENTROPY=with_entropy, SPLIT=pieces > 1, PREFETCH=PREFETCH, BLOCK_V=block,
             num_warps=num_warps(block),
