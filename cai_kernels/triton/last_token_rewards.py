@@ -73,12 +73,14 @@ def last_token_grad_hidden_kernel(grad_rewards_ptr, index_ptr, weight_ptr, grad_
     seq = pos // T
     last = tl.load(index_ptr + seq)
     g = tl.load(grad_rewards_ptr + seq)
-    w_end = tl.where((pos % T) == last, H, 0)  # the weight is read at the last real token only
+    at_last = (pos % T) == last
+    w_end = tl.where(at_last, H, 0)  # the weight is read at the last real token only
     out_row = grad_hidden_ptr + pos * H
     for start in range(0, H, BLOCK_H):
         h = start + tl.arange(0, BLOCK_H)
         w = tl.load(weight_ptr + h, mask=h < w_end, other=0.0)
-        tl.store(out_row + h, (g * w).to(grad_hidden_ptr.dtype.element_ty), mask=h < H)
+        # a true zero elsewhere, also where g is NaN or inf (those positions never reach the reward)
+        tl.store(out_row + h, tl.where(at_last, g * w, 0.0).to(grad_hidden_ptr.dtype.element_ty), mask=h < H)
 
 
 @triton.jit
