@@ -25,25 +25,30 @@ CPU_PROGRAMS = 64         # the interpreter's cap (no SMs)
 
 
 @triton.jit
+def masked_tile(x_ptr, mask_ptr, rows, cols, row_ok, T, stride_x, stride_m, acc_dtype: tl.constexpr):
+    """(valid, x) of a (rows, cols) tile: the response mask as bool and x in acc_dtype (0 outside the tensor)."""
+    inside = row_ok[:, None] & (cols < T)[None, :]
+    valid = tl.load(mask_ptr + rows[:, None] * stride_m + cols[None, :], mask=inside, other=0) != 0
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=inside, other=0.0).to(acc_dtype)
+    return valid, x
+
+
+@triton.jit
 def row_moments(x_ptr, mask_ptr, stats_ptr, rows, row_ok, T, stride_x, stride_m, BLOCK_T: tl.constexpr):
     """Per row: (count, mean, M2) of x over response tokens, two passes; stats is (B, 3)."""
     acc_dtype = stats_ptr.dtype.element_ty  # fp64: a sum of values like 1e4 +- 1 keeps the mean exact
     count = tl.zeros((rows.shape[0],), acc_dtype)
     total = tl.zeros((rows.shape[0],), acc_dtype)
     for start in range(0, T, BLOCK_T):
-        cols = start + tl.arange(0, BLOCK_T)
-        inside = row_ok[:, None] & (cols < T)[None, :]
-        valid = tl.load(mask_ptr + rows[:, None] * stride_m + cols[None, :], mask=inside, other=0) != 0
-        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=inside, other=0.0).to(acc_dtype)
+        valid, x = masked_tile(x_ptr, mask_ptr, rows, start + tl.arange(0, BLOCK_T), row_ok, T, stride_x, stride_m,
+                               acc_dtype)
         count += tl.sum(valid.to(acc_dtype), axis=1)
         total += tl.sum(tl.where(valid, x, 0.0), axis=1)
     mean = total / tl.maximum(count, 1.0)
     m2 = tl.zeros((rows.shape[0],), acc_dtype)
     for start in range(0, T, BLOCK_T):
-        cols = start + tl.arange(0, BLOCK_T)
-        inside = row_ok[:, None] & (cols < T)[None, :]
-        valid = tl.load(mask_ptr + rows[:, None] * stride_m + cols[None, :], mask=inside, other=0) != 0
-        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=inside, other=0.0).to(acc_dtype)
+        valid, x = masked_tile(x_ptr, mask_ptr, rows, start + tl.arange(0, BLOCK_T), row_ok, T, stride_x, stride_m,
+                               acc_dtype)
         d = tl.where(valid, x - mean[:, None], 0.0)
         m2 += tl.sum(d * d, axis=1)
     tl.store(stats_ptr + rows * 3, count, mask=row_ok)

@@ -19,17 +19,25 @@ FINISH_BLOCK = 1024
 
 
 @triton.jit
-def ranked_pairwise_loss_fwd_kernel(rewards_ptr, num_valid_ptr, row_loss_ptr, K,
-                                    HAS_NUM_VALID: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One program per row: (1 / P) sum_{i < j < n} softplus(r_j - r_i), looping over i, a block of j at a time.
-    A count n outside [0, K] is bad data, checked here on the device: NaN for that row, nothing read."""
-    row = tl.program_id(0).to(tl.int64)
+def row_count(num_valid_ptr, row, K, HAS_NUM_VALID: tl.constexpr):
+    """(n, bad): the row's count of ranked responses (K without counts); a count outside [0, K] is bad data,
+    checked here on the device: bad is True and n is 0 (nothing read)."""
     n = K
     bad = False
     if HAS_NUM_VALID:
         n = tl.load(num_valid_ptr + row)
         bad = (n < 0) | (n > K)
         n = tl.where(bad, 0, n)
+    return n, bad
+
+
+@triton.jit
+def ranked_pairwise_loss_fwd_kernel(rewards_ptr, num_valid_ptr, row_loss_ptr, K,
+                                    HAS_NUM_VALID: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One program per row: (1 / P) sum_{i < j < n} softplus(r_j - r_i), looping over i, a block of j at a time.
+    A count n outside [0, K] is bad data, checked here on the device: NaN for that row, nothing read."""
+    row = tl.program_id(0).to(tl.int64)
+    n, bad = row_count(num_valid_ptr, row, K, HAS_NUM_VALID)
     # pairs in float64 whatever the input dtype (as the C++ kernel): r_j - r_i of two finite fp32 rewards
     # (3e38, -3e38) and the sums of such pair losses overflow fp32; the row's mean is rounded once
     r_row = rewards_ptr + row * K
@@ -75,12 +83,7 @@ def ranked_pairwise_loss_bwd_kernel(grad_rows_ptr, rewards_ptr, num_valid_ptr, g
     time, looping over the other index; 0 at k >= n; NaN on a row whose count n is outside [0, K]. g is the row's
     gradient, or with GRAD_SCALAR the reduced loss's (grad_rows_ptr[0]) times its rows' weight (scale_ptr[0])."""
     row = tl.program_id(0).to(tl.int64)
-    n = K
-    bad = False
-    if HAS_NUM_VALID:
-        n = tl.load(num_valid_ptr + row)
-        bad = (n < 0) | (n > K)
-        n = tl.where(bad, 0, n)
+    n, bad = row_count(num_valid_ptr, row, K, HAS_NUM_VALID)
     acc_dtype = grad_rows_ptr.dtype.element_ty
     pairs = tl.maximum(n * (n - 1) // 2, 1)
     if GRAD_SCALAR:
